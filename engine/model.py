@@ -1,0 +1,232 @@
+"""LLaMA, read bottom-up: RMSNorm, rotary embeddings, attention, MLP, block, transformer, heads.
+
+Follows the LLaMA paper (Touvron et al. 2023) and Meta's release, with Hugging Face tensor names
+(`model.layers.0.self_attn.q_proj.weight`, ...) and HF's split-half rotary layout, so transformers'
+LLaMA checkpoints load with no key surgery and no weight permutation. The model computes activations
+only: no loss, no device moves, no distributed code.
+
+Positions come from the attention mask (position = number of real tokens before this one), so a
+left-padded batch gives, row for row, the logits of each prompt run alone. A KVCache holds keys and
+values by *slot* (column of the padded batch), shared by all rows; padding slots are masked out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 whatever the activation dtype (bf16 sums of squares lose too much).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer positions [B, T] (split-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]: frequency i drives dims i and i + head_dim/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) of x [B, H, T, d] by the angles in cos/sin [B, T, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys/values of every layer by slot: k, v are [n_layers, B, n_kv_heads, max_len, head_dim].
+
+    `length` slots are filled. Slots are columns of the (left-padded) batch, so one integer serves all
+    rows; which slots hold real tokens is the attention mask's business.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k, v):
+        """Write k, v [B, n_kv, T, d] at the next T slots; return all filled slots including them."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} slots needed, cache holds {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Drop finished rows so they stop costing compute (rows: LongTensor of batch indices to keep)."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        # [B, T, H*d] -> [B, H, T, d]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, d] with S = cached + T
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:  # no padding: plain causal (T == 1 against a cache needs no mask at all)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_for(padding: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] (True = may attend) for the last T of S slots, from padding [B, S].
+
+    Causal and padding-aware. Each slot may always attend to itself, so a padding query never has
+    an empty row (softmax over nothing is NaN); real tokens never see padding.
+    """
+    S = padding.shape[1]
+    query_slot = torch.arange(S - T, S, device=padding.device)[:, None]  # [T, 1]
+    key_slot = torch.arange(S, device=padding.device)[None, :]  # [1, S]
+    causal = key_slot <= query_slot  # [T, S]
+    return (causal & padding.bool()[:, None, None, :]) | (key_slot == query_slot)
+
+
+def positions_from_padding(padding: torch.Tensor, T: int) -> torch.Tensor:
+    """Position of each of the last T slots = number of real tokens before it in its row."""
+    return (padding.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+
+
+class Transformer(nn.Module):
+    """The backbone (HF's `model.`): token embedding, blocks, final norm. Returns hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.grad_checkpointing = False
+
+    def forward(self, tokens, positions=None, attention_mask=None, cache: KVCache | None = None):
+        """tokens [B, T] -> hidden [B, T, dim].
+
+        attention_mask: None (no padding), a 0/1 padding mask [B, S] over all S = cached + T slots,
+        or a ready boolean mask [B, 1, T, S] (e.g. attention kept inside packed documents).
+        positions [B, T]: by default derived from the padding mask (or 0.. for no mask).
+        """
+        B, T = tokens.shape
+        past = cache.length if cache is not None else 0
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.shape[1] != past + T:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} slots, expected {past + T}")
+            if positions is None:
+                positions = positions_from_padding(attention_mask, T)
+            if not bool(attention_mask.all()):
+                mask = attention_mask_for(attention_mask, T)
+        elif attention_mask is not None:
+            mask = attention_mask
+        if mask is None and past > 0 and T > 1:  # chunked prefill onto a cache: causal with an offset
+            mask = attention_mask_for(torch.ones(B, past + T, device=tokens.device), T)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for block in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the block's activations in backward: memory O(layers) instead of O(layers·T).
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class LLaMA(nn.Module):
+    """Backbone + one head, in the HF layouts: `lm_head` (LlamaForCausalLM) or `score`
+    (LlamaForSequenceClassification with one label: the reward model's scalar head)."""
+
+    def __init__(self, cfg: ModelConfig, head: str = "lm"):
+        super().__init__()
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.cfg, self.head = cfg, head
+        self.model = Transformer(cfg)
+        if head == "lm":
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.score = scalar_head(cfg.dim)
+
+    def forward(self, tokens, positions=None, attention_mask=None, cache=None):
+        """Logits [B, T, vocab] (lm head) or scalar scores [B, T] (score head)."""
+        hidden = self.model(tokens, positions, attention_mask, cache)
+        return self.lm_head(hidden) if self.head == "lm" else self.score(hidden).squeeze(-1)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random init as transformers' LLaMA: normal(0, std) matrices and embeddings, unit norms."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        return self
+
+
+def scalar_head(dim: int, bias: bool = False) -> nn.Linear:
+    """Linear(dim, 1): hidden state -> one number (reward, or value with bias=True)."""
+    return nn.Linear(dim, 1, bias=bias)

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny sentencepiece tokenizer trained on the spot, and paths to optional real data."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+WORDS = ("how do i store coffee beans the best way is an airtight container keep them away from light "
+         "why does my bike chain skip gears you need to adjust the derailleur cable tension question answer "
+         "what is a good tokenizer for small models byte pair encoding works well thanks").split()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test, excluded by default (run with -m slow)")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory):
+    """A 300-token BPE sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad)."""
+    import random
+
+    import sentencepiece as spm
+    folder = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
+    text = folder / "text.txt"
+    text.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.Train(
+        input=str(text), model_prefix=str(folder / "tok"), vocab_size=300, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        minloglevel=2)
+    return str(folder / "tok.model")
+
+
+def shared_file(*parts):
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"optional development data not present: {path}")
+    return path

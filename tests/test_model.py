@@ -1,0 +1,115 @@
+"""The LLaMA forward: shapes, padding invariance, KV cache, activation checkpointing, heads."""
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.model import KVCache, LLaMA, attention_mask_for, positions_from_padding
+
+GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+MHA = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, hidden_dim=80, max_seq_len=64)
+
+
+def make(cfg, head="lm", seed=0):
+    return LLaMA(cfg, head=head).init_weights(generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def left_padded(prompts, pad=0):
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return tokens, mask
+
+
+def test_shapes():
+    model = make(GQA)
+    tokens = torch.randint(0, 97, (3, 11))
+    assert model(tokens).shape == (3, 11, 97)
+    assert model.model(tokens).shape == (3, 11, 64)
+    assert make(GQA, head="score")(tokens).shape == (3, 11)
+    names = set(model.state_dict())
+    assert "model.layers.1.self_attn.k_proj.weight" in names and "lm_head.weight" in names
+    assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 2 kv heads × 16
+
+
+def test_positions_and_mask_from_padding():
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_padding(padding, 5).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert positions_from_padding(padding, 2).tolist() == [[1, 2], [3, 4]]
+    mask = attention_mask_for(padding, 5)[0, 0].int()
+    # Row 2 (first real token) sees itself only; padding rows see only themselves (never empty).
+    assert mask.tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("cfg", [GQA, MHA])
+def test_left_padded_batch_equals_each_prompt_alone(cfg):
+    model = make(cfg)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (7, 3, 12, 1)]
+    tokens, mask = left_padded(prompts)
+    with torch.no_grad():
+        batch = model(tokens, attention_mask=mask)
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([p]))
+            assert (batch[i, -len(p):] - alone[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", [GQA, MHA])
+def test_kv_cache_decoding_equals_full_forward(cfg):
+    model = make(cfg)
+    tokens, mask = left_padded([torch.randint(3, 97, (n,)).tolist() for n in (9, 4)])
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        # Token by token.
+        cache = KVCache(cfg, 2, 9)
+        steps = [model(tokens[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in range(9)]
+        stepwise = torch.cat(steps, dim=1)
+        # Prefill 5, then 4 more in one chunk.
+        cache2 = KVCache(cfg, 2, 9)
+        chunked = torch.cat([model(tokens[:, :5], attention_mask=mask[:, :5], cache=cache2),
+                             model(tokens[:, 5:], attention_mask=mask, cache=cache2)], dim=1)
+    real = mask.bool()
+    assert (stepwise - full)[real].abs().max().item() <= 1e-5
+    assert (chunked - full)[real].abs().max().item() <= 1e-5
+    assert cache.length == 9
+
+
+def test_cache_without_padding_and_overflow():
+    model = make(GQA)
+    tokens = torch.randint(3, 97, (2, 6))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(GQA, 2, 6)
+        stepwise = torch.cat([model(tokens[:, t:t + 1], cache=cache) for t in range(6)], dim=1)
+        assert (stepwise - full).abs().max().item() <= 1e-5
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            model(tokens[:, :1], cache=cache)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 97, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model = make(GQA).train()
+        model.model.grad_checkpointing = ckpt
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_tied_embeddings_share_one_tensor():
+    cfg = ModelConfig(**{**GQA.to_dict(), "tie_embeddings": True})
+    model = make(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_bf16_forward_is_close_to_fp32():
+    model = make(GQA)
+    tokens = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        ref = model(tokens)
+        low = model.to(torch.bfloat16)(tokens).float()
+    assert (low - ref).abs().max().item() < 0.05 * ref.abs().max().item()
