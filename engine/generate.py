@@ -1,0 +1,130 @@
+"""Batched sampling from ragged prompts with a KV cache: greedy, temperature, top-k, top-p.
+
+Prompts are left-padded so every row's next token sits in the last column; positions come from the
+attention mask, so padding changes nothing. Each sampled token's log-probability is taken under the
+exact distribution it was drawn from (after temperature and any top-k/top-p renormalisation): PPO's
+"old" log-probs must describe the sampler, and StackLLaMA's negative-KL trouble came from sampling
+with tricks and scoring without them. Rows stop at EOS and are dropped from the batch (and the
+cache), so a finished row stops costing compute.
+
+References: Meta's llama/generation.py (left-to-right batched decode), gpt-fast generate.py (static
+KV cache), HF's top-p filtering convention (keep the smallest set with cumulative mass >= top_p).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from engine.model import KVCache, LLaMA
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = field(default=128, metadata={"help": "most tokens generated per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 means greedy"})
+    top_k: int = field(default=0, metadata={"help": "sample only from the k likeliest tokens; 0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
+    seed: int = field(default=0, metadata={"help": "random seed of the sampler"})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Generation(NamedTuple):
+    prompt_tokens: torch.Tensor  # [B, P] left-padded with pad_id
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    response_tokens: torch.Tensor  # [B, R] right-padded with pad_id after EOS (or after the length cap)
+    response_mask: torch.Tensor  # [B, R] 1 up to and including EOS, 0 after
+    response_logprobs: torch.Tensor  # [B, R] float32 log-prob of each sampled token; 0 where masked
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / top-p set to -inf. logits: [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None):
+    """(tokens [B], logprobs [B]) from last-position logits [B, V].
+
+    Greedy has no sampling distribution to speak of; it reports the model's plain log-softmax.
+    """
+    logits = logits.float()
+    if cfg.temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
+    logprobs = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """Ragged prompts -> (tokens [B, P], mask [B, P]) padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start with BOS for an empty prompt)")
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int, pad_id: int) -> Generation:
+    device = model.lm_head.weight.device
+    dtype = model.model.norm.weight.dtype
+    prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
+    B, P = prompt_tokens.shape
+    if P + cfg.max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+                         f"max_seq_len {model.cfg.max_seq_len}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    R = cfg.max_new_tokens
+    response_tokens = torch.full((B, R), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, R), dtype=torch.long, device=device)
+    response_logprobs = torch.zeros((B, R), dtype=torch.float32, device=device)
+
+    cache = KVCache(model.cfg, B, P + R, device=device, dtype=dtype)
+    hidden = model.model(prompt_tokens, attention_mask=prompt_mask, cache=cache)  # prefill: [B, P, dim]
+    logits = model.lm_head(hidden[:, -1])  # only the last position is needed: [B, V]
+    rows = torch.arange(B, device=device)  # original indices of the rows still generating
+    attn = prompt_mask
+    for step in range(R):
+        tokens, logprobs = sample_next(logits, cfg, generator)
+        response_tokens[rows, step] = tokens
+        response_logprobs[rows, step] = logprobs
+        response_mask[rows, step] = 1
+        if step == R - 1:
+            break
+        running = tokens != eos_id
+        if not bool(running.all()):
+            keep = running.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows, tokens, attn = rows[keep], tokens[keep], attn[keep]
+            cache.keep_rows(keep)
+        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+        hidden = model.model(tokens[:, None], attention_mask=attn, cache=cache)  # [b, 1, dim]
+        logits = model.lm_head(hidden[:, -1])
+    return Generation(prompt_tokens, prompt_mask, response_tokens, response_mask, response_logprobs)

@@ -1,0 +1,51 @@
+"""Tokenizer wrapper: special ids, padding never mistaken for eos, the prompt template, vocab checks."""
+import pytest
+
+from data.tokenizer import Tokenizer, format_prompt
+
+
+def test_special_ids_and_pad_distinct_from_eos(tiny_tokenizer_path):
+    tok = Tokenizer(tiny_tokenizer_path)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (300, 1, 2)
+    assert tok.sp.pad_id() == -1  # like LLaMA: no pad token in the model file
+    assert tok.pad_id == 0 and tok.pad_id != tok.eos_id
+
+
+def test_encode_decode_round_trip(tiny_tokenizer_path):
+    tok = Tokenizer(tiny_tokenizer_path)
+    text = "how do i store coffee beans? Zebra 42 ü"  # unseen characters go through byte fallback
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "answer"], bos=True) == [tok.encode(text, bos=True), tok.encode("answer", bos=True)]
+
+
+def test_prompt_template():
+    assert format_prompt("Why?", "Because.") == "Question: Why?\n\nAnswer: Because."
+    assert format_prompt("Why?") == "Question: Why?\n\nAnswer: "
+
+
+def test_vocab_mismatch_is_a_clear_error(tiny_tokenizer_path):
+    tok = Tokenizer(tiny_tokenizer_path)
+    tok.check_model_vocab(300)
+    with pytest.raises(ValueError, match=r"vocab size mismatch: tokenizer .*tok.model has 300 tokens but ckpt has "
+                                         r"vocab_size 32000"):
+        tok.check_model_vocab(32000, "ckpt")
+
+
+def test_bad_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        Tokenizer(tmp_path / "nope.model")
+    (tmp_path / "bad.model").write_bytes(b"not a protobuf")
+    with pytest.raises(ValueError, match="bad.model is not a sentencepiece model"):
+        Tokenizer(tmp_path / "bad.model")
+
+
+def test_llama_tokenizer_reference_ids():
+    from conftest import shared_file
+    tok = Tokenizer(shared_file("llama-tokenizer", "tokenizer.model"))
+    text = format_prompt("How do I store coffee beans?", "In an airtight container.")
+    # Ids recorded in shared/data/llama-tokenizer/SOURCE.md.
+    assert tok.encode(text) == [894, 29901, 1128, 437, 306, 3787, 26935, 367, 550, 29973, 13, 13, 22550, 29901,
+                                512, 385, 263, 2728, 523, 5639, 29889]
+    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (32000, 0, 2)

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The one entry point: `python train.py STAGE --flags`, or `torchrun --nproc_per_node=N train.py STAGE ...`.
+
+Each stage lives in its own module; this file only builds the command line and turns the errors a
+user can cause (bad flags, bad files) into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
+
+from engine.flags import add_config_flags, config_from_args  # noqa: E402
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+def add_generate_args(p: argparse.ArgumentParser):
+    from engine.generate import SamplingConfig
+    p.add_argument("--model", required=True,
+                   help="checkpoint: HF folder, Meta folder (params.json + consolidated.*.pth) or llama2.c .bin")
+    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one beside the checkpoint)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat the flag for a batch (default: one empty prompt)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_config_flags(p, SamplingConfig, group="sampling")
+
+
+def find_tokenizer(model_path: str, tokenizer: str | None) -> str:
+    if tokenizer:
+        return tokenizer
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    candidate = os.path.join(folder, "tokenizer.model")
+    if not os.path.exists(candidate):
+        raise FileNotFoundError(f"no tokenizer.model beside {model_path}; pass --tokenizer FILE")
+    return candidate
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from data.tokenizer import Tokenizer
+    from engine.checkpoint import load_checkpoint
+    from engine.generate import SamplingConfig, generate
+
+    sampling = config_from_args(SamplingConfig, args)
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"no checkpoint at {args.model}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokenizer(find_tokenizer(args.model, args.tokenizer))
+    model = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device).eval()
+    tok.check_model_vocab(model.cfg.vocab_size, args.model)
+    prompts = args.prompt or [""]
+    out = generate(model, [tok.encode(p, bos=True) for p in prompts], sampling, tok.eos_id, tok.pad_id)
+    for i in range(len(prompts)):
+        ids = out.response_tokens[i][out.response_mask[i].bool()].tolist()
+        if ids and ids[-1] == tok.eos_id:
+            ids = ids[:-1]
+        print(tok.decode(ids), flush=True)
+    return 0
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+def add_demo_args(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def run_demo(args) -> int:
+    from engine.demo import run
+    return run(args.out, args.seed)
+
+
+# ---- stages that later issues deliver -----------------------------------------------------------
+
+def not_yet(issue: int):
+    def run(args) -> int:
+        print(f"error: stage '{args.stage}' is not implemented yet (issue {issue})", file=sys.stderr)
+        return 2
+    return run
+
+
+STAGES = {
+    # name: (help, add_args, run)
+    "generate": ("sample text from a checkpoint", add_generate_args, run_generate),
+    "demo": ("run the whole pipeline on built-in synthetic data with a tiny model", add_demo_args, run_demo),
+    "prepare": ("StackExchange Posts.xml dumps -> preference-pair splits (parquet)", None, not_yet(4)),
+    "tokenizer": ("train a sentencepiece BPE tokenizer on question/answer text", None, not_yet(4)),
+    "sft": ("supervised fine-tuning on questions and accepted answers", None, not_yet(5)),
+    "rm": ("train a reward model on answer pairs", None, not_yet(5)),
+    "merge": ("merge LoRA adapters into a full checkpoint", None, not_yet(5)),
+    "ppo": ("PPO against a reward model with a per-token KL penalty", None, not_yet(6)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="StackLLaMA-style RLHF in raw PyTorch: one stage per subcommand.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (help_text, add_args, run) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if add_args:
+            add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # Errors a user can cause (bad flags, files, configs) are one line; bugs keep their traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
