@@ -23,6 +23,7 @@ def add_generate_args(p: argparse.ArgumentParser):
     from engine.generate import SamplingConfig
     p.add_argument("--model", required=True,
                    help="checkpoint: HF folder, Meta folder (params.json + consolidated.*.pth) or llama2.c .bin")
+    p.add_argument("--adapter", help="LoRA adapter folder (ours or PEFT's) to apply to the model")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one beside the checkpoint)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat the flag for a batch (default: one empty prompt)")
@@ -55,6 +56,10 @@ def run_generate(args) -> int:
     tok = Tokenizer(find_tokenizer(args.model, args.tokenizer))
     model = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device).eval()
     tok.check_model_vocab(model.cfg.vocab_size, args.model)
+    if args.adapter:
+        from engine.lora import load_adapter
+        load_adapter(model, args.adapter)
+        model.eval()
     prompts = args.prompt or [""]
     out = generate(model, [tok.encode(p, bos=True) for p in prompts], sampling, tok.eos_id, tok.pad_id)
     for i in range(len(prompts)):

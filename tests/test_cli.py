@@ -61,3 +61,23 @@ def test_stories260k_cli_reproduces_the_known_text():
     assert out.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside "
                                  "in the park. One day, she saw a big, red ball. She wanted to play with it, but it "
                                  "was too high.\nLily's mom said,")
+
+
+def test_generate_with_an_adapter_differs_from_the_base(tmp_path, tiny_tokenizer_path):
+    from engine.lora import LoRAConfig, apply_lora, save_adapter
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
+    torch.manual_seed(0)
+    model = LLaMA(cfg).init_weights(std=0.2).eval()
+    save_checkpoint(model, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
+    lcfg = LoRAConfig(r=4, targets=("all-linear",))
+    apply_lora(model, lcfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 1.0)
+    save_adapter(model, lcfg, str(tmp_path / "adapter"))
+    args = ("generate", "--model", str(tmp_path / "base"), "--prompt", "coffee", "--temperature", "0",
+            "--max-new-tokens", "12")
+    base_out, adapted = train_py(*args), train_py(*args, "--adapter", str(tmp_path / "adapter"))
+    assert base_out.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    assert base_out.stdout != adapted.stdout

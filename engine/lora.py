@@ -1,0 +1,262 @@
+"""LoRA (Hu et al. 2021): a frozen linear plus a trainable low-rank update, y = W x + (α/r)·B A x.
+
+`LoRALinear` keeps the base layer's `weight` (and `bias`, and an 8-bit base's `weight_scale`) under
+the same state-dict keys, so a model's keys only gain `lora_a`/`lora_b`. `lora_b` starts at zero, so
+applying adapters changes nothing until training moves them. `disable_lora` turns a policy into its
+own reference model at no memory cost (the KL anchor in PPO). Adapters save and load in PEFT's file
+layout (adapter_model.safetensors + adapter_config.json) so they travel both ways.
+
+References: torchtune modules/peft/lora.py, litgpt lora.py (idempotent merge), PEFT's LoRA layer
+(key names `lora_A.weight`/`lora_B.weight`, kaiming-uniform init of A).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # StackLLaMA's choice
+NEVER_TARGETED = ("lm_head", "score")  # heads are trained whole (or not at all), never through LoRA
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS,
+                                     metadata={"help": "linear layer names to adapt, or all-linear"})
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise ValueError("LoRA targets must name at least one layer (or all-linear)")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        # Take over the base layer's tensors under their own names (weight, bias, weight_scale, ...).
+        for name, p in base.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in base.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        if "bias" not in self._parameters and "bias" not in self._buffers:
+            self.bias = None
+        self.base_forward = getattr(base, "functional_forward", None)  # e.g. Int8Linear's kernel call
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.scaling = r, alpha / r
+        device = self.weight.device
+        adapter_dtype = self.weight.dtype if self.weight.is_floating_point() else torch.float32
+        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=adapter_dtype))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT and nn.Linear
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # weight already holds W + scaling·B·A
+        self.disabled = False  # inside disable_lora: behave exactly as the base layer
+
+    def forward(self, x):
+        if self.base_forward is not None:
+            y = self.base_forward(self, x)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.merged or self.disabled:
+            return y
+        a = self.lora_dropout(x).to(self.lora_a.dtype)
+        return y + (F.linear(F.linear(a, self.lora_a), self.lora_b) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_b @ self.lora_a) * self.scaling  # [out, in]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names of the modules to adapt: by last name component, or every linear for all-linear."""
+    names = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in NEVER_TARGETED or isinstance(module, LoRALinear) or not hasattr(module, "in_features"):
+            continue
+        if "all-linear" in targets or leaf in targets:
+            names.append(name)
+    wanted = set(targets) - {"all-linear"}
+    found = {n.rsplit(".", 1)[-1] for n in names}
+    if wanted - found:
+        raise ValueError(f"LoRA target(s) {sorted(wanted - found)} match no linear layer of the model "
+                         f"(linear layers are named e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                         f"down_proj)")
+    return names
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Swap the targeted linears for LoRALinear, in place. Returns the model."""
+    for name in _targets(model, cfg.targets):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), cfg.r, cfg.alpha, cfg.dropout))
+    return model
+
+
+def lora_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def mark_only_lora_trainable(model: nn.Module, also: tuple[str, ...] = ()) -> nn.Module:
+    """requires_grad only on adapter weights (and on parameters whose name starts with any of `also`)."""
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        p.requires_grad_(leaf in ("lora_a", "lora_b") or any(name.startswith(a) for a in also))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight. Idempotent. An 8-bit base becomes a full-precision
+    weight (W = dequantised W + scaling·B·A), ready for export."""
+    for _, m in lora_layers(model):
+        if m.merged:
+            continue
+        if m.weight.dtype == torch.int8:
+            from engine.int8 import dequantize_int8
+            w = dequantize_int8(m.weight, m.weight_scale, m.lora_a.dtype)
+            del m._buffers["weight"], m._buffers["weight_scale"]
+            m.weight = nn.Parameter(w + m.delta_weight(), requires_grad=False)
+            m.base_forward = None
+        else:
+            m.weight += m.delta_weight().to(m.weight.dtype)
+        m.merged = True
+    return model
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module):
+    """Inside the block the model is exactly its base (the PPO reference policy); adapters come back
+    on exit, also when the block raises."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise ValueError("cannot disable LoRA on a model whose adapters are merged into the base weights")
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m.disabled = was
+
+
+# ---- PEFT file layout ---------------------------------------------------------------------------
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str, base_model: str | None = None,
+                 task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None) -> str:
+    """Write adapters as PEFT does: keys base_model.model.<module>.lora_A.weight / lora_B.weight.
+
+    modules_to_save: extra full tensors (e.g. a reward model's `score.weight`) stored beside them.
+    """
+    from safetensors.torch import save_file
+
+    from engine.checkpoint import atomic_dir, write_json
+    tensors = {}
+    for name, m in lora_layers(model):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.detach().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_b.detach().contiguous().cpu()
+    for key, t in (modules_to_save or {}).items():
+        tensors[PEFT_PREFIX + key] = t.detach().contiguous().cpu()
+    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in modules_to_save}) if modules_to_save else None,
+        "base_model_name_or_path": base_model, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str) -> LoRAConfig:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
+    with open(path) as f:
+        try:
+            c = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if c.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {c['peft_type']!r} is not LORA")
+    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out", "layers_to_transform", "rank_pattern",
+                               "alpha_pattern") if c.get(k)]
+    if c.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise ValueError(f"{path}: LoRA options {unsupported} are not supported")
+    targets = c.get("target_modules") or []
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if len(targets) == 1 and targets[0] not in ("all-linear",) and not targets[0].isidentifier():
+        raise ValueError(f"{path}: regex target_modules {targets[0]!r} are not supported; list the layer names")
+    return LoRAConfig(r=c["r"], alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
+                      targets=targets)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> tuple[nn.Module, LoRAConfig]:
+    """Apply the adapter in `adapter_dir` (ours or PEFT's) to `model` and load its weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    cfg = read_adapter_config(adapter_dir)
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except (FileNotFoundError, SafetensorError) as e:
+        raise ValueError(f"{path}: cannot read adapter weights: {e}") from None
+    apply_lora(model, cfg)
+    modules = dict(model.named_modules())
+    state = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".").replace(".modules_to_save", "")
+        for peft, ours in ((".lora_A.weight", ".lora_a"), (".lora_B.weight", ".lora_b")):
+            if name.endswith(peft):
+                name = name[: -len(peft)] + ours
+        module_name, _, leaf = name.rpartition(".")
+        target = modules.get(module_name)
+        current = getattr(target, leaf, None) if target is not None else None
+        if current is None:
+            raise ValueError(f"{path}: tensor {key} matches no parameter of the model")
+        if tuple(current.shape) != tuple(t.shape):
+            raise ValueError(f"{path}: tensor {key} has shape {list(t.shape)}, the model expects "
+                             f"{list(current.shape)}")
+        state[name] = t.to(current.dtype)
+    missing = [n for n, _ in lora_layers(model) if f"{n}.lora_a" not in state]
+    if missing:
+        raise ValueError(f"{path}: no adapter weights for {missing[0]} (and {len(missing) - 1} more)")
+    model.load_state_dict(state, strict=False)
+    return model, cfg
+
+
+def config_dict(cfg: LoRAConfig) -> dict:
+    return asdict(cfg)
