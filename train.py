@@ -82,6 +82,34 @@ def run_demo(args) -> int:
     return run(args.out, args.seed)
 
 
+# ---- training stages: flags generated from each stage's config dataclass -------------------------
+
+def training_stage(module: str, config: str):
+    """(add_args, run) for a stage module exposing `train(cfg, dist)` and a frozen config class."""
+    import importlib
+
+    def add_args(p):
+        add_config_flags(p, getattr(importlib.import_module(module), config), group="options")
+
+    def run(args) -> int:
+        from engine.dist import close_dist, init_dist
+        mod = importlib.import_module(module)
+        cfg = config_from_args(getattr(mod, config), args)
+        dist = init_dist(cfg.device)
+        try:
+            mod.train(cfg, dist)
+        finally:
+            close_dist(dist)
+        return 0
+    return add_args, run
+
+
+def data_stage(module: str):
+    import importlib
+    return (lambda p: importlib.import_module(module).add_args(p),
+            lambda args: importlib.import_module(module).run(args))
+
+
 # ---- stages that later issues deliver -----------------------------------------------------------
 
 def not_yet(issue: int):
@@ -95,9 +123,9 @@ STAGES = {
     # name: (help, add_args, run)
     "generate": ("sample text from a checkpoint", add_generate_args, run_generate),
     "demo": ("run the whole pipeline on built-in synthetic data with a tiny model", add_demo_args, run_demo),
-    "prepare": ("StackExchange Posts.xml dumps -> preference-pair splits (parquet)", None, not_yet(4)),
-    "tokenizer": ("train a sentencepiece BPE tokenizer on question/answer text", None, not_yet(4)),
-    "sft": ("supervised fine-tuning on questions and accepted answers", None, not_yet(5)),
+    "prepare": ("StackExchange Posts.xml dumps -> preference-pair splits (parquet)", *data_stage("data.prepare")),
+    "tokenizer": ("train a sentencepiece BPE tokenizer on question/answer text", *data_stage("data.train_tokenizer")),
+    "sft": ("supervised fine-tuning on questions and their best answers", *training_stage("engine.sft", "SFTConfig")),
     "rm": ("train a reward model on answer pairs", None, not_yet(5)),
     "merge": ("merge LoRA adapters into a full checkpoint", None, not_yet(5)),
     "ppo": ("PPO against a reward model with a per-token KL penalty", None, not_yet(6)),

@@ -119,19 +119,24 @@ def hf_config(model: LLaMA, dtype: torch.dtype, pad_token_id: int | None = None)
     return cfg
 
 
-def save_checkpoint(model: LLaMA, out_dir: str, tokenizer_path: str | None = None,
-                    max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None,
-                    extra_json: dict[str, dict] | None = None) -> str:
-    """Write `model` as an HF LLaMA folder at out_dir, atomically. Returns out_dir."""
+def write_model(model: LLaMA, folder: str, tokenizer_path: str | None = None, max_shard_bytes: int = 5 * 2**30,
+                pad_token_id: int | None = None) -> None:
+    """Write `model`'s HF files into an existing folder (no atomicity: see save_checkpoint)."""
     state = export_state_dict(model)
-    dtype = next(iter(state.values())).dtype
+    if any(t.dtype == torch.int8 for t in state.values()):
+        raise ValueError("the model holds 8-bit weights; merge or dequantise before exporting a full checkpoint")
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    save_tensors(state, folder, max_shard_bytes)
+    write_json(os.path.join(folder, CONFIG), hf_config(model, dtype, pad_token_id))
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER))
+
+
+def save_checkpoint(model: LLaMA, out_dir: str, tokenizer_path: str | None = None,
+                    max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> str:
+    """Write `model` as an HF LLaMA folder at out_dir, atomically. Returns out_dir."""
     with atomic_dir(out_dir) as tmp:
-        save_tensors(state, tmp, max_shard_bytes)
-        write_json(os.path.join(tmp, CONFIG), hf_config(model, dtype, pad_token_id))
-        for name, obj in (extra_json or {}).items():
-            write_json(os.path.join(tmp, name), obj)
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+        write_model(model, tmp, tokenizer_path, max_shard_bytes, pad_token_id)
     return out_dir
 
 

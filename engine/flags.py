@@ -42,10 +42,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, .
             target.add_argument(_flag(f.name), dest=f.name, nargs="+", type=inner, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
+            # A non-Optional field whose default is None (or missing) must be given on the command line.
+            required = default is None and type(None) not in typing.get_args(hint)
             target.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), help=help_text,
-                                required=default is None and f.default is dataclasses.MISSING
-                                and f.default_factory is dataclasses.MISSING)
+                                choices=f.metadata.get("choices"), help=help_text, required=required)
 
 
 def _kind(hint):

@@ -171,13 +171,20 @@ PEFT_PREFIX = "base_model.model."
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str, base_model: str | None = None,
                  task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None) -> str:
-    """Write adapters as PEFT does: keys base_model.model.<module>.lora_A.weight / lora_B.weight.
+    """Write adapters as PEFT does, atomically (see write_adapter). Returns out_dir."""
+    from engine.checkpoint import atomic_dir
+    with atomic_dir(out_dir) as tmp:
+        write_adapter(model, cfg, tmp, base_model, task_type, modules_to_save)
+    return out_dir
 
-    modules_to_save: extra full tensors (e.g. a reward model's `score.weight`) stored beside them.
-    """
+
+def write_adapter(model: nn.Module, cfg: LoRAConfig, folder: str, base_model: str | None = None,
+                  task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None) -> None:
+    """Adapter files into an existing folder, keyed as PEFT does: base_model.model.<module>.lora_A.weight /
+    lora_B.weight. modules_to_save: extra full tensors (e.g. a reward model's `score.weight`) beside them."""
     from safetensors.torch import save_file
 
-    from engine.checkpoint import atomic_dir, write_json
+    from engine.checkpoint import write_json
     tensors = {}
     for name, m in lora_layers(model):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.detach().contiguous().cpu()
@@ -193,10 +200,8 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str, base_model: st
         "base_model_name_or_path": base_model, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
-    return out_dir
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_json(os.path.join(folder, ADAPTER_CONFIG), config)
 
 
 def read_adapter_config(adapter_dir: str) -> LoRAConfig:
@@ -226,15 +231,21 @@ def read_adapter_config(adapter_dir: str) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> tuple[nn.Module, LoRAConfig]:
     """Apply the adapter in `adapter_dir` (ours or PEFT's) to `model` and load its weights."""
+    cfg = read_adapter_config(adapter_dir)
+    apply_lora(model, cfg)
+    load_adapter_weights(model, adapter_dir)
+    return model, cfg
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Load adapter (and modules_to_save) weights into a model that already has LoRA layers."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    cfg = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     try:
         tensors = load_file(path)
     except (FileNotFoundError, SafetensorError) as e:
         raise ValueError(f"{path}: cannot read adapter weights: {e}") from None
-    apply_lora(model, cfg)
     modules = dict(model.named_modules())
     state = {}
     for key, t in tensors.items():
@@ -254,8 +265,11 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> tuple[nn.Module, LoRACon
     missing = [n for n, _ in lora_layers(model) if f"{n}.lora_a" not in state]
     if missing:
         raise ValueError(f"{path}: no adapter weights for {missing[0]} (and {len(missing) - 1} more)")
-    model.load_state_dict(state, strict=False)
-    return model, cfg
+    with torch.no_grad():
+        for name, t in state.items():
+            module_name, _, leaf = name.rpartition(".")
+            getattr(modules[module_name], leaf).copy_(t)
+    return model
 
 
 def config_dict(cfg: LoRAConfig) -> dict:

@@ -40,3 +40,28 @@ def shared_file(*parts):
     if not os.path.exists(path):
         pytest.skip(f"optional development data not present: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_pairs(tmp_path_factory):
+    """The demo's synthetic StackExchange site through the real pipeline: (pairs folder, tokenizer path)."""
+    from data.prepare import PrepareConfig, prepare
+    from data.synthetic import write_synthetic_posts
+    from data.train_tokenizer import corpus_texts, train_tokenizer
+    folder = tmp_path_factory.mktemp("synthetic")
+    posts = write_synthetic_posts(folder / "site" / "Posts.xml", 600, seed=0)
+    prepare(PrepareConfig(out=str(folder / "pairs"), posts=(str(posts),), progress_seconds=1e9))
+    tok = train_tokenizer(corpus_texts([str(folder / "pairs")]), 512, folder / "tok.model")
+    return str(folder / "pairs"), str(tok)
+
+
+def read_metrics(out_dir, key):
+    """{step: value} of one scalar from a run's metrics.jsonl."""
+    import json
+    values = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if key in row:
+                values[row["step"]] = row[key]
+    return values

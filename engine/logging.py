@@ -1,0 +1,112 @@
+"""One small logger: TensorBoard scalars and text on rank 0, and one readable stdout line per log step.
+
+Scalars are namespaced (`train/loss`, `ppo/clipfrac`, `perf/tokens_per_s`, ...). Other ranks get a
+logger that does nothing, so training code calls it unconditionally. MFU follows nanoGPT / PaLM's
+estimate: 6·N FLOPs per token for forward+backward (plus attention), over the device's peak.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+# Peak dense FLOP/s used for MFU. CPU figures are this project's measured matmul throughput on the
+# 2-core development machine (docs/BENCHMARKS.md); GPU figures are vendor dense bf16 peaks.
+PEAK_FLOPS = {"cpu": {torch.float32: 185e9, torch.bfloat16: 410e9},
+              "cuda": {torch.float32: 67e12, torch.bfloat16: 989e12}}
+
+
+def flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int, trainable_fraction: float = 1.0) -> float:
+    """Training FLOPs per token: forward 2N + attention, backward 2N (activations) + 2N·(trainable share)
+    for weight gradients — a frozen base (LoRA) skips most weight gradients."""
+    attention = 12 * n_layers * dim * seq_len  # QK^T and AV, forward+backward, per token (PaLM appendix B)
+    return 2 * n_params + 2 * n_params + 2 * n_params * trainable_fraction + attention
+
+
+def mfu(tokens_per_s: float, flops_token: float, device: torch.device, dtype: torch.dtype) -> float:
+    peak = PEAK_FLOPS.get(device.type, {}).get(dtype)
+    return tokens_per_s * flops_token / peak if peak else float("nan")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Logger:
+    def __init__(self, out_dir: str | None, enabled: bool, config: dict | None = None):
+        self.enabled = enabled and out_dir is not None
+        self.writer = None
+        self.jsonl = None
+        self.start = time.time()
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=f"{out_dir}/tb")
+            # The same scalars as JSON lines: easy to read back in scripts and tests.
+            self.jsonl = open(f"{out_dir}/metrics.jsonl", "a")
+            if config is not None:
+                text = "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```"
+                self.writer.add_text("config", text, 0)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            value = float(value)
+            if math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def text(self, step: int, name: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(name, text, step)
+
+    def line(self, step: int, max_steps: int | None, parts: dict[str, float | str]) -> None:
+        """One stdout line: `step 12/100 | loss 2.3456 | lr 1.0e-05 | ... | elapsed 1m02s | eta 8m30s`."""
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        fields = [f"step {step}" + (f"/{max_steps}" if max_steps else "")]
+        for k, v in parts.items():
+            fields.append(f"{k} {_fmt(v)}")
+        fields.append(f"elapsed {_duration(elapsed)}")
+        if max_steps and step > 0:
+            fields.append(f"eta {_duration(elapsed / step * (max_steps - step))}")
+        print(" | ".join(fields), flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def warn(self, msg: str) -> None:
+        if self.enabled:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.4f}"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,259 @@
+"""Supervised fine-tuning (StackLLaMA step 1): next-token loss on packed "Question: … Answer: …" text.
+
+The loop has nanoGPT's shape: lr, eval/save when due, micro-batches (gradient sync only on the last),
+clip, step, log. Each step draws one *global* batch of world × grad_accum × batch_size packed rows
+from a single seeded stream, and rank r trains on its slice, so a run's loss curve does not depend
+on how the batch is split over ranks and accumulation steps. The loss is the sum of token losses
+divided by the global token count (times world size, undoing DDP's gradient averaging).
+
+Defaults follow StackLLaMA's supervised_finetuning.py: seq 1024, LoRA r=16 α=32 dropout 0.05 on
+q_proj/v_proj, lr 1e-5 cosine with 100 warm-up steps, weight decay 0.05.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.packing import PackingLoader, document_causal_mask, sft_documents
+from data.pairs_io import read_pairs
+from engine.builder import autocast, build_model, count_params, resolve_tokenizer
+from engine.checkpoint import write_model
+from engine.dist import Dist, all_reduce_sum
+from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
+from engine.lora import LoRAConfig, load_adapter_weights, write_adapter
+from engine.optim import build_adamw, cosine_lr, set_lr
+from engine.train_state import (load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, llama2.c .bin) or a "
+                                                       "preset name for a random init (e.g. tiny)"})
+    data: str = field(default=None, metadata={"help": "pairs data (parquet/jsonl file, folder or glob): the "
+                                                      "finetune split"})
+    out: str = field(default=None, metadata={"help": "output folder (checkpoints, final model, tb logs)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out pairs; default: every 20th "
+                                                                   "document of --data is held out"})
+    seq_len: int = field(default=1024, metadata={"help": "packed sequence length"})
+    batch_size: int = field(default=4, metadata={"help": "packed sequences per rank per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    max_steps: int = field(default=10000, metadata={"help": "optimizer steps"})
+    eval_every: int = field(default=1000, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "micro-batches per evaluation"})
+    save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
+    log_every: int = field(default=10, metadata={"help": "log every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
+    lora: bool = field(default=True, metadata={"help": "train LoRA adapters on a frozen base (--no-lora: "
+                                                       "full fine-tuning)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "layers to adapt, or "
+                                                                                          "all-linear"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "store the frozen base in 8 bits"})
+    dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": ["fp32", "bf16"]})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    document_mask: bool = field(default=False, metadata={"help": "keep attention inside each packed document "
+                                                                 "(StackLLaMA let it cross)"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'auto' for the newest in "
+                                                               "--out"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive NaN/Inf steps"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+
+    def __post_init__(self):
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token loss: DDP wraps this, so one forward does everything that needs gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, targets, positions=None, mask=None):
+        logits = self.model(tokens, positions=positions, attention_mask=mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def batch_inputs(batch, document_mask: bool, device):
+    tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+    positions = batch.position_ids.to(device) if document_mask else None
+    mask = document_causal_mask(batch.document_ids).to(device) if document_mask else None
+    return tokens, targets, positions, mask
+
+
+@torch.no_grad()
+def evaluate(cfg: SFTConfig, loss_fn: nn.Module, docs, dist: Dist) -> tuple[float, float]:
+    """(loss, perplexity) on held-out packed rows; ranks take disjoint shards and sum."""
+    loss_fn.eval()
+    loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                           world_size=dist.world_size, infinite=False, shuffle=False)
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for i, batch in enumerate(loader):
+        if i >= cfg.eval_batches:
+            break
+        tokens, targets, positions, mask = batch_inputs(batch, cfg.document_mask, dist.device)
+        with autocast(dist.device, cfg.dtype):
+            total[0] += loss_fn(tokens, targets, positions, mask).double()
+        total[1] += targets.numel()
+    total = all_reduce_sum(dist, total)
+    loss_fn.train()
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def split_documents(docs, every: int = 20):
+    """Hold out every `every`-th document (deterministic) when no --eval-data is given."""
+    from data.packing import Documents, make_documents
+    n = len(docs.offsets) - 1
+    pieces = [docs.tokens[docs.offsets[d]:docs.offsets[d + 1]].tolist() for d in range(n)]
+    train = make_documents([p for d, p in enumerate(pieces) if d % every != every - 1])
+    held = make_documents([p for d, p in enumerate(pieces) if d % every == every - 1])
+    return Documents(*train), Documents(*held)
+
+
+def train(cfg: SFTConfig, dist: Dist) -> dict:
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
+    lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.lora else None
+    model = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
+                        grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
+    log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
+    trainable, total = count_params(model)
+    log.info(f"sft: {total:,} parameters, {trainable:,} trainable ({'LoRA' if lora else 'full'}), "
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+
+    docs = sft_documents(read_pairs(cfg.data), tok)
+    if cfg.eval_data:
+        train_docs, eval_docs = docs, sft_documents(read_pairs(cfg.eval_data), tok)
+    else:
+        train_docs, eval_docs = split_documents(docs)
+    rows_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
+    loader = PackingLoader(train_docs, seq_len=cfg.seq_len, batch_size=rows_per_step, seed=cfg.seed)
+    log.info(f"sft: {len(train_docs.offsets) - 1:,} training documents ({len(train_docs.tokens):,} tokens), "
+             f"{len(eval_docs.offsets) - 1:,} held out; {rows_per_step} x {cfg.seq_len} tokens per step")
+
+    loss_fn = CausalLMLoss(model)
+    ddp = DDP(loss_fn) if dist.enabled else loss_fn
+    if cfg.compile:
+        ddp = torch.compile(ddp)
+    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
+
+    start, bad_steps = 0, 0
+    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
+    if resume_from:
+        state = load_trainer_state(dist, resume_from)
+        if lora:
+            load_adapter_weights(model, resume_from)
+        else:
+            from engine.checkpoint import load_checkpoint
+            model.load_state_dict(load_checkpoint(resume_from).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        start, bad_steps = state["step"], state["bad_steps"]
+        log.info(f"sft: resumed from {resume_from} at step {start}")
+
+    def write_model_files(folder):
+        if lora:
+            write_adapter(model, lora, folder, base_model=cfg.model)
+            import shutil
+            shutil.copyfile(tok.path, f"{folder}/tokenizer.model")
+        else:
+            write_model(model, folder, tokenizer_path=tok.path)
+
+    def save(step):
+        path = save_training_checkpoint(dist, cfg.out, step, write_model_files,
+                                        {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                                         "bad_steps": bad_steps, "config": asdict(cfg)}, keep=cfg.keep)
+        log.info(f"sft: saved {path}")
+
+    flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,
+                                  trainable / total)
+    batches = iter(loader)
+    metrics = {}
+    for step in range(start, cfg.max_steps):
+        t0 = time.time()
+        lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        set_lr(optimizer, lr)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+            eval_loss, ppl = evaluate(cfg, loss_fn, eval_docs, dist)
+            log.scalars(step, {"eval/loss": eval_loss, "eval/ppl": ppl})
+            log.info(f"sft: step {step} eval loss {eval_loss:.4f} ppl {ppl:.2f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step > start:
+            save(step)
+
+        # Micro-batches: this rank's rows of the global batch, in grad_accum slices.
+        batch = next(batches)
+        first = dist.rank * cfg.grad_accum * cfg.batch_size
+        n_tokens = rows_per_step * cfg.seq_len  # packed rows: every position is a real target
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        for m in range(cfg.grad_accum):
+            rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
+            micro = type(batch)(*(t[rows] for t in batch))
+            tokens, targets, positions, mask = batch_inputs(micro, cfg.document_mask, dist.device)
+            sync = contextlib.nullcontext() if (not dist.enabled or m == cfg.grad_accum - 1) else ddp.no_sync()
+            with sync:
+                with autocast(dist.device, cfg.dtype):
+                    micro_loss = ddp(tokens, targets, positions, mask)
+                (micro_loss * dist.world_size / n_tokens).backward()
+            loss_sum += micro_loss.detach().double()
+        loss = (all_reduce_sum(dist, loss_sum) / n_tokens).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warn(f"sft: step {step} has a non-finite loss ({loss}) or gradient; skipped "
+                     f"({bad_steps} in a row)")
+            log.scalars(step, {"train/skipped_steps": bad_steps})
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"sft: {bad_steps} consecutive non-finite steps; stopping (lower --lr, "
+                                   f"use fp32, or check the data)")
+            continue
+        bad_steps = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.time() - t0
+        tokens_per_s = n_tokens / dt
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                   "perf/tokens_per_s": tokens_per_s,
+                   "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device,
+                                   torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
+                   "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
+        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            log.scalars(step, metrics)
+            log.line(step + 1, cfg.max_steps, {"loss": loss, "lr": lr, "tok/s": round(tokens_per_s),
+                                               "mfu": f"{metrics['perf/mfu']:.1%}"})
+
+    eval_loss, ppl = evaluate(cfg, loss_fn, eval_docs, dist)
+    log.scalars(cfg.max_steps, {"eval/loss": eval_loss, "eval/ppl": ppl})
+    log.info(f"sft: final eval loss {eval_loss:.4f} ppl {ppl:.2f}")
+    if start < cfg.max_steps or not resume_from:
+        save(cfg.max_steps)
+    log.close()
+    return {**metrics, "eval/loss": eval_loss, "eval/ppl": ppl}
