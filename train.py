@@ -126,8 +126,8 @@ STAGES = {
     "prepare": ("StackExchange Posts.xml dumps -> preference-pair splits (parquet)", *data_stage("data.prepare")),
     "tokenizer": ("train a sentencepiece BPE tokenizer on question/answer text", *data_stage("data.train_tokenizer")),
     "sft": ("supervised fine-tuning on questions and their best answers", *training_stage("engine.sft", "SFTConfig")),
-    "rm": ("train a reward model on answer pairs", None, not_yet(5)),
-    "merge": ("merge LoRA adapters into a full checkpoint", None, not_yet(5)),
+    "rm": ("train a reward model on answer pairs", *training_stage("engine.rm", "RMConfig")),
+    "merge": ("merge LoRA adapters into a full checkpoint", *data_stage("engine.merge")),
     "ppo": ("PPO against a reward model with a per-token KL penalty", None, not_yet(6)),
 }
 

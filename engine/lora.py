@@ -274,3 +274,17 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
 
 def config_dict(cfg: LoRAConfig) -> dict:
     return asdict(cfg)
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """merge_lora, then put plain nn.Linear layers back: the model's keys are the base model's again."""
+    merge_lora(model)
+    for name, m in lora_layers(model):
+        parent_name, _, leaf = name.rpartition(".")
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(m.weight.detach(), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+        setattr(model.get_submodule(parent_name), leaf, linear)
+    return model

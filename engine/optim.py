@@ -41,3 +41,36 @@ def linear_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_st
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class BadStepGuard:
+    """Counts consecutive non-finite steps; the caller skips them, and after `limit` in a row the run stops."""
+
+    def __init__(self, limit: int, stage: str, count: int = 0):
+        self.limit, self.stage, self.count = limit, stage, count
+
+    def check(self, step: int, loss: float, grad_norm: float, log) -> bool:
+        """True if the step is fine; False (after logging) if it must be skipped."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.count = 0
+            return True
+        self.count += 1
+        log.warn(f"{self.stage}: step {step} has a non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                 f"skipped ({self.count} in a row)")
+        log.scalars(step, {"train/skipped_steps": self.count})
+        if self.count >= self.limit:
+            raise RuntimeError(f"{self.stage}: {self.count} consecutive non-finite steps; stopping (lower --lr, "
+                               "use fp32, or check the data)")
+        return False
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float,
+                  grad_clip: float, guard: BadStepGuard, log) -> float:
+    """Clip the global gradient norm, then step, unless the loss or gradient is not finite (then the
+    gradients are dropped). Returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    if guard.check(step, loss, grad_norm, log):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

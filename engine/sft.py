@@ -27,64 +27,35 @@ from engine.builder import autocast, build_model, count_params, resolve_tokenize
 from engine.checkpoint import write_model
 from engine.dist import Dist, all_reduce_sum
 from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
-from engine.lora import LoRAConfig, load_adapter_weights, write_adapter
-from engine.optim import build_adamw, cosine_lr, set_lr
+from engine.lora import load_adapter_weights, write_adapter
+from engine.stage_config import StageConfig, require_positive
+from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from engine.train_state import (load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, llama2.c .bin) or a "
-                                                       "preset name for a random init (e.g. tiny)"})
+class SFTConfig(StageConfig):
     data: str = field(default=None, metadata={"help": "pairs data (parquet/jsonl file, folder or glob): the "
                                                       "finetune split"})
-    out: str = field(default=None, metadata={"help": "output folder (checkpoints, final model, tb logs)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out pairs; default: every 20th "
                                                                    "document of --data is held out"})
     seq_len: int = field(default=1024, metadata={"help": "packed sequence length"})
     batch_size: int = field(default=4, metadata={"help": "packed sequences per rank per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     max_steps: int = field(default=10000, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=1000, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "micro-batches per evaluation"})
-    save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
-    log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
-    lora: bool = field(default=True, metadata={"help": "train LoRA adapters on a frozen base (--no-lora: "
-                                                       "full fine-tuning)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "layers to adapt, or "
-                                                                                          "all-linear"})
-    load_in_8bit: bool = field(default=False, metadata={"help": "store the frozen base in 8 bits"})
-    dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": ["fp32", "bf16"]})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     document_mask: bool = field(default=False, metadata={"help": "keep attention inside each packed document "
                                                                  "(StackLLaMA let it cross)"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'auto' for the newest in "
-                                                               "--out"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive NaN/Inf steps"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+    # StackLLaMA's SFT settings where they differ from the shared defaults.
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
 
     def __post_init__(self):
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep",
-                     "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("--data is required")
+        require_positive(self, "seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches")
 
 
 class CausalLMLoss(nn.Module):
@@ -139,7 +110,7 @@ def split_documents(docs, every: int = 20):
 def train(cfg: SFTConfig, dist: Dist) -> dict:
     seed_everything(cfg.seed)  # same initial weights on every rank
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
-    lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.lora else None
+    lora = cfg.lora_config()
     model = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                         grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
@@ -163,7 +134,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         ddp = torch.compile(ddp)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
 
-    start, bad_steps = 0, 0
+    start, guard = 0, BadStepGuard(cfg.max_bad_steps, "sft")
     resume_from = resolve_resume(dist, cfg.resume, cfg.out)
     if resume_from:
         state = load_trainer_state(dist, resume_from)
@@ -174,7 +145,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
             model.load_state_dict(load_checkpoint(resume_from).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
-        start, bad_steps = state["step"], state["bad_steps"]
+        start, guard.count = state["step"], state["bad_steps"]
         log.info(f"sft: resumed from {resume_from} at step {start}")
 
     def write_model_files(folder):
@@ -188,7 +159,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
     def save(step):
         path = save_training_checkpoint(dist, cfg.out, step, write_model_files,
                                         {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                                         "bad_steps": bad_steps, "config": asdict(cfg)}, keep=cfg.keep)
+                                         "bad_steps": guard.count, "config": asdict(cfg)}, keep=cfg.keep)
         log.info(f"sft: saved {path}")
 
     flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,
@@ -222,25 +193,13 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
                 (micro_loss * dist.world_size / n_tokens).backward()
             loss_sum += micro_loss.detach().double()
         loss = (all_reduce_sum(dist, loss_sum) / n_tokens).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
-            bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            log.warn(f"sft: step {step} has a non-finite loss ({loss}) or gradient; skipped "
-                     f"({bad_steps} in a row)")
-            log.scalars(step, {"train/skipped_steps": bad_steps})
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"sft: {bad_steps} consecutive non-finite steps; stopping (lower --lr, "
-                                   f"use fp32, or check the data)")
+        grad_norm = clip_and_step(model, optimizer, step, loss, cfg.grad_clip, guard, log)
+        if guard.count:
             continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
         dt = time.time() - t0
         tokens_per_s = n_tokens / dt
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": tokens_per_s,
                    "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device,
                                    torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),

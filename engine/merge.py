@@ -1,0 +1,58 @@
+"""`train.py merge`: fold LoRA adapters into their base and write a full checkpoint.
+
+StackLLaMA merges after SFT (the merged model is the base of the reward model and of PPO) and after
+reward modelling. A reward-model adapter (PEFT task SEQ_CLS) carries its score head whole in
+modules_to_save; the merged checkpoint keeps it (StackLLaMA's published RM adapter once lost it), and
+loads in transformers as LlamaForSequenceClassification.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.lora import ADAPTER_CONFIG, load_adapter, merge_and_unload
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str | None = None) -> str:
+    config = os.path.join(adapter, ADAPTER_CONFIG)
+    if not os.path.exists(config):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter}: not a LoRA adapter folder")
+    with open(config) as f:
+        task = json.load(f).get("task_type", "CAUSAL_LM")
+    head = "score" if task == "SEQ_CLS" else "lm"
+    # Merge in float32 whatever the final dtype: W + (α/r)·B·A in bf16 would round the update away.
+    model = load_checkpoint(base, head=head, dtype=torch.float32)
+    load_adapter(model, adapter)
+    if head == "score" and not _has_score(adapter):
+        raise ValueError(f"{adapter}: a SEQ_CLS adapter without its score head (modules_to_save); the merged "
+                         "reward model would have a random head")
+    merge_and_unload(model).to(DTYPES[dtype])
+    tok = tokenizer or next((p for p in (os.path.join(adapter, "tokenizer.model"),
+                                         os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
+    save_checkpoint(model, out, tokenizer_path=tok, pad_token_id=0 if head == "score" else None)
+    return out
+
+
+def _has_score(adapter: str) -> bool:
+    from safetensors import safe_open
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), framework="pt") as f:
+        return any(k.endswith("score.weight") for k in f.keys())
+
+
+def add_args(p):
+    p.add_argument("--base", required=True, help="the checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter folder (ours or PEFT's), e.g. OUT/checkpoint-001000")
+    p.add_argument("--out", required=True, help="where to write the merged checkpoint")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--tokenizer", help="tokenizer.model to copy (default: the adapter's, else the base's)")
+
+
+def run(args) -> int:
+    out = merge(args.base, args.adapter, args.out, args.dtype, args.tokenizer)
+    print(f"merged {args.adapter} into {args.base}: wrote {out}")
+    return 0

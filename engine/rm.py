@@ -1,0 +1,227 @@
+"""Reward model (StackLLaMA step 2): a scalar head read at the last real token, trained on answer pairs
+with InstructGPT's loss −log σ(r_chosen − r_rejected).
+
+Chosen and rejected sequences go through one forward as one batch (both right-padded to the longer
+side). As in SFT, each step draws one global batch of pairs and rank r trains on its slice, so the
+loss curve does not depend on the world size. Evaluation reports accuracy (r_chosen > r_rejected) on
+the `evaluation` split next to the trivial "longer answer wins" rule, so users see what the model
+adds over answer length.
+
+Defaults follow StackLLaMA's reward_modeling.py: LoRA r=8 α=32 dropout 0.1, lr 2e-5 with linear
+decay, 4 pairs per rank, max length 512, one epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.loaders import PairLoader, pad
+from data.pairs_io import read_pairs
+from engine.builder import autocast, build_model, count_params, resolve_tokenizer
+from engine.checkpoint import load_checkpoint, write_model
+from engine.dist import Dist, all_reduce_sum
+from engine.logging import Logger, peak_memory_bytes
+from engine.lora import load_adapter_weights, write_adapter
+from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
+from engine.rlhf_math import last_token_index, pairwise_loss
+from engine.stage_config import StageConfig, require_positive
+from engine.train_state import load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything
+
+
+@dataclass(frozen=True)
+class RMConfig(StageConfig):
+    data: str = field(default=None, metadata={"help": "pairs data (parquet/jsonl file, folder or glob): the "
+                                                      "reward split"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out pairs (the evaluation split); "
+                                                                   "default: every 20th pair of --data"})
+    max_length: int = field(default=512, metadata={"help": "drop pairs where either side is longer (tokens)"})
+    batch_size: int = field(default=4, metadata={"help": "pairs per rank per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_batches: int = field(default=0, metadata={"help": "micro-batches per evaluation (0 = all)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate (linear decay)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("--data is required")
+        require_positive(self, "max_length", "batch_size", "grad_accum")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("need --epochs > 0 or --max-steps > 0")
+
+
+class PairScores(nn.Module):
+    """Rewards of chosen and rejected in one forward: DDP wraps this."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, mask):
+        scores = self.model(tokens, attention_mask=mask)  # [2B, L]
+        return scores.float().gather(1, last_token_index(mask)[:, None]).squeeze(1)  # [2B]
+
+
+def stack_pairs(chosen, chosen_mask, rejected, rejected_mask, pad_id):
+    """One right-padded [2B, L] batch: chosen rows first, then rejected."""
+    rows = [t[m].tolist() for t, m in zip(chosen, chosen_mask)] + [t[m].tolist() for t, m in zip(rejected,
+                                                                                                  rejected_mask)]
+    return pad(rows, pad_id)
+
+
+@torch.no_grad()
+def evaluate(cfg: RMConfig, scorer: nn.Module, pairs, tok, dist: Dist) -> dict:
+    """Accuracy, loss and margin of the model, and the accuracy of "the longer answer wins"."""
+    scorer.eval()
+    loader = PairLoader(pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
+                        rank=dist.rank, world_size=dist.world_size, shuffle=False)
+    # [pairs, loss sum, correct, margin sum, longer-wins credit (ties count half)]
+    totals = torch.zeros(5, dtype=torch.float64, device=dist.device)
+    for i, b in enumerate(loader):
+        if cfg.eval_batches and i >= cfg.eval_batches:
+            break
+        tokens, mask = stack_pairs(*b, tok.pad_id)
+        with autocast(dist.device, cfg.dtype):
+            scores = scorer(tokens.to(dist.device), mask.to(dist.device))
+        n = b.chosen_tokens.shape[0]
+        loss, stats = pairwise_loss(scores[:n], scores[n:])
+        longer = (b.chosen_mask.sum(1) - b.rejected_mask.sum(1)).sign().double()  # +1 chosen longer
+        totals += torch.tensor([n, loss.item() * n, stats.accuracy.item() * n, stats.margin.item() * n,
+                                ((longer + 1) / 2).sum().item()], dtype=torch.float64, device=dist.device)
+    totals = all_reduce_sum(dist, totals)
+    scorer.train()
+    n = totals[0].clamp(min=1)
+    return {"rm/eval_loss": (totals[1] / n).item(), "rm/accuracy": (totals[2] / n).item(),
+            "rm/margin": (totals[3] / n).item(), "rm/longer_wins_accuracy": (totals[4] / n).item(),
+            "rm/eval_pairs": int(totals[0].item())}
+
+
+def held_out(table, every: int = 20):
+    """(train, eval) tables: every `every`-th pair held out, when no --eval-data is given."""
+    idx = torch.arange(table.num_rows)
+    return table.take((idx[idx % every != every - 1]).numpy()), table.take((idx[idx % every == every - 1]).numpy())
+
+
+def train(cfg: RMConfig, dist: Dist) -> dict:
+    seed_everything(cfg.seed)
+    tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
+    lora = cfg.lora_config()
+    model = build_model(cfg.model, tok, head="score", dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
+                        grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
+    log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
+    trainable, total = count_params(model)
+    log.info(f"rm: {total:,} parameters, {trainable:,} trainable ({'LoRA + score head' if lora else 'full'}), "
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+
+    table = read_pairs(cfg.data)
+    train_pairs, eval_pairs = (table, read_pairs(cfg.eval_data)) if cfg.eval_data else held_out(table)
+    pairs_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
+    loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed)
+    steps_per_epoch = loader.stats.rank_pairs // pairs_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{loader.stats.rank_pairs} usable pairs in {cfg.data} cannot fill one step of "
+                         f"{pairs_per_step} pairs (world x grad_accum x batch_size)")
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
+             f"{cfg.max_length} tokens), {eval_pairs.num_rows:,} evaluation pairs; {pairs_per_step} pairs per "
+             f"step, {max_steps} steps")
+
+    scorer = PairScores(model)
+    ddp = DDP(scorer) if dist.enabled else scorer
+    if cfg.compile:
+        ddp = torch.compile(ddp)
+    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
+
+    start, guard = 0, BadStepGuard(cfg.max_bad_steps, "rm")
+    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
+    if resume_from:
+        state = load_trainer_state(dist, resume_from)
+        if lora:
+            load_adapter_weights(model, resume_from)
+        else:
+            model.load_state_dict(load_checkpoint(resume_from, head="score").state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        start, guard.count = state["step"], state["bad_steps"]
+        log.info(f"rm: resumed from {resume_from} at step {start}")
+
+    def write_model_files(folder):
+        if lora:  # PEFT's sequence-classification layout: the new score head saved whole beside the adapters
+            write_adapter(model, lora, folder, base_model=cfg.model, task_type="SEQ_CLS",
+                          modules_to_save={"score.weight": model.score.weight})
+            shutil.copyfile(tok.path, f"{folder}/tokenizer.model")
+        else:
+            write_model(model, folder, tokenizer_path=tok.path, pad_token_id=tok.pad_id)
+
+    def save(step):
+        path = save_training_checkpoint(dist, cfg.out, step, write_model_files,
+                                        {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                                         "bad_steps": guard.count, "config": asdict(cfg)}, keep=cfg.keep)
+        log.info(f"rm: saved {path}")
+
+    def next_global_batch():
+        while True:  # the loader ends each epoch; a global batch short of pairs_per_step is dropped
+            for b in loader:
+                if b.chosen_tokens.shape[0] == pairs_per_step:
+                    return b
+
+    metrics = {}
+    for step in range(start, max_steps):
+        t0 = time.time()
+        lr = linear_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        set_lr(optimizer, lr)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+            ev = evaluate(cfg, scorer, eval_pairs, tok, dist)
+            log.scalars(step, ev)
+            log.info(f"rm: step {step} eval accuracy {ev['rm/accuracy']:.3f} (longer answer wins: "
+                     f"{ev['rm/longer_wins_accuracy']:.3f})")
+        if cfg.save_every and step % cfg.save_every == 0 and step > start:
+            save(step)
+
+        batch = next_global_batch()
+        first = dist.rank * cfg.grad_accum * cfg.batch_size
+        totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss sum, correct, margin sum
+        for m in range(cfg.grad_accum):
+            rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
+            tokens, mask = stack_pairs(*(t[rows] for t in batch), tok.pad_id)
+            sync = contextlib.nullcontext() if (not dist.enabled or m == cfg.grad_accum - 1) else ddp.no_sync()
+            with sync:
+                with autocast(dist.device, cfg.dtype):
+                    scores = ddp(tokens.to(dist.device), mask.to(dist.device))
+                n = cfg.batch_size
+                loss, stats = pairwise_loss(scores[:n], scores[n:])  # mean over this micro-batch's pairs
+                (loss * n * dist.world_size / pairs_per_step).backward()
+            totals += torch.stack([loss.detach() * n, stats.accuracy * n, stats.margin * n]).double()
+        totals = all_reduce_sum(dist, totals) / pairs_per_step
+        loss = totals[0].item()
+        grad_norm = clip_and_step(model, optimizer, step, loss, cfg.grad_clip, guard, log)
+        if guard.count:
+            continue
+        dt = time.time() - t0
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "rm/train_accuracy": totals[1].item(), "rm/train_margin": totals[2].item(),
+                   "perf/pairs_per_s": pairs_per_step / dt, "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
+        if step % cfg.log_every == 0 or step == max_steps - 1:
+            log.scalars(step, metrics)
+            log.line(step + 1, max_steps, {"loss": loss, "acc": totals[1].item(), "lr": lr,
+                                           "pairs/s": round(pairs_per_step / dt, 1)})
+
+    ev = evaluate(cfg, scorer, eval_pairs, tok, dist)
+    log.scalars(max_steps, ev)
+    log.info(f"rm: final eval accuracy {ev['rm/accuracy']:.3f} on {ev['rm/eval_pairs']} pairs, loss "
+             f"{ev['rm/eval_loss']:.4f}, margin {ev['rm/margin']:.3f}; the longer answer wins "
+             f"{ev['rm/longer_wins_accuracy']:.3f} of them")
+    if start < max_steps or not resume_from:
+        save(max_steps)
+    log.close()
+    return {**metrics, **ev}

@@ -1,0 +1,84 @@
+"""Reward-model stage: separable preferences are learnt, LoRA RM adapters merge into a full
+LlamaForSequenceClassification with the head kept, resume is exact."""
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import read_metrics
+from engine.dist import init_dist
+from engine.rm import RMConfig, train
+
+WORDS = "how do i store coffee beans the best way is an airtight container keep them away from light".split()
+
+
+@pytest.fixture(scope="module")
+def separable_pairs(tmp_path_factory):
+    """Chosen answers end in "thanks", rejected ones in "why": trivially separable at the last token."""
+    rng = random.Random(0)
+    rows = {k: [] for k in ("qid", "question", "date", "metadata", "response_j", "response_k")}
+    for i in range(240):
+        body = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))  # noqa: E731
+        rows["qid"].append(i)
+        rows["question"].append(body() + "?")
+        rows["date"].append("2020-01-01")
+        rows["metadata"].append(["synthetic"])
+        rows["response_j"].append(body() + " thanks")
+        rows["response_k"].append(body() + " why")
+    folder = tmp_path_factory.mktemp("separable")
+    pq.write_table(pa.table(rows), folder / "pairs.parquet")
+    return str(folder / "pairs.parquet")
+
+
+def rm_cfg(data, tok, out, **kw):
+    return RMConfig(**{**dict(model="tiny", tokenizer=tok, data=data, out=str(out), lora=False, lr=3e-3,
+                              batch_size=8, epochs=2, eval_every=0, log_every=1, save_every=0), **kw})
+
+
+def test_rm_learns_separable_preferences(separable_pairs, tiny_tokenizer_path, tmp_path):
+    result = train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path), init_dist("cpu"))
+    assert result["rm/accuracy"] > 0.9
+    assert 0.3 < result["rm/longer_wins_accuracy"] < 0.7  # length says nothing here
+    losses = read_metrics(tmp_path, "train/loss")
+    assert sum(list(losses.values())[-5:]) / 5 < 0.5 * sum(list(losses.values())[:5]) / 5
+
+
+def test_rm_resume_is_exact(separable_pairs, tiny_tokenizer_path, tmp_path):
+    kw = dict(epochs=1, save_every=6, keep=10)
+    train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "full", **kw), init_dist("cpu"))
+    part = tmp_path / "part"
+    train(rm_cfg(separable_pairs, tiny_tokenizer_path, part, **kw), init_dist("cpu"))
+    (part / "metrics.jsonl").unlink()  # as if the run had died right after saving step 6
+    torch.manual_seed(999)
+    train(rm_cfg(separable_pairs, tiny_tokenizer_path, part, resume=str(part / "checkpoint-000006"), **kw),
+          init_dist("cpu"))
+    full, resumed = read_metrics(tmp_path / "full", "train/loss"), read_metrics(part, "train/loss")
+    assert min(resumed) == 6 and all(resumed[s] == full[s] for s in resumed)
+
+
+def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs, tiny_tokenizer_path, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.lora import load_adapter
+    from engine.merge import merge
+    from engine.model import LLaMA
+    from engine.config import ModelConfig
+    base = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})).init_weights()
+    save_checkpoint(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
+    train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"), lora=True,
+                 lora_targets=("all-linear",), epochs=1), init_dist("cpu"))
+    adapter = str(sorted((tmp_path / "rm").glob("checkpoint-*"))[-1])
+    adapted, _ = load_adapter(load_checkpoint(str(tmp_path / "base"), head="score"), adapter)
+    merge(str(tmp_path / "base"), adapter, str(tmp_path / "merged"))
+    merged = load_checkpoint(str(tmp_path / "merged"), head="score")
+    assert set(merged.state_dict()) == set(load_checkpoint(str(tmp_path / "base"), head="score").state_dict())
+    tokens = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        want = adapted.eval()(tokens)[:, -1]
+        assert (merged(tokens)[:, -1] - want).abs().max().item() <= 1e-5
+        hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        assert (hf(tokens).logits[:, 0] - want).abs().max().item() <= 1e-5
+    assert adapted.score.weight.abs().sum() > 0 and not torch.equal(adapted.score.weight, base.lm_head.weight[:1])
