@@ -4,12 +4,13 @@ Two passes, so memory stays bounded however large the dumps are:
 1. stream each Posts.xml (data/stackexchange.py) and append every usable question and answer to one
    of K partition files on disk, chosen by question id, so a question and its answers always meet in
    the same partition (answers can come years of rows after their question);
-2. read one partition at a time: group answers under their question, score them, pair them and pick
-   each question's split (data/pairs.py), convert the bodies that made it into a pair to Markdown, and
-   stream the rows into one parquet file per split (data/pairs_io.py).
+2. read one partition at a time: group answers under their question, convert the bodies of questions
+   with two or more answers to Markdown (in `workers` processes: it is most of the run time), score and
+   pair the answers and pick each question's split (data/pairs.py), and stream the rows into one
+   parquet file per split (data/pairs_io.py).
 Everything is written inside a temporary folder in `--out` and renamed into place only when the run
 has succeeded, so a failure never loses or half-writes an earlier result. The run is deterministic:
-the same inputs, seed and partition size give the same files.
+the same inputs, seed and partition size give the same files, with any number of workers.
 
 Reference: StackLLaMA (Beeching et al. 2023, huggingface.co/blog/stackllama) and its dataset
 lvwerra/stack-exchange-paired; llama2.c's tinystories.py for the shape of a data stage.
@@ -21,6 +22,7 @@ import collections
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -28,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from data.pairs import DEFAULT_SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
+from data.pairs import DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
 from data.pairs_io import PairWriter
 from data.stackexchange import Answer, ParseStats, Question, html_to_markdown, iter_posts, question_text
 from engine.flags import add_config_flags, config_from_args
@@ -41,7 +43,7 @@ class PrepareConfig:
     out: str = field(metadata={"help": "output folder: OUT/{split}/pairs.parquet and OUT/summary.json"})
     posts: tuple[str, ...] = field(default=(), metadata={"help": "Posts.xml files, one per site"})
     sites: tuple[str, ...] = field(default=(), metadata={
-        "help": "site domain for each --posts file, for the metadata URLs (default: the file's folder name)"})
+        "help": "site domain for each --posts file, for the metadata URLs; none given: each file's folder name"})
     splits: tuple[str, ...] = field(default=DEFAULT_SPLITS, metadata={
         "help": "question-level splits as NAME=FRACTION; names from finetune, reward, rl, evaluation"})
     max_pairs_per_question: int = field(default=10, metadata={"help": "sample at most this many pairs per question"})
@@ -49,6 +51,8 @@ class PrepareConfig:
     jsonl: bool = field(default=False, metadata={"help": "also write OUT/{split}/pairs.jsonl"})
     partition_mb: float = field(default=1024.0, metadata={
         "help": "input megabytes per on-disk partition; pairing holds about one partition in memory"})
+    workers: int = field(default=0, metadata={
+        "help": "processes converting HTML to Markdown, most of the run time; 0 = one per CPU core"})
     progress_seconds: float = field(default=10.0, metadata={"help": "seconds between progress lines on stderr"})
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class PrepareConfig:
             raise ValueError(f"--sites names {len(self.sites)} sites for {len(self.posts)} --posts files")
         if self.max_pairs_per_question < 1:
             raise ValueError(f"max_pairs_per_question must be at least 1, got {self.max_pairs_per_question}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per core) or more, got {self.workers}")
         if self.partition_mb <= 0:
             raise ValueError(f"partition_mb must be positive, got {self.partition_mb}")
         parse_splits(self.splits)
@@ -131,9 +137,8 @@ def _spill(cfg: PrepareConfig, sites: list[SiteSummary], parts: list) -> None:
         report(site.parse)
 
 
-def _pair_partition(cfg: PrepareConfig, path: str, sites: list[SiteSummary], writers: dict) -> None:
-    """Pass 2 for one partition: group, score, pair, split, convert and write."""
-    splits = parse_splits(cfg.splits)
+def _read_partition(path: str) -> tuple[dict, dict]:
+    """{(site, question id): Question} and {(site, question id): [Answer, ...]} of one partition file."""
     questions: dict[tuple[int, int], Question] = {}
     answers: dict[tuple[int, int], list[Answer]] = collections.defaultdict(list)
     with open(path, encoding="utf-8") as f:
@@ -145,16 +150,29 @@ def _pair_partition(cfg: PrepareConfig, path: str, sites: list[SiteSummary], wri
             else:
                 a = Answer(*fields)
                 answers[site_index, a.parent_id].append(a)
-    for key in sorted(questions.keys() | answers.keys()):
+    return questions, answers
+
+
+def _pair_partition(cfg: PrepareConfig, path: str, sites: list[SiteSummary], writers: dict, convert) -> None:
+    """Pass 2 for one partition: group, convert to Markdown, score, pair, split and write.
+
+    `convert` maps html_to_markdown over a list (a process pool's map when there are several workers):
+    it is nine tenths of the run time, so every body that might be paired is converted in one call.
+    """
+    splits = parse_splits(cfg.splits)
+    questions, answers = _read_partition(path)
+    keys = sorted(questions.keys() | answers.keys())
+    for key in keys:
+        if key not in questions:
+            sites[key[0]].parse.skipped["answer to a question not in the file"] += len(answers[key])
+    candidates = [k for k in keys if k in questions and len(answers.get(k, ())) >= 2]
+    markdown = iter(convert([a.body for k in candidates for a in answers[k]] + [questions[k].body for k in candidates]))
+    answer_texts = [{a.id: next(markdown) for a in answers[k]} for k in candidates]
+    question_bodies = [next(markdown) for _ in candidates]
+    for key, texts, question_body in zip(candidates, answer_texts, question_bodies):
         site_index, question_id = key
-        site, question, replies = sites[site_index], questions.get(key), answers.get(key, [])
-        if question is None:
-            site.parse.skipped["answer to a question not in the file"] += len(replies)
-            continue
-        if len(replies) < 2:
-            continue
-        texts = {a.id: html_to_markdown(a.body) for a in replies}
-        empty = sum(1 for t in texts.values() if not t)
+        site, question, replies = sites[site_index], questions[key], answers[key]
+        empty = sum(1 for a in replies if not texts[a.id])
         if empty:
             site.parse.skipped["answer whose Body is empty as Markdown"] += empty
         scored = [(a.id, askell_score(a.score, a.id == question.accepted_answer_id)) for a in replies if texts[a.id]]
@@ -164,7 +182,8 @@ def _pair_partition(cfg: PrepareConfig, path: str, sites: list[SiteSummary], wri
         split = assign_split(splits, cfg.seed, site.site, question_id)
         site.paired_questions += 1
         site.pairs[split] += len(pairs)
-        common = dict(qid=question_id, question=question_text(question), date=question.date[:10].replace("-", "/"),
+        common = dict(qid=question_id, question=question_text(question.title, question_body),
+                      date=question.date[:10].replace("-", "/"),
                       metadata=[f"https://{site.site}/questions/{question_id}", f"https://{site.site}",
                                 question.license or DEFAULT_LICENSE])
         for better, worse in pairs:
@@ -180,8 +199,11 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
     sites = [SiteSummary(site, path) for site, path in zip(cfg.site_names(), cfg.posts)]
     split_names = tuple(name for name, _ in parse_splits(cfg.splits))
     n_parts = max(1, math.ceil(sum(os.path.getsize(p) for p in cfg.posts) / (cfg.partition_mb * 2 ** 20)))
+    n_workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(cfg.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=cfg.out)
+    # Started before any file is open, so the forked workers inherit nothing but the code they run.
+    pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
     try:
         part_paths = [os.path.join(tmp, f"part-{i:05d}.jsonl") for i in range(n_parts)]
         parts = [open(p, "w", encoding="utf-8") for p in part_paths]
@@ -190,12 +212,16 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
         finally:
             for part in parts:
                 part.close()
+
+        def convert(bodies: list[str]) -> list[str]:
+            return pool.map(html_to_markdown, bodies, chunksize=64) if pool else list(map(html_to_markdown, bodies))
+
         writers = {name: PairWriter(os.path.join(tmp, f"{name}.parquet"),
                                     os.path.join(tmp, f"{name}.jsonl") if cfg.jsonl else None)
                    for name in split_names}
         last_report = time.monotonic()
         for i, path in enumerate(part_paths):
-            _pair_partition(cfg, path, sites, writers)
+            _pair_partition(cfg, path, sites, writers, convert)
             os.remove(path)
             if time.monotonic() - last_report >= cfg.progress_seconds:
                 _progress(f"paired partition {i + 1}/{n_parts}: {sum(w.rows for w in writers.values()):,} pairs")
@@ -205,6 +231,8 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
         summary = PrepareSummary(cfg.out, split_names, sites, [], time.monotonic() - started)
         _publish(cfg, tmp, summary)
     finally:
+        if pool is not None:
+            pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
@@ -220,7 +248,7 @@ def _publish(cfg: PrepareConfig, tmp: str, summary: PrepareSummary) -> None:
         json.dump(summary_json, f, indent=1)
     moves = [(os.path.join(tmp, "summary.json"), os.path.join(cfg.out, "summary.json"))]
     stale = []
-    for name in ("finetune", "reward", "rl", "evaluation"):
+    for name in SPLITS:
         for ext in ("parquet", "jsonl"):
             target = os.path.join(cfg.out, name, f"pairs.{ext}")
             made = os.path.join(tmp, f"{name}.{ext}")

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import time
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from typing import Callable, Iterator, NamedTuple
 
 from markdownify import markdownify
@@ -84,15 +85,31 @@ MARKDOWN_OPTIONS = dict(heading_style="atx", bullets="-", escape_underscores=Fal
                         code_language_callback=_code_language)
 
 
+class _TextOnly(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str):
+        self.parts.append(data)
+
+
 def html_to_markdown(html: str) -> str:
     """A post body in Markdown: fenced code, `inline code`, [links](url), lists, > quotes; entities decoded."""
-    return markdownify(html, **MARKDOWN_OPTIONS).strip()
+    try:
+        return markdownify(html, **MARKDOWN_OPTIONS).strip()
+    except RecursionError:
+        # markdownify recurses per tag; a few hundred nested tags would end a long run over one post.
+        # Such a post keeps its text and loses its markup.
+        parser = _TextOnly()
+        parser.feed(html)
+        parser.close()
+        return "".join(parser.parts).strip()
 
 
-def question_text(question: Question) -> str:
-    """Title and body, as StackLLaMA's `question` column: the title is the first paragraph."""
-    body = html_to_markdown(question.body)
-    return "\n\n".join(part for part in (question.title.strip(), body) if part)
+def question_text(title: str, body_markdown: str) -> str:
+    """The `question` column: the title as the first paragraph, then the body."""
+    return "\n\n".join(part for part in (title.strip(), body_markdown) if part)
 
 
 # ---- reading the dump ---------------------------------------------------------------------------

@@ -98,10 +98,10 @@ def test_several_sites_metadata_and_dates(tmp_path):
                      "https://beta.example.org": sum(summary.sites[1].pairs.values())}
 
 
-def test_output_is_reproducible_and_independent_of_partitioning(site, tmp_path):
-    run_prepare([site], tmp_path / "one")
-    run_prepare([site], tmp_path / "again")
-    run_prepare([site], tmp_path / "many", partition_mb=0.01)  # about 30 partitions
+def test_output_is_reproducible_and_independent_of_partitions_and_workers(site, tmp_path):
+    run_prepare([site], tmp_path / "one", workers=2)
+    run_prepare([site], tmp_path / "again", workers=1)
+    run_prepare([site], tmp_path / "many", partition_mb=0.01, workers=1)  # about 30 partitions, no pool
     run_prepare([site], tmp_path / "seed", seed=1)
     for name in SPLIT_NAMES:
         one = pq.read_table(tmp_path / "one" / name / "pairs.parquet")

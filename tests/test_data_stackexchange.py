@@ -38,7 +38,7 @@ def test_questions_and_answers_with_their_fields(tmp_path):
                        Answer(3, 1, -4, "<p>An answer</p>")]
     assert (stats.rows, stats.questions, stats.answers, stats.other_post_types) == (3, 1, 1, 1)
     assert not stats.skipped
-    assert question_text(records[0]) == "What is a hop?\n\nBody & more"
+    assert question_text(records[0].title, html_to_markdown(records[0].body)) == "What is a hop?\n\nBody & more"
 
 
 def test_rows_stream_in_small_reads(tmp_path, monkeypatch):
@@ -67,6 +67,11 @@ def test_rows_stream_in_small_reads(tmp_path, monkeypatch):
 ])
 def test_html_to_markdown(html, markdown):
     assert html_to_markdown(html) == markdown
+
+
+def test_deeply_nested_html_keeps_its_text():
+    # markdownify recurses once per tag; 5000 nested quotes would exceed Python's recursion limit.
+    assert html_to_markdown("<blockquote>" * 5000 + "deep &amp; down" + "</blockquote>" * 5000) == "deep & down"
 
 
 # ---- bad input ----------------------------------------------------------------------------------
