@@ -128,7 +128,7 @@ STAGES = {
     "sft": ("supervised fine-tuning on questions and their best answers", *training_stage("engine.sft", "SFTConfig")),
     "rm": ("train a reward model on answer pairs", *training_stage("engine.rm", "RMConfig")),
     "merge": ("merge LoRA adapters into a full checkpoint", *data_stage("engine.merge")),
-    "ppo": ("PPO against a reward model with a per-token KL penalty", None, not_yet(6)),
+    "ppo": ("PPO against a reward model with a per-token KL penalty", *training_stage("engine.ppo", "PPOConfig")),
 }
 
 

@@ -63,17 +63,23 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None):
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | list | None = None):
     """(tokens [B], logprobs [B]) from last-position logits [B, V].
 
-    Greedy has no sampling distribution to speak of; it reports the model's plain log-softmax.
+    `generator`: one for the batch, or a list with one per row (then a row's samples do not depend
+    on which other rows share its batch). Greedy has no sampling distribution to speak of; it
+    reports the model's plain log-softmax.
     """
     logits = logits.float()
     if cfg.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
     logprobs = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+    probs = logprobs.exp()
+    if isinstance(generator, list):
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(1)
 
 
@@ -91,7 +97,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
 
 
 @torch.no_grad()
-def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int, pad_id: int) -> Generation:
+def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int, pad_id: int,
+             row_seeds: list[int] | None = None) -> Generation:
+    """Sample up to cfg.max_new_tokens for each prompt. With `row_seeds` each row has its own
+    generator, so its sample is the same whichever rows it is batched with (e.g. across ranks)."""
     device = model.lm_head.weight.device
     dtype = model.model.norm.weight.dtype
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
@@ -99,7 +108,12 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     if P + cfg.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
                          f"max_seq_len {model.cfg.max_seq_len}")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if row_seeds is not None:
+        if len(row_seeds) != len(prompts):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    else:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     R = cfg.max_new_tokens
     response_tokens = torch.full((B, R), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, R), dtype=torch.long, device=device)
@@ -111,6 +125,8 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     rows = torch.arange(B, device=device)  # original indices of the rows still generating
     attn = prompt_mask
     for step in range(R):
+        if row_seeds is not None:
+            generator = [generators[r] for r in rows.tolist()]
         tokens, logprobs = sample_next(logits, cfg, generator)
         response_tokens[rows, step] = tokens
         response_logprobs[rows, step] = logprobs

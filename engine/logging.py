@@ -56,11 +56,16 @@ class Logger:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
             return
+        row = {"step": step}
         for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1:  # a distribution: histogram only
+                self.writer.add_histogram(name, value.float(), step)
+                continue
             value = float(value)
+            row[name] = value
             if math.isfinite(value):
                 self.writer.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
 
     def text(self, step: int, name: str, text: str) -> None:

@@ -104,9 +104,14 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
 
     Never negative (up to round-off), whatever was sampled: the cure for negative-KL reward hacking.
     """
-    logp = F.log_softmax(logits.float() / temperature, -1)
-    ref = F.log_softmax(ref_logits.float() / temperature, -1)
-    return (logp.exp() * (logp - ref)).sum(-1).clamp(min=0)
+    return full_kl_from_log_softmax(F.log_softmax(logits.float() / temperature, -1),
+                                    F.log_softmax(ref_logits.float() / temperature, -1))
+
+
+def full_kl_from_log_softmax(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Σ_v π(v) (log π(v) − log π_ref(v)) from two log-softmax tensors [.., V] -> [..], clamped at 0
+    against round-off."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0)
 
 
 class RewardStats(NamedTuple):
@@ -225,3 +230,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of softmax(logits) [.., V] -> [..]."""
     logp = F.log_softmax(logits.float(), -1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, baseline: float = 0.0, norm=None, clip: float = 0.0,
+                 no_eos_penalty: float | None = None) -> torch.Tensor:
+    """Reward-model scores -> the scalar rewards PPO uses, per row [B].
+
+    score − baseline; then (if norm = (mean, var) of past scores) (score − mean) / std; then clipped to
+    ±clip (0 = off). Rows cut at the length cap (ended False) get `no_eos_penalty` instead, if given.
+    """
+    shaped = scores.float() - baseline
+    if norm is not None:
+        mean, var = norm
+        shaped = (shaped - mean) / max(var, 1e-8) ** 0.5
+    if clip > 0:
+        shaped = shaped.clamp(-clip, clip)
+    if no_eos_penalty is not None:
+        shaped = torch.where(ended, shaped, torch.full_like(shaped, no_eos_penalty))
+    return shaped

@@ -115,3 +115,13 @@ def test_bad_sampling_inputs():
         left_pad([[1], []], 0)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         generate(seeded_model(), [[1] * 100], SamplingConfig(max_new_tokens=40), EOS, PAD)
+
+
+def test_row_seeds_make_a_row_independent_of_its_batch():
+    model = seeded_model(std=0.02)
+    cfg = SamplingConfig(max_new_tokens=8)
+    together = generate(model, PROMPTS, cfg, EOS, PAD, row_seeds=[11, 12, 13])
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], cfg, EOS, PAD, row_seeds=[11 + i])
+        n = int(alone.response_mask.sum())
+        assert together.response_tokens[i, :n].tolist() == alone.response_tokens[0, :n].tolist()

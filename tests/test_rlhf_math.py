@@ -127,3 +127,12 @@ def test_running_moments_match_the_whole_sample():
     mean, var, n = running_moments_update(0.0, 0.0, 0, t([1.0, 2.0, 3.0]))
     mean, var, n = running_moments_update(mean, var, n, t([4.0, 5.0]))
     assert (n, round(mean, 6), round(var, 6)) == (5, 3.0, 2.0)  # population variance of 1..5
+
+
+def test_shape_scores():
+    from engine.rlhf_math import shape_scores
+    scores, ended = t([3.0, -1.0, 10.0]), t([True, True, False])
+    # Baseline 1: (2, −2, 9); normalised by mean 0, var 4: (1, −1, 4.5); clipped to ±2: (1, −1, 2).
+    assert close(shape_scores(scores, ended, baseline=1.0, norm=(0.0, 4.0), clip=2.0), [1.0, -1.0, 2.0])
+    # A row without EOS gets the fixed penalty instead of its score.
+    assert close(shape_scores(scores, ended, no_eos_penalty=-5.0), [3.0, -1.0, -5.0])
