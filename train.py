@@ -73,13 +73,14 @@ def run_generate(args) -> int:
 # ---- demo ---------------------------------------------------------------------------------------
 
 def add_demo_args(p: argparse.ArgumentParser):
-    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (default: runs/demo)")
+    p.add_argument("--out", default=None, help="run folder (default: a fresh runs/demo-DATE-TIME)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--ppo-steps", type=int, default=40, help="PPO steps (default: 40)")
 
 
 def run_demo(args) -> int:
     from engine.demo import run
-    return run(args.out, args.seed)
+    return run(args.out, args.seed, args.ppo_steps)
 
 
 # ---- training stages: flags generated from each stage's config dataclass -------------------------

@@ -152,6 +152,9 @@ PRESETS: dict[str, dict] = {
     # For tests: small enough that a forward is microseconds, but with GQA (2 query heads per kv head).
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512,
                  norm_eps=1e-5, max_seq_len=512),
+    # ~0.9M parameters: the demo's from-scratch model (SFT, RM and PPO in minutes on 2 CPU cores).
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=512,
+                 norm_eps=1e-5, max_seq_len=512),
     # ~58M parameters with LLaMA's 32k vocabulary: the benchmark size that still trains on a laptop CPU.
     "llama-60m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, vocab_size=32000,
                       norm_eps=1e-5, max_seq_len=1024),

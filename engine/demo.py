@@ -1,47 +1,85 @@
-"""`train.py demo`: the whole pipeline on built-in data with a tiny model, on a CPU in minutes.
+"""`train.py demo`: the whole StackLLaMA pipeline on built-in synthetic data, on a CPU in minutes.
 
-Stages that have landed run here in order, each saying what it did; later stages (SFT, reward model,
-PPO) join as they land.
+prepare → tokenizer → SFT (a small LLaMA from scratch) → reward model (LoRA + score head on the SFT
+model) → merge → PPO (fresh LoRA on the SFT model against the merged reward model). Everything lands
+under one run folder, TensorBoard logs of every stage under RUN/*/tb:
+
+    tensorboard --logdir RUN
+
+The synthetic site's answers are voted by a hidden rule (on topic, gives steps, polite; see
+data/synthetic.py), so the reward model has something real to learn and PPO something to improve;
+the PPO stage logs sample answers with their rewards every 10 steps (TensorBoard, text tab).
 """
 from __future__ import annotations
 
 import os
 import time
 
-import torch
-
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import ModelConfig
-from engine.generate import SamplingConfig, generate
-from engine.model import LLaMA
+from data.prepare import PrepareConfig, prepare
+from data.synthetic import write_synthetic_posts
+from data.train_tokenizer import corpus_texts, train_tokenizer
+from engine import ppo, rm, sft
+from engine.dist import init_dist
+from engine.merge import merge
 
 
 def say(msg: str):
-    print(f"[demo] {msg}", flush=True)
+    print(f"\n[demo] {msg}", flush=True)
 
 
-def run(out: str, seed: int = 0) -> int:
+def last_checkpoint(folder: str) -> str:
+    return os.path.join(folder, sorted(d for d in os.listdir(folder) if d.startswith("checkpoint-"))[-1])
+
+
+def run(out: str | None = None, seed: int = 0, ppo_steps: int = 40) -> int:
     t0 = time.time()
+    out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    cfg = ModelConfig.preset("tiny")
-    torch.manual_seed(seed)
-    model = LLaMA(cfg).init_weights().eval()
-    say(f"built a random '{'tiny'}' LLaMA: {cfg.num_params():,} parameters "
-        f"(dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads)")
+    dist = init_dist("cpu")
 
-    ckpt = save_checkpoint(model, os.path.join(out, "init"))
-    reloaded = load_checkpoint(ckpt).eval()
-    tokens = torch.randint(3, cfg.vocab_size, (2, 16))
-    with torch.no_grad():
-        diff = (model(tokens) - reloaded(tokens)).abs().max().item()
-    say(f"saved and reloaded it as a Hugging Face LLaMA folder {ckpt} (max logit difference {diff:.1e})")
-    if diff > 1e-6:
-        raise RuntimeError("reloaded checkpoint disagrees with the saved model")
+    say("1/6 prepare: writing a synthetic StackExchange site (Posts.xml) and pairing its answers")
+    posts = write_synthetic_posts(os.path.join(out, "site", "Posts.xml"), 1500, seed=seed)
+    summary = prepare(PrepareConfig(out=os.path.join(out, "pairs"), posts=(posts,), seed=seed, progress_seconds=1e9))
+    print(summary.table())
+    pairs = os.path.join(out, "pairs")
 
-    prompts = [[1, 17, 42, 99], [1, 5]]
-    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, seed=seed)
-    gen = generate(reloaded, prompts, sampling, eos_id=2, pad_id=0)
-    lengths = gen.response_mask.sum(1).tolist()
-    say(f"sampled {sum(lengths)} tokens from 2 ragged prompts with the KV cache (response lengths {lengths})")
-    say(f"done in {time.time() - t0:.1f}s; SFT, reward model and PPO join this demo as they land")
+    say("2/6 tokenizer: training a 512-piece BPE sentencepiece model (LLaMA's special ids)")
+    tok = train_tokenizer(corpus_texts([os.path.join(pairs, "finetune"), os.path.join(pairs, "reward")]), 512,
+                          os.path.join(out, "tokenizer.model"))
+
+    say("3/6 SFT: a ~1M-parameter LLaMA from scratch on questions and their best answers")
+    common = dict(tokenizer=tok, seed=seed, device="cpu", keep=1, log_every=50)
+    sft_metrics = sft.train(sft.SFTConfig(
+        model="demo", data=os.path.join(pairs, "finetune"), out=os.path.join(out, "sft"), lora=False,
+        seq_len=128, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=300, eval_every=100,
+        save_every=0, **common), dist)
+    sft_model = last_checkpoint(os.path.join(out, "sft"))
+
+    say("4/6 reward model: LoRA adapters + a scalar head on the SFT model, on (better, worse) answer pairs")
+    rm_metrics = rm.train(rm.RMConfig(
+        model=sft_model, data=os.path.join(pairs, "reward"), eval_data=os.path.join(pairs, "evaluation"),
+        out=os.path.join(out, "rm"), lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_targets=("all-linear",),
+        lr=3e-3, batch_size=8, epochs=3, eval_every=0, save_every=0, **common), dist)
+
+    say("5/6 merge: folding the reward model's adapters into a full checkpoint (score head kept)")
+    rm_model = merge(sft_model, last_checkpoint(os.path.join(out, "rm")), os.path.join(out, "rm-merged"))
+
+    say("6/6 PPO: fresh LoRA on the SFT model against the reward model, KL-penalised (k1, adaptive β)")
+    ppo_result = ppo.train(ppo.PPOConfig(
+        model=sft_model, reward_model=rm_model, data=os.path.join(pairs, "rl"), out=os.path.join(out, "ppo"),
+        batch_size=16, mini_batch_size=8, ppo_epochs=4, max_steps=ppo_steps, response_min_length=24,
+        response_max_length=48, lr=2e-3, lora_r=16, lora_dropout=0.0, lora_targets=("all-linear",),
+        kl_coef=0.05, kl_target=6.0, save_every=0, sample_every=10, **{**common, "log_every": 5}), dist)
+
+    history = ppo_result["history"]
+    k = max(1, min(5, len(history) // 4))
+    start = sum(h["env/reward_mean"] for h in history[:k]) / k
+    end = sum(h["env/reward_mean"] for h in history[-k:]) / k
+    say(f"done in {time.time() - t0:.0f}s. Everything is under {out} (tensorboard --logdir {out})")
+    print(f"  SFT      held-out loss {sft_metrics['eval/loss']:.3f} (perplexity {sft_metrics['eval/ppl']:.1f})")
+    print(f"  RM       accuracy {rm_metrics['rm/accuracy']:.3f} on {rm_metrics['rm/eval_pairs']} held-out pairs "
+          f"(the longer answer wins {rm_metrics['rm/longer_wins_accuracy']:.3f})")
+    print(f"  PPO      reward {start:.3f} over the first {k} steps -> {end:.3f} over the last {k}; "
+          f"KL {history[-1]['objective/kl']:.2f} nats per response (exact {history[-1]['objective/kl_full']:.2f}), "
+          f"β {history[-1]['objective/kl_coef']:.3f}")
     return 0
