@@ -68,8 +68,8 @@ def run(out: str | None = None, seed: int = 0, ppo_steps: int = 40) -> int:
     ppo_result = ppo.train(ppo.PPOConfig(
         model=sft_model, reward_model=rm_model, data=os.path.join(pairs, "rl"), out=os.path.join(out, "ppo"),
         batch_size=16, mini_batch_size=8, ppo_epochs=4, max_steps=ppo_steps, response_min_length=24,
-        response_max_length=48, lr=2e-3, lora_r=16, lora_dropout=0.0, lora_targets=("all-linear",),
-        kl_coef=0.05, kl_target=6.0, save_every=0, sample_every=10, **{**common, "log_every": 5}), dist)
+        response_max_length=48, lr=5e-4, lora_r=16, lora_dropout=0.0, lora_targets=("all-linear",),
+        kl_coef=0.1, kl_target=6.0, kl_horizon=1000, save_every=0, sample_every=10, **{**common, "log_every": 5}), dist)
 
     history = ppo_result["history"]
     k = max(1, min(5, len(history) // 4))
