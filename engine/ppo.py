@@ -36,8 +36,7 @@ from engine.generate import SamplingConfig, generate
 from engine.logging import Logger, peak_memory_bytes
 from engine.lora import load_adapter_weights, write_adapter
 from engine.optim import BadStepGuard, build_adamw, clip_and_step
-from engine.rollout import (PolicyAndValue, RewardFn, Rollout, repeated_token_share, reward_model_fn,
-                            rollout_forward)
+from engine.rollout import PolicyAndValue, RewardFn, Rollout, repeated_token_share, reward_model_fn, rollout_forward
 from engine.stage_config import StageConfig, require_positive
 from engine.train_state import load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything
 
@@ -184,7 +183,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     base_mib = mib(policy.parameters())
     log.info(f"ppo layout: policy base {base_mib:.1f} MiB; reference = "
              + ("the same base with LoRA disabled (+0 MiB)" if lora else f"a frozen copy (+{base_mib:.1f} MiB)")
-             + f"; value head on the policy's hidden states; reward "
+             + "; value head on the policy's hidden states; reward "
              + (f"model {rm_mib:.1f} MiB ({cfg.reward_model})" if rm_mib else "function (scripted)")
              + f"; trainable {mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
 

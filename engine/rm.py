@@ -13,7 +13,6 @@ decay, 4 pairs per rank, max length 512, one epoch.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,14 +23,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.loaders import PairLoader, pad
 from data.pairs_io import read_pairs
 from engine.builder import autocast, build_model, count_params, resolve_tokenizer
-from engine.checkpoint import load_checkpoint, write_model
 from engine.dist import Dist, all_reduce_sum
 from engine.logging import Logger, peak_memory_bytes
-from engine.lora import load_adapter_weights, write_adapter
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from engine.rlhf_math import last_token_index, pairwise_loss
 from engine.stage_config import StageConfig, require_positive
-from engine.train_state import load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything
+from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
 
 
 @dataclass(frozen=True)
@@ -145,28 +142,12 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
     start, guard = 0, BadStepGuard(cfg.max_bad_steps, "rm")
     resume_from = resolve_resume(dist, cfg.resume, cfg.out)
     if resume_from:
-        state = load_trainer_state(dist, resume_from)
-        if lora:
-            load_adapter_weights(model, resume_from)
-        else:
-            model.load_state_dict(load_checkpoint(resume_from, head="score").state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
+        state = restore_training(dist, resume_from, model, lora, optimizer, loader)
         start, guard.count = state["step"], state["bad_steps"]
         log.info(f"rm: resumed from {resume_from} at step {start}")
 
-    def write_model_files(folder):
-        if lora:  # PEFT's sequence-classification layout: the new score head saved whole beside the adapters
-            write_adapter(model, lora, folder, base_model=cfg.model, task_type="SEQ_CLS",
-                          modules_to_save={"score.weight": model.score.weight})
-            shutil.copyfile(tok.path, f"{folder}/tokenizer.model")
-        else:
-            write_model(model, folder, tokenizer_path=tok.path, pad_token_id=tok.pad_id)
-
     def save(step):
-        path = save_training_checkpoint(dist, cfg.out, step, write_model_files,
-                                        {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                                         "bad_steps": guard.count, "config": asdict(cfg)}, keep=cfg.keep)
+        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
         log.info(f"rm: saved {path}")
 
     def next_global_batch():

@@ -24,13 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.packing import PackingLoader, document_causal_mask, sft_documents
 from data.pairs_io import read_pairs
 from engine.builder import autocast, build_model, count_params, resolve_tokenizer
-from engine.checkpoint import write_model
 from engine.dist import Dist, all_reduce_sum
 from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
-from engine.lora import load_adapter_weights, write_adapter
-from engine.stage_config import StageConfig, require_positive
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
-from engine.train_state import (load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything)
+from engine.stage_config import StageConfig, require_positive
+from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
 
 
 @dataclass(frozen=True)
@@ -137,29 +135,12 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
     start, guard = 0, BadStepGuard(cfg.max_bad_steps, "sft")
     resume_from = resolve_resume(dist, cfg.resume, cfg.out)
     if resume_from:
-        state = load_trainer_state(dist, resume_from)
-        if lora:
-            load_adapter_weights(model, resume_from)
-        else:
-            from engine.checkpoint import load_checkpoint
-            model.load_state_dict(load_checkpoint(resume_from).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
+        state = restore_training(dist, resume_from, model, lora, optimizer, loader)
         start, guard.count = state["step"], state["bad_steps"]
         log.info(f"sft: resumed from {resume_from} at step {start}")
 
-    def write_model_files(folder):
-        if lora:
-            write_adapter(model, lora, folder, base_model=cfg.model)
-            import shutil
-            shutil.copyfile(tok.path, f"{folder}/tokenizer.model")
-        else:
-            write_model(model, folder, tokenizer_path=tok.path)
-
     def save(step):
-        path = save_training_checkpoint(dist, cfg.out, step, write_model_files,
-                                        {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                                         "bad_steps": guard.count, "config": asdict(cfg)}, keep=cfg.keep)
+        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
         log.info(f"sft: saved {path}")
 
     flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,

@@ -112,3 +112,43 @@ def load_trainer_state(dist: Dist, path: str) -> dict:
                          f"--nproc_per_node (this run has {dist.world_size})")
     set_rng_state(state["rng"][dist.rank])
     return state
+
+
+def write_stage_model(folder: str, model, lora, tokenizer_path: str, base_model: str) -> None:
+    """A stage's model files: PEFT adapter files (a reward model's new score head saved whole beside
+    them, as PEFT's SEQ_CLS task does) or a full HF folder, plus the tokenizer."""
+    from engine.checkpoint import write_model
+    from engine.lora import write_adapter
+    if lora is None:
+        write_model(model, folder, tokenizer_path=tokenizer_path, pad_token_id=0 if model.head == "score" else None)
+        return
+    if model.head == "score":
+        write_adapter(model, lora, folder, base_model=base_model, task_type="SEQ_CLS",
+                      modules_to_save={"score.weight": model.score.weight})
+    else:
+        write_adapter(model, lora, folder, base_model=base_model)
+    shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def restore_training(dist: Dist, path: str, model, lora, optimizer, loader) -> dict:
+    """Load a checkpoint's trained weights, optimizer and loader cursor (and this rank's RNG) in place."""
+    from engine.checkpoint import load_checkpoint
+    from engine.lora import load_adapter_weights
+    state = load_trainer_state(dist, path)
+    if lora is not None:
+        load_adapter_weights(model, path)
+    else:
+        model.load_state_dict(load_checkpoint(path, head=model.head).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    return state
+
+
+def save_stage_checkpoint(dist: Dist, cfg, step: int, model, lora, tokenizer_path: str, optimizer, loader,
+                          bad_steps: int) -> str:
+    """SFT's and RM's checkpoint: their model files plus optimizer, loader cursor and config."""
+    from dataclasses import asdict
+    return save_training_checkpoint(
+        dist, cfg.out, step, lambda folder: write_stage_model(folder, model, lora, tokenizer_path, cfg.model),
+        {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "bad_steps": bad_steps,
+         "config": asdict(cfg)}, keep=cfg.keep)

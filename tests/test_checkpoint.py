@@ -317,6 +317,7 @@ def test_killed_save_never_looks_complete(tmp_path):
 
 def test_stories260k_greedy_text():
     from conftest import shared_file
+
     from data.tokenizer import Tokenizer
     from engine.generate import SamplingConfig, generate
     model = load_checkpoint(shared_file("tinyllamas-stories260K", "stories260K.bin")).eval()

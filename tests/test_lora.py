@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.lora import (LoRAConfig, apply_lora, disable_lora, load_adapter, lora_state_dict,
-                         mark_only_lora_trainable, merge_lora, save_adapter)
+from engine.lora import (
+    LoRAConfig,
+    apply_lora,
+    disable_lora,
+    load_adapter,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    save_adapter,
+)
 from engine.model import LLaMA
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=64)

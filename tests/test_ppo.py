@@ -6,16 +6,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, read_metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ppo_run import config, reward_multiple_of_4
 
-from conftest import ROOT, read_metrics
 from engine.config import ModelConfig
 from engine.dist import init_dist
 from engine.model import LLaMA
 from engine.ppo import train
 from engine.rlhf_math import full_kl
-from ppo_run import config, reward_multiple_of_4
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,13 @@
 """Reward-model stage: separable preferences are learnt, LoRA RM adapters merge into a full
 LlamaForSequenceClassification with the head kept, resume is exact."""
-import os
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import read_metrics
+
 from engine.dist import init_dist
 from engine.rm import RMConfig, train
 
@@ -62,10 +61,10 @@ def test_rm_resume_is_exact(separable_pairs, tiny_tokenizer_path, tmp_path):
 def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs, tiny_tokenizer_path, tmp_path):
     transformers = pytest.importorskip("transformers")
     from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.config import ModelConfig
     from engine.lora import load_adapter
     from engine.merge import merge
     from engine.model import LLaMA
-    from engine.config import ModelConfig
     base = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})).init_weights()
     save_checkpoint(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
     train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"), lora=True,

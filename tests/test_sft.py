@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, read_metrics
+
 from engine.dist import init_dist
 from engine.sft import SFTConfig, train
 
