@@ -188,8 +188,15 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
              + f"; trainable {mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
 
     # One global batch of queries per step; rank r takes its slice (rollouts don't depend on world size).
+    # A query must leave room for the longest response within the model's context.
+    max_prompt = min(cfg.max_prompt_length, policy.cfg.max_seq_len - cfg.response_max_length)
+    if max_prompt < 2:
+        raise ValueError(f"--response-max-length {cfg.response_max_length} leaves no room for a prompt in the "
+                         f"model's max_seq_len {policy.cfg.max_seq_len}")
     prompts = PromptLoader(read_pairs(cfg.data), tok, batch_size=cfg.batch_size * dist.world_size,
-                           max_length=cfg.max_prompt_length, seed=cfg.seed)
+                           max_length=max_prompt, seed=cfg.seed)
+    log.info(f"ppo: {len(prompts.queries):,} queries shorter than {max_prompt} tokens "
+             f"({prompts.too_long:,} longer ones left out)")
     ddp = DDP(pv) if dist.enabled else pv
     optimizer = build_adamw(pv, cfg.lr, cfg.weight_decay)
     kl_coef, reward_stats, start = cfg.kl_coef, (0.0, 0.0, 0), 0
