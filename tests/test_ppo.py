@@ -156,3 +156,9 @@ def test_resume_equals_uninterrupted(base, tmp_path):
     for key in ("env/reward_mean", "ppo/policy_loss", "ppo/value_loss", "objective/kl"):
         full, resumed = read_metrics(tmp_path / "full", key), read_metrics(part, key)
         assert sorted(resumed) == [2, 3] and all(resumed[s] == full[s] for s in resumed), key
+
+
+def test_prompts_leave_room_for_the_response(base, tmp_path):
+    with pytest.raises(ValueError, match="leaves no room for a prompt in the model's max_seq_len 512"):
+        train(config(*base, str(tmp_path), 8, 4, 1, 1, response_min_length=2, response_max_length=511),
+              init_dist("cpu"), reward_fn=reward_multiple_of_4)
