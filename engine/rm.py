@@ -24,7 +24,7 @@ from data.loaders import PairLoader, pad
 from data.pairs_io import read_pairs
 from engine.builder import autocast, build_model, count_params, resolve_tokenizer
 from engine.dist import Dist, all_reduce_sum
-from engine.logging import Logger, peak_memory_bytes
+from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from engine.rlhf_math import last_token_index, pairwise_loss
 from engine.stage_config import StageConfig, require_positive
@@ -156,6 +156,9 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                 if b.chosen_tokens.shape[0] == pairs_per_step:
                     return b
 
+    # Attention FLOPs at a typical pair length; the 6N-style terms dominate at RM sequence lengths.
+    flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.max_length // 2,
+                                  trainable / total)
     metrics = {}
     for step in range(start, max_steps):
         t0 = time.time()
@@ -171,7 +174,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
 
         batch = next_global_batch()
         first = dist.rank * cfg.grad_accum * cfg.batch_size
-        totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss sum, correct, margin sum
+        totals = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss sum, correct, margin sum, tokens
         for m in range(cfg.grad_accum):
             rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
             tokens, mask = stack_pairs(*(t[rows] for t in batch), tok.pad_id)
@@ -182,8 +185,11 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                 n = cfg.batch_size
                 loss, stats = pairwise_loss(scores[:n], scores[n:])  # mean over this micro-batch's pairs
                 (loss * n * dist.world_size / pairs_per_step).backward()
-            totals += torch.stack([loss.detach() * n, stats.accuracy * n, stats.margin * n]).double()
-        totals = all_reduce_sum(dist, totals) / pairs_per_step
+            totals += torch.stack([loss.detach() * n, stats.accuracy * n, stats.margin * n,
+                                   mask.sum().to(loss.device) * 1.0]).double()
+        totals = all_reduce_sum(dist, totals)
+        n_tokens = totals[3].item()
+        totals = totals / pairs_per_step
         loss = totals[0].item()
         grad_norm = clip_and_step(model, optimizer, step, loss, cfg.grad_clip, guard, log)
         if guard.count:
@@ -191,11 +197,14 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         dt = time.time() - t0
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "rm/train_accuracy": totals[1].item(), "rm/train_margin": totals[2].item(),
-                   "perf/pairs_per_s": pairs_per_step / dt, "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
+                   "perf/pairs_per_s": pairs_per_step / dt, "perf/tokens_per_s": n_tokens / dt,
+                   "perf/mfu": mfu(n_tokens / dt / dist.world_size, flops_token, dist.device,
+                                   torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
+                   "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         if step % cfg.log_every == 0 or step == max_steps - 1:
             log.scalars(step, metrics)
             log.line(step + 1, max_steps, {"loss": loss, "acc": totals[1].item(), "lr": lr,
-                                           "pairs/s": round(pairs_per_step / dt, 1)})
+                                           "tok/s": round(n_tokens / dt), "mfu": f"{metrics['perf/mfu']:.1%}"})
 
     ev = evaluate(cfg, scorer, eval_pairs, tok, dist)
     log.scalars(max_steps, ev)
