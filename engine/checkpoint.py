@@ -196,7 +196,8 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
             t = t.to(device=device, dtype=dtype or t.dtype)
         model.load_state_dict({name: t}, strict=False, assign=True)
         loaded.add(name)
-    missing = sorted(set(expected) - loaded)
+    # Still on the meta device = never assigned (an 8-bit layer's weight_scale is filled with its weight).
+    missing = sorted(k for k, v in model.state_dict().items() if v.is_meta and k in expected)
     if missing == ["score.weight"] and head == "score":
         model.score.weight = torch.nn.Parameter(
             torch.randn(1, cfg.dim, device=device, dtype=dtype or model.model.norm.weight.dtype) / cfg.dim**0.5)

@@ -88,7 +88,8 @@ class Int8Linear(nn.Module):
         # SCB float32 too) so a bf16 model does not carry a per-row gain error of up to 2**-9.
         scale = self.weight_scale
         super()._apply(fn, recurse)
-        self.weight_scale = scale.to(self.weight_scale.device)
+        if self.weight_scale.dtype != scale.dtype:  # a cast, not only a move (or to_empty): undo the cast
+            self.weight_scale = scale.to(self.weight_scale.device)
         return self
 
 

@@ -13,9 +13,10 @@ import time
 
 import torch
 
-# Peak dense FLOP/s used for MFU. CPU figures are this project's measured matmul throughput on the
-# 2-core development machine (docs/BENCHMARKS.md); GPU figures are vendor dense bf16 peaks.
-PEAK_FLOPS = {"cpu": {torch.float32: 185e9, torch.bfloat16: 410e9},
+# Peak dense FLOP/s used for MFU. CPU figures are the best large-matmul throughput measured on the
+# 2-core development machine with nothing else running (fp32 ~210, bf16 ~900 GFLOP/s with AVX512-BF16;
+# docs/BENCHMARKS.md); GPU figures are vendor dense peaks (H100/H200 SXM).
+PEAK_FLOPS = {"cpu": {torch.float32: 210e9, torch.bfloat16: 900e9},
               "cuda": {torch.float32: 67e12, torch.bfloat16: 989e12}}
 
 

@@ -157,7 +157,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                     return b
 
     # Attention FLOPs at a typical pair length; the 6N-style terms dominate at RM sequence lengths.
-    flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.max_length // 2,
+    flops_token = flops_per_token(model.cfg.matmul_params(), model.cfg.n_layers, model.cfg.dim, cfg.max_length // 2,
                                   trainable / total)
     metrics = {}
     for step in range(start, max_steps):

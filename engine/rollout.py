@@ -50,7 +50,7 @@ class PolicyAndValue(nn.Module):
         logp_all = response_log_softmax(self.policy, hidden, temperature)
         logprobs = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        values = self.value_head(hidden.float()).squeeze(-1)
+        values = self.value_head(hidden.float()).squeeze(-1).float()
         return logprobs, values, entropy, logp_all
 
 
@@ -83,7 +83,7 @@ def rollout_forward(pv: PolicyAndValue, reference: LLaMA | None, tokens, mask, p
             hidden = ref.model(tokens[rows], attention_mask=mask[rows])[:, prompt_len - 1:-1]
             ref_all = response_log_softmax(ref, hidden, temperature)
         timing[0], timing[1] = timing[0] + t1 - t0, timing[1] + time.time() - t1
-        out[0][rows], out[1][rows] = logprobs, values
+        out[0][rows], out[1][rows] = logprobs.float(), values.float()  # autocast may hand back bf16
         out[2][rows] = ref_all.gather(-1, tokens[rows, prompt_len:, None]).squeeze(-1)
         out[3][rows] = full_kl_from_log_softmax(logp_all, ref_all)
     return (*out, timing)

@@ -143,7 +143,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
         log.info(f"sft: saved {path}")
 
-    flops_token = flops_per_token(model.cfg.num_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,
+    flops_token = flops_per_token(model.cfg.matmul_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,
                                   trainable / total)
     batches = iter(loader)
     metrics = {}

@@ -162,3 +162,9 @@ def test_prompts_leave_room_for_the_response(base, tmp_path):
     with pytest.raises(ValueError, match="leaves no room for a prompt in the model's max_seq_len 512"):
         train(config(*base, str(tmp_path), 8, 4, 1, 1, response_min_length=2, response_max_length=511),
               init_dist("cpu"), reward_fn=reward_multiple_of_4)
+
+
+def test_bf16_ppo_step_runs_and_keeps_the_exact_first_ratio(base, tmp_path):
+    out = train(config(*base, str(tmp_path), 8, 4, 2, 2, dtype="bf16"), init_dist("cpu"),
+                reward_fn=reward_multiple_of_4)
+    assert all(h["objective/kl_full"] >= 0 and h["ppo/ratio_mean"] > 0 for h in out["history"])

@@ -1,0 +1,253 @@
+"""Seconds per PPO step and where they go: generate, policy forward, reference forward, reward, update.
+
+StackLLaMA-shaped steps through the engine's own `engine.ppo.train`: 16 queries per step, minibatch 4
+(4 optimizer steps per epoch), 4 PPO epochs, LoRA r=16 on q_proj/v_proj, the reference = the policy
+with its adapters off, and a reward model of the policy's size (a random scalar-head LLaMA, loaded from
+the base checkpoint the way `--reward-model` is) or, with --reward scripted, a function of the token
+ids. The response length is fixed (default 64, inside StackLLaMA's 32–128) so runs compare.
+
+    python bench/ppo_step.py                          # tiny and llama-60m, fp32, 6 steps each (~1.5 min quiet)
+    python bench/ppo_step.py --presets llama-60m --steps 8 --response-length 128 --mini-batch-size 1
+    python bench/ppo_step.py --reward scripted --json out.jsonl
+
+Everything is built in a scratch folder first: synthetic StackExchange posts (data/synthetic.py) through
+`prepare` (the rl split's questions are the queries), a sentencepiece tokenizer trained on that text of
+the preset's vocabulary size, and a random base checkpoint. A 32000-piece vocabulary cannot be trained
+on the synthetic text, so llama-60m uses LLaMA's tokenizer.model when present (--llama-tokenizer) and
+otherwise a 1000-piece synthetic one, which shrinks its LM head; the table's vocab column says which.
+
+Each configuration runs in a fresh subprocess, so its peak RSS (getrusage ru_maxrss) is its own. The
+first step is a warm-up and is left out of every average. s/step is the engine's own step time
+(tokens / perf/tokens_per_s); "other" is the part no phase timer covers (the exact-KL and gather
+bookkeeping after the two rollout forwards). tok/s counts real prompt + response tokens, as the engine
+does. The reward model is handed to train() as a reward function (to count each step's tokens), so the
+engine's layout line calls it "scripted". Prints a table and one JSON line per configuration (also
+appended to --json FILE if given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
+FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
+PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
+
+
+# ---- setup (parent process) -----------------------------------------------------------------------
+
+def prepare_prompts(work: str) -> tuple[str, list[str]]:
+    """Synthetic posts -> pairs; returns (rl split folder, training texts for tokenizers)."""
+    from data.prepare import PrepareConfig, prepare
+    from data.synthetic import write_synthetic_posts
+    from data.train_tokenizer import corpus_texts
+    pairs = os.path.join(work, "pairs")
+    if not os.path.isdir(os.path.join(pairs, "rl")):
+        posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1000, seed=0)
+        prepare(PrepareConfig(out=pairs, posts=(posts,), progress_seconds=1e9))
+    return os.path.join(pairs, "rl"), list(corpus_texts([pairs]))
+
+
+def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
+    """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
+    from data.tokenizer import Tokenizer
+    from data.train_tokenizer import train_tokenizer
+    if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
+        return llama_tokenizer, "llama"
+    path = os.path.join(work, f"tok{vocab_size}.model")
+    try:
+        return (path if os.path.exists(path) else train_tokenizer(texts, vocab_size, path)), "synthetic"
+    except ValueError:
+        path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
+        note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
+        return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
+
+
+def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
+    """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
+    import torch
+
+    from data.tokenizer import Tokenizer
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.model import LLaMA
+    vocab = Tokenizer(tok_path).vocab_size
+    folder = os.path.join(work, f"{preset}-v{vocab}-base")
+    if not os.path.isdir(folder):
+        cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
+        model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+        save_checkpoint(model, folder, tokenizer_path=tok_path)
+    return folder
+
+
+# ---- one configuration (child process) ------------------------------------------------------------
+
+def run_config(spec: dict) -> dict:
+    """Run PPO for spec["steps"] steps and summarise every step after the first."""
+    import torch
+
+    from engine.checkpoint import load_checkpoint
+    from engine.dist import init_dist
+    from engine.ppo import PPOConfig, train
+    from engine.rollout import reward_model_fn
+
+    cfg = PPOConfig(model=spec["base"], data=spec["data"], out=spec["out"], max_steps=spec["steps"],
+                    batch_size=spec["batch_size"], mini_batch_size=spec["mini_batch_size"],
+                    ppo_epochs=spec["ppo_epochs"], response_min_length=spec["response_length"],
+                    response_max_length=spec["response_length"], lora_r=spec["lora_r"], dtype=spec["dtype"],
+                    save_every=0, sample_every=0, log_every=1, device="cpu")
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    if spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
+        rm = load_checkpoint(spec["base"], head="score",
+                             dtype=torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32).eval()
+        score = reward_model_fn(rm)
+    else:
+        def score(tokens, mask):  # share of even token ids among the real tokens
+            return ((tokens % 2 == 0).float() * mask).sum(1) / mask.sum(1)
+    step_tokens = []  # real tokens per step: the numerator of the engine's perf/tokens_per_s
+
+    def reward_fn(tokens, mask):
+        step_tokens.append(int(mask.sum()))
+        return score(tokens, mask)
+
+    history = train(cfg, init_dist("cpu"), reward_fn=reward_fn)["history"]
+    measured = list(zip(history, step_tokens, strict=True))[1:]  # one reward call per step; 0 warms up
+    step_s = [n / h["perf/tokens_per_s"] for h, n in measured]
+    total = sum(step_s)
+    phases = {p: sum(h[f"time/{p}"] for h, _ in measured) / total for p in PHASES}
+    phases["other"] = 1.0 - sum(phases.values())
+    tokens = sum(n for _, n in measured)
+    response_tokens = sum(h["env/response_length_mean"] * spec["batch_size"] for h, _ in measured)
+    return dict(s_per_step=total / len(measured), phase_share=phases,
+                phase_s={p: sum(h[f"time/{p}"] for h, _ in measured) / len(measured) for p in PHASES},
+                tokens_per_s=tokens / total, response_tokens_per_s=response_tokens / total,
+                prompt_tokens_mean=(tokens - response_tokens) / len(measured) / spec["batch_size"],
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+                measured_steps=len(measured), threads=torch.get_num_threads(), torch=torch.__version__)
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=6, help="PPO steps per configuration, the first a warm-up")
+    ap.add_argument("--batch-size", type=int, default=16, help="queries per PPO step")
+    ap.add_argument("--mini-batch-size", type=int, default=4)
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--response-length", type=int, default=64)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--reward", choices=["model", "scripted"], default="model",
+                    help="a reward model of the policy's size (StackLLaMA), or a function of the token ids")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default; on a "
+                    "busy machine 1 avoids OpenMP threads waiting on each other)")
+    ap.add_argument("--llama-tokenizer", default=LLAMA_TOKENIZER, help="used for 32000-vocabulary presets")
+    ap.add_argument("--workdir", help="scratch folder (kept, and reused by later runs); default: a temp folder")
+    ap.add_argument("--json", help="append the JSON lines to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file
+    args = ap.parse_args()
+    if args.worker:
+        with open(args.worker) as f:
+            spec = json.load(f)
+        try:
+            result = run_config(spec)
+        except Exception as e:  # the parent reports it in the table and carries on with the next run
+            with open(spec["result"], "w") as f:
+                json.dump({"error": f"{type(e).__name__}: {e}"}, f)
+            raise
+        with open(spec["result"], "w") as f:
+            json.dump(result, f)
+        return
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (the first is a warm-up)")
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_ppo_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        rows = run_all(args, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_rows(rows, args.json)
+
+
+def run_all(args, work: str) -> list[dict]:
+    from data.tokenizer import Tokenizer
+    from engine.config import ModelConfig
+    data, texts = prepare_prompts(work)
+    rows = []
+    for preset in args.presets:
+        tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
+        base = base_checkpoint(preset, tok, work)
+        vocab = Tokenizer(tok).vocab_size
+        params = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab}).num_params()
+        for dtype in args.dtypes:
+            name = f"{preset}-{dtype}"
+            out = os.path.join(work, "runs", name)
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            spec = dict(base=base, data=data, out=out, steps=args.steps, batch_size=args.batch_size,
+                        mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
+                        response_length=args.response_length, lora_r=args.lora_r, dtype=dtype,
+                        reward=args.reward, threads=args.threads, result=os.path.join(out, "result.json"))
+            with open(os.path.join(out, "spec.json"), "w") as f:
+                json.dump(spec, f)
+            print(f"== {name}: {args.steps} PPO steps", file=sys.stderr, flush=True)
+            # The engine's per-step lines go to stderr so stdout holds only the table and JSON.
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                                   os.path.join(out, "spec.json")], stdout=sys.stderr, check=False)
+            result = {"error": f"exit status {done.returncode}"}
+            if os.path.exists(spec["result"]):
+                with open(spec["result"]) as f:
+                    result = json.load(f)
+            rows.append(dict(bench="ppo_step", preset=preset, dtype=dtype, params=params, vocab=vocab,
+                             tokenizer=tok_note, reward=args.reward, batch_size=args.batch_size,
+                             mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
+                             response_length=args.response_length, lora_r=args.lora_r,
+                             lora_targets=["q_proj", "v_proj"], **result,
+                             machine=platform.machine(), cpu_count=os.cpu_count()))
+    return rows
+
+
+def print_rows(rows: list[dict], json_path: str | None) -> None:
+    head = ["config", "params", "vocab", "s/step", *("gen", "policy", "ref", "reward", "update", "other"),
+            "tok/s", "resp tok/s", "peak RSS"]
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']} {r['dtype']} | failed: {r['error']}")
+            continue
+        shares = [f"{100 * r['phase_share'][p]:.0f}%" for p in (*PHASES, "other")]
+        print(" | ".join([f"{r['preset']} {r['dtype']}", f"{r['params'] / 1e6:.1f}M", f"{r['vocab']}",
+                          f"{r['s_per_step']:.2f}", *shares, f"{r['tokens_per_s']:,.0f}",
+                          f"{r['response_tokens_per_s']:,.0f}", f"{r['peak_rss_gb']:.2f} GB"]))
+    for r in [r for r in rows if "error" not in r][:1]:
+        print(f"{r['batch_size']} queries, minibatch {r['mini_batch_size']}, {r['ppo_epochs']} PPO epochs, response "
+              f"{r['response_length']} tokens, LoRA r={r['lora_r']} on q_proj/v_proj, reward {r['reward']}, "
+              f"{r['threads']} threads, {r['measured_steps']} steps measured after a warm-up step")
+    notes = {r["tokenizer"] for r in rows if r["tokenizer"] not in ("llama", "synthetic")}
+    for note in notes:
+        print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
+    for r in rows:
+        line = json.dumps(r)
+        print(line)
+        if json_path:
+            with open(json_path, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

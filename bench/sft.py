@@ -1,0 +1,333 @@
+"""SFT training throughput and MFU, and what keeping attention inside packed documents costs and buys.
+
+1. Throughput: tokens/s and MFU as `engine.sft.train` reports them (metrics.jsonl, perf/tokens_per_s and
+   perf/mfu, logged every step), for each preset × {full fine-tuning from a random init (--no-lora),
+   LoRA r=16 on q_proj/v_proj of a saved random checkpoint} × {fp32, bf16}, packed rows of --seq-len
+   tokens, --batch-size rows per step (--attention cross doc adds document-masked runs). The first step
+   (AdamW allocating its state) is a warm-up and is left out. MFU is the engine's estimate: 6·N FLOPs per
+   token (fewer weight gradients under LoRA) plus attention, over engine/logging.py's measured peak of
+   the 2-core development machine.
+2. Document mask: SFT with document_mask=False (StackLLaMA: attention crosses the packed documents) and
+   True (attention kept inside each document, positions restart per document), the same steps and
+   seeds, full fine-tuning of a small model from scratch. Reports tokens/s and the loss on the held-out
+   evaluation split (questions never trained on) three ways: as the engine evaluates the run (with its
+   own mask setting), with documents masked (each answer sees only its own question: the inference-time
+   condition), and with attention crossing documents.
+
+    python bench/sft.py                                   # both parts, defaults below (~2 min quiet)
+    python bench/sft.py --part throughput --presets llama-60m --seq-len 512 --attention cross doc
+    python bench/sft.py --part mask --mask-preset demo --mask-steps 300 --seeds 0 1 2
+    python bench/sft.py --json out.jsonl
+
+The data is the synthetic StackExchange site (data/synthetic.py) through `prepare`: the finetune split
+trains, the evaluation split is held out. Tokenizers are sentencepiece models trained on that text at
+the preset's vocabulary size; a 32000-piece vocabulary cannot be learned from it, so llama-60m uses
+LLaMA's tokenizer.model when present (--llama-tokenizer) and otherwise a 1000-piece synthetic one, which
+shrinks its embeddings and LM head (the table's vocab column says which). Each run is a fresh
+subprocess, so its peak RSS (getrusage ru_maxrss) is its own. Prints tables and one JSON line per run
+(also appended to --json FILE if given).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
+FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
+
+
+# ---- setup (parent process) -----------------------------------------------------------------------
+
+def prepare_pairs(work: str) -> tuple[str, list[str]]:
+    """Synthetic posts -> pairs splits; returns (pairs folder, training texts for tokenizers)."""
+    from data.prepare import PrepareConfig, prepare
+    from data.synthetic import write_synthetic_posts
+    from data.train_tokenizer import corpus_texts
+    pairs = os.path.join(work, "pairs")
+    if not os.path.isdir(os.path.join(pairs, "evaluation")):
+        posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 3000, seed=0)
+        prepare(PrepareConfig(out=pairs, posts=(posts,), progress_seconds=1e9))
+    return pairs, list(corpus_texts([os.path.join(pairs, "finetune")]))
+
+
+def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
+    """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
+    from data.tokenizer import Tokenizer
+    from data.train_tokenizer import train_tokenizer
+    if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
+        return llama_tokenizer, "llama"
+    path = os.path.join(work, f"tok{vocab_size}.model")
+    try:
+        return (path if os.path.exists(path) else train_tokenizer(texts, vocab_size, path)), "synthetic"
+    except ValueError:
+        path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
+        note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
+        return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
+
+
+def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
+    """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
+    import torch
+
+    from data.tokenizer import Tokenizer
+    from engine.checkpoint import save_checkpoint
+    from engine.model import LLaMA
+    vocab = Tokenizer(tok_path).vocab_size
+    folder = os.path.join(work, f"{preset}-v{vocab}-base")
+    if not os.path.isdir(folder):
+        model = LLaMA(model_config(preset, vocab)).init_weights(generator=torch.Generator().manual_seed(0))
+        save_checkpoint(model, folder, tokenizer_path=tok_path)
+    return folder
+
+
+def model_config(preset: str, vocab: int):
+    from engine.config import ModelConfig
+    return ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
+
+
+# ---- one run (child process) ----------------------------------------------------------------------
+
+def run_sft(spec: dict) -> dict:
+    """Train with spec["config"] (SFTConfig fields) and summarise metrics.jsonl after the warm-up step."""
+    import torch
+
+    from engine.dist import init_dist
+    from engine.sft import SFTConfig, train
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cfg = SFTConfig(**spec["config"])
+    final = train(cfg, init_dist("cpu"))
+    with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "perf/tokens_per_s" in r]
+    measured = [r for r in rows if r["step"] >= 1]  # step 0 is the warm-up
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    seconds = sum(tokens_per_step / r["perf/tokens_per_s"] for r in measured)
+    tokens_per_s = tokens_per_step * len(measured) / seconds
+    mfu_per_token_s = measured[0]["perf/mfu"] / measured[0]["perf/tokens_per_s"]  # the same for every step
+    losses = [r["train/loss"] for r in rows]
+    result = dict(tokens_per_s=tokens_per_s, mfu=tokens_per_s * mfu_per_token_s, s_per_step=seconds / len(measured),
+                  measured_steps=len(measured), train_loss_first=losses[0],
+                  train_loss_last10=statistics.mean(losses[-10:]), eval_loss=final["eval/loss"],
+                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+                  threads=torch.get_num_threads(), torch=torch.__version__)
+    if spec.get("cross_eval"):
+        result.update(cross_evaluate(cfg))
+    return result
+
+
+def cross_evaluate(cfg) -> dict:
+    """Held-out loss of the final checkpoint with documents masked and with attention crossing them."""
+    from dataclasses import replace
+
+    from data.packing import sft_documents
+    from data.pairs_io import read_pairs
+    from data.tokenizer import Tokenizer
+    from engine.checkpoint import load_checkpoint
+    from engine.dist import init_dist
+    from engine.sft import CausalLMLoss, evaluate
+    from engine.train_state import checkpoint_path
+    model = load_checkpoint(checkpoint_path(cfg.out, cfg.max_steps))
+    docs = sft_documents(read_pairs(cfg.eval_data), Tokenizer(cfg.tokenizer))
+    loss_fn, dist = CausalLMLoss(model).eval(), init_dist("cpu")
+    return {f"eval_loss_{name}": evaluate(replace(cfg, document_mask=masked), loss_fn, docs, dist)[0]
+            for name, masked in (("doc_masked", True), ("crossing", False))}
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["all", "throughput", "mask"], default="all")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"], help="throughput: model presets")
+    ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--attention", nargs="+", default=["cross"], choices=["cross", "doc"],
+                    help="throughput: attention across packed documents (cross) or kept inside them (doc)")
+    ap.add_argument("--steps", type=int, default=8, help="throughput: optimizer steps per run, the first a warm-up")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--mask-preset", default="tiny", help="document mask: model preset (full fine-tuning)")
+    ap.add_argument("--mask-steps", type=int, default=200, help="document mask: optimizer steps per run")
+    ap.add_argument("--mask-lr", type=float, default=3e-3, help="document mask: peak learning rate (cosine)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="document mask: seeds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default; on a "
+                    "busy machine 1 avoids OpenMP threads waiting on each other)")
+    ap.add_argument("--llama-tokenizer", default=LLAMA_TOKENIZER, help="used for 32000-vocabulary presets")
+    ap.add_argument("--workdir", help="scratch folder (kept, and reused by later runs); default: a temp folder")
+    ap.add_argument("--json", help="append the JSON lines to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file
+    args = ap.parse_args()
+    if args.worker:
+        with open(args.worker) as f:
+            spec = json.load(f)
+        try:
+            result = run_sft(spec)
+        except Exception as e:  # the parent reports it in the table and carries on with the next run
+            with open(spec["result"], "w") as f:
+                json.dump({"error": f"{type(e).__name__}: {e}"}, f)
+            raise
+        with open(spec["result"], "w") as f:
+            json.dump(result, f)
+        return
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (the first is a warm-up)")
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_sft_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        pairs, texts = prepare_pairs(work)
+        throughput = run_throughput(args, work, pairs, texts) if args.part in ("all", "throughput") else []
+        mask = run_mask(args, work, pairs, texts) if args.part in ("all", "mask") else []
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_throughput(throughput)
+    print_mask(mask)
+    for r in throughput + mask:
+        line = json.dumps(r)
+        print(line)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(line + "\n")
+
+
+def run_one(work: str, name: str, config: dict, threads: int, cross_eval: bool = False) -> dict:
+    """One SFT run in a fresh subprocess; the engine's log lines go to stderr, the summary comes back."""
+    out = os.path.join(work, "runs", name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    spec = dict(config={**config, "out": out}, threads=threads, cross_eval=cross_eval,
+                result=os.path.join(out, "result.json"))
+    with open(os.path.join(out, "spec.json"), "w") as f:
+        json.dump(spec, f)
+    print(f"== {name}", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", os.path.join(out, "spec.json")],
+                          stdout=sys.stderr, check=False)
+    if not os.path.exists(spec["result"]):
+        return {"error": f"exit status {done.returncode}"}
+    with open(spec["result"]) as f:
+        return json.load(f)
+
+
+def common(args) -> dict:
+    return dict(machine=platform.machine(), cpu_count=os.cpu_count(), seq_len=args.seq_len,
+                batch_size=args.batch_size)
+
+
+def run_throughput(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
+    from data.tokenizer import Tokenizer
+    from engine.config import ModelConfig
+    rows = []
+    for preset in args.presets:
+        tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
+        vocab = Tokenizer(tok).vocab_size
+        for mode in args.modes:
+            # LoRA on a random preset is refused by the engine (it learns little): adapt a saved random base.
+            model = base_checkpoint(preset, tok, work) if mode == "lora" else preset
+            for dtype, attention in itertools.product(args.dtypes, args.attention):
+                config = dict(model=model, tokenizer=tok, data=os.path.join(pairs, "finetune"),
+                              seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
+                              log_every=1, eval_every=0, eval_batches=1, save_every=0, lora=mode == "lora",
+                              lora_r=args.lora_r, dtype=dtype, document_mask=attention == "doc", device="cpu")
+                result = run_one(work, f"{preset}-{mode}-{dtype}-{attention}", config, args.threads)
+                rows.append(dict(bench="sft_throughput", preset=preset, mode=mode, dtype=dtype,
+                                 document_mask=attention == "doc", params=model_config(preset, vocab).num_params(),
+                                 vocab=vocab, tokenizer=tok_note, lora_r=args.lora_r if mode == "lora" else None,
+                                 **result, **common(args)))
+    return rows
+
+
+def run_mask(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
+    from data.tokenizer import Tokenizer
+    from engine.config import ModelConfig
+    tok, tok_note = tokenizer_for(ModelConfig.preset(args.mask_preset).vocab_size, texts, work,
+                                  args.llama_tokenizer)
+    vocab = Tokenizer(tok).vocab_size
+    rows = []
+    for seed in args.seeds:
+        for document_mask in (False, True):
+            config = dict(model=args.mask_preset, tokenizer=tok, data=os.path.join(pairs, "finetune"),
+                          eval_data=os.path.join(pairs, "evaluation"), seq_len=args.seq_len,
+                          batch_size=args.batch_size, max_steps=args.mask_steps, lr=args.mask_lr,
+                          min_lr=args.mask_lr / 10, warmup_steps=min(20, args.mask_steps // 10), log_every=1,
+                          eval_every=0, eval_batches=10**6, save_every=0, lora=False, seed=seed,
+                          document_mask=document_mask, device="cpu")
+            name = f"mask-{args.mask_preset}-{'doc' if document_mask else 'cross'}-seed{seed}"
+            result = run_one(work, name, config, args.threads, cross_eval=True)
+            rows.append(dict(bench="sft_document_mask", preset=args.mask_preset, document_mask=document_mask,
+                             seed=seed, steps=args.mask_steps, lr=args.mask_lr,
+                             params=model_config(args.mask_preset, vocab).num_params(), vocab=vocab,
+                             tokenizer=tok_note, **result, **common(args)))
+    return rows
+
+
+def print_throughput(rows: list[dict]) -> None:
+    if not rows:
+        return
+    head = ["config", "params", "vocab", "s/step", "tok/s", "MFU", "peak RSS"]
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        mode = f"LoRA r={r['lora_r']}" if r["mode"] == "lora" else "full"
+        name = f"{r['preset']} {mode} {r['dtype']}" + (" doc-mask" if r["document_mask"] else "")
+        if "error" in r:
+            print(f"{name} | failed: {r['error']}")
+            continue
+        print(" | ".join([name, f"{r['params'] / 1e6:.1f}M", str(r["vocab"]), f"{r['s_per_step']:.3f}",
+                          f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_rss_gb']:.2f} GB"]))
+    for note in {r["tokenizer"] for r in rows if r["tokenizer"] not in ("llama", "synthetic")}:
+        print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
+    for r in [r for r in rows if "error" not in r][:1]:
+        print(f"seq_len {r['seq_len']}, batch {r['batch_size']}, {r['threads']} threads, {r['measured_steps']} "
+              "steps measured after a warm-up step; MFU against engine/logging.py's CPU peak")
+    print()
+
+
+def print_mask(rows: list[dict]) -> None:
+    if not rows:
+        return
+    head = ["attention", "seed", "tok/s", "train loss (last 10)", "eval loss (as trained)",
+            "eval loss (doc-masked)", "eval loss (crossing)"]
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    keys = ("tokens_per_s", "train_loss_last10", "eval_loss", "eval_loss_doc_masked", "eval_loss_crossing")
+    for masked in (False, True):
+        label = "inside documents" if masked else "crossing documents"
+        for r in rows:
+            if r["document_mask"] == masked and "error" in r:
+                print(f"{label} | {r['seed']} | failed: {r['error']}")
+        done = [r for r in rows if r["document_mask"] == masked and "error" not in r]
+        mean = [{"seed": "mean", **{k: statistics.mean(r[k] for r in done) for k in keys}}] if len(done) > 1 else []
+        for r in done + mean:
+            print(" | ".join([label, str(r["seed"]), f"{r['tokens_per_s']:,.0f}", *(f"{r[k]:.4f}" for k in keys[1:])]))
+    r = rows[0]
+    print(f"{r['preset']} ({r['params'] / 1e6:.2f}M), {r['steps']} steps, seq_len {r['seq_len']}, batch "
+          f"{r['batch_size']}, lr {r['lr']}; held-out = the evaluation split")
+    pairs = {}
+    for r in rows:
+        if "error" not in r:
+            pairs.setdefault(r["seed"], {})[r["document_mask"]] = r
+    pairs = [p for p in pairs.values() if len(p) == 2]
+    if pairs:
+        print("doc-masked eval loss, (trained inside documents) − (trained crossing), by seed: "
+              + ", ".join(f"{p[True]['eval_loss_doc_masked'] - p[False]['eval_loss_doc_masked']:+.4f}" for p in pairs)
+              + "; tokens/s inside / crossing: "
+              + ", ".join(f"{p[True]['tokens_per_s'] / p[False]['tokens_per_s']:.2f}" for p in pairs))
+    print()
+
+
+if __name__ == "__main__":
+    main()

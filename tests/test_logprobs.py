@@ -1,0 +1,123 @@
+"""kernels/logprobs.py: the chunked log-probs / entropy against the plain log_softmax reference, in values and
+gradients (through logits, or through hidden states and the LM-head weight), fp32 to 1e-5, bf16 to bf16
+precision, with chunks that do not divide the rows, non-contiguous inputs and temperatures. Peak memory is
+measured by bench/logprobs.py, not here.
+"""
+import pytest
+import torch
+
+from kernels import logprobs as lp_kernel
+
+B, T, V, D = 3, 7, 50, 16
+
+
+def assert_close(actual, expected, tol):
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def loss_of(logprobs, entropy, seed=0):
+    """A loss that weights every position's log-prob and entropy differently, like PPO's masked sums."""
+    g = torch.Generator().manual_seed(seed)
+    return (logprobs * torch.randn(logprobs.shape, generator=g)).sum() + (
+        entropy * torch.randn(entropy.shape, generator=g)).sum()
+
+
+def assert_matches(got, want, inputs, tol, grad_tol=None):
+    """(logprobs, entropy) pairs agree, and so do the gradients of loss_of(...) with respect to `inputs`."""
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert_close(g, w, tol)
+    grads = torch.autograd.grad(loss_of(*got), inputs)
+    grads_ref = torch.autograd.grad(loss_of(*want), inputs)
+    for g, w, x in zip(grads, grads_ref, inputs):
+        assert g.dtype == x.dtype
+        assert_close(g, w, grad_tol or tol)
+    return grads
+
+
+def test_hand_computed_values():
+    # logits [0, ln 3] at T=1: p = (1/4, 3/4); log p(token 1) = ln 0.75; H = -(.25 ln .25 + .75 ln .75)
+    logits = torch.tensor([[[0.0, torch.log(torch.tensor(3.0)).item()]]])
+    logprobs, entropy = lp_kernel.token_logprobs_and_entropy(logits, torch.tensor([[1]]))
+    assert logprobs.item() == pytest.approx(torch.log(torch.tensor(0.75)).item(), abs=1e-6)
+    assert entropy.item() == pytest.approx(-(0.25 * torch.log(torch.tensor(0.25)) + 0.75 * torch.log(
+        torch.tensor(0.75))).item(), abs=1e-6)
+    # temperature 2 halves the logits: p = softmax([0, ln 3 / 2]) = (1, sqrt 3) / (1 + sqrt 3)
+    logprobs = lp_kernel.token_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
+    assert logprobs.item() == pytest.approx(-torch.log1p(torch.tensor(3.0).sqrt()).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 8, 64])  # rows per chunk: dividing T, not, > T, > B*T
+def test_logits_path_matches_reference_fp32(chunk_size, temperature):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(B, T + 1, V)).requires_grad_()
+    tokens = torch.randint(0, V, (B, T))
+    shifted = logits[:, :-1]  # non-contiguous, as in `logits[:, :-1]` against `tokens[:, 1:]`
+    got = lp_kernel.token_logprobs_and_entropy(shifted, tokens, temperature, chunk_size)
+    want = lp_kernel.reference(shifted, tokens, temperature)
+    assert got[0].dtype == torch.float32 and got[0].shape == got[1].shape == (B, T)
+    (grad,) = assert_matches(got, want, (logits,), 1e-5)
+    assert (grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_hidden_path_matches_reference_fp32(chunk_size, temperature):
+    torch.manual_seed(1)
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    got = lp_kernel.hidden_token_logprobs(hidden, weight, tokens, temperature, with_entropy=True,
+                                          chunk_size=chunk_size)
+    want = lp_kernel.hidden_reference(hidden, weight, tokens, temperature)
+    assert_matches(got, want, (hidden, weight), 1e-5)
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    torch.manual_seed(2)
+    logits = (3 * torch.randn(B, T, V)).to(torch.bfloat16).requires_grad_()
+    hidden = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(V, D, dtype=torch.bfloat16, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    # from logits the bf16 values are upcast exactly, so the float32 math matches to float32 precision
+    got = lp_kernel.token_logprobs_and_entropy(logits, tokens, chunk_size=4)
+    want = lp_kernel.reference(logits, tokens)
+    assert got[0].dtype == torch.float32
+    assert_matches(got, want, (logits,), 1e-5, grad_tol=1e-2)  # the gradients are both rounded to bf16
+    # through the bf16 LM-head matmul: logits differ by bf16 rounding (|z| ~ 4: steps of 2**-6)
+    got = lp_kernel.hidden_token_logprobs(hidden, weight, tokens, with_entropy=True, chunk_size=4)
+    want = lp_kernel.hidden_reference(hidden, weight, tokens)
+    assert_matches(got, want, (hidden, weight), 3e-2)
+
+
+def test_logprobs_only_and_no_grad():
+    torch.manual_seed(3)
+    logits = torch.randn(B, T, V, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    logprobs = lp_kernel.token_logprobs(logits, tokens, chunk_size=2)
+    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
+    # d log p_tok / d z = onehot - p: each row's gradient sums to zero
+    assert_close(grad.sum(-1), torch.zeros(B, T), 1e-6)
+    with torch.no_grad():
+        assert_close(lp_kernel.token_logprobs(logits, tokens), lp_kernel.reference(logits, tokens)[0], 1e-5)
+    hidden, weight = torch.randn(B, T, D), torch.randn(V, D)
+    only = lp_kernel.hidden_token_logprobs(hidden, weight, tokens)
+    assert isinstance(only, torch.Tensor) and only.shape == (B, T)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3))
+    fn = lambda h, w: lp_kernel.hidden_token_logprobs(h, w, tokens, 0.8, with_entropy=True, chunk_size=2)  # noqa
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_bad_arguments():
+    logits, tokens = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+    with pytest.raises(ValueError, match="temperature"):
+        lp_kernel.token_logprobs(logits, tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="tokens"):
+        lp_kernel.token_logprobs(logits, tokens[:, 1:])
