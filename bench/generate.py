@@ -12,7 +12,6 @@ Prints a table and one JSON line per run (also appended to --json FILE if given)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit_json  # noqa: E402
 
 from engine.config import ModelConfig  # noqa: E402
 from engine.generate import SamplingConfig, generate, left_pad  # noqa: E402
@@ -86,12 +87,7 @@ def main():
     for r in rows:
         print(f"{r['preset']:<10} {r['params']:>10,} {r['batch']:>5} {r['kv_cache_tok_s']:>15,.1f} "
               f"{r['no_cache_tok_s']:>15,.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
-    for r in rows:
-        line = json.dumps(r)
-        print(line)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    emit_json(rows, args.json)
 
 
 if __name__ == "__main__":

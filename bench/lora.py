@@ -49,6 +49,9 @@ ROOT = os.path.dirname(HERE)
 VARIANTS = ("fp32", "bf16", "8bit")
 
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import emit_json  # noqa: E402
+
 def rss_bytes(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -227,12 +230,7 @@ def main():
         print(f"  alt. total   ~{e['alt_total_gb']:.2f} GB = {e['alt_gb_per_billion_params']:.2f} GB/B if the chunked log-prob "
               f"buffers (~3 x CHUNK_BYTES = {e['alt_fixed_logprob_bytes'] / 2**20:.0f} MiB, vocab-sized) are kept fixed")
         print(f"  without activations (weights + adapters + runtime): {e['weights_adapters_runtime_gb']:.2f} GB")
-    for r in out:
-        line = json.dumps(r)
-        print(line)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    emit_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ presets the analytic figure is computed too and checked to agree to the byte.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit_json  # noqa: E402
 
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import LLaMA  # noqa: E402
@@ -145,12 +146,7 @@ def main():
               f"{size:>12} {str(r['analytic_agrees']) if r['analytic_agrees'] is not None else '-':>10}")
     bad = [r for r in rows if r["format"].startswith("8bit") and r["linear_bytes_per_param"] > 1.15]
     print(f"8-bit linears <= 1.15 bytes/param (incl. float32 scales): {'yes' if not bad else 'NO: ' + str([(r['preset'], r['linear_bytes_per_param']) for r in bad])}")
-    for r in rows:
-        line = json.dumps(r)
-        print(line)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    emit_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
+
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
-FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
 PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
 
 
@@ -58,36 +59,13 @@ def prepare_prompts(work: str) -> tuple[str, list[str]]:
     return os.path.join(pairs, "rl"), list(corpus_texts([pairs]))
 
 
-def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
-    """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
-    from data.tokenizer import Tokenizer
-    from data.train_tokenizer import train_tokenizer
-    if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
-        return llama_tokenizer, "llama"
-    path = os.path.join(work, f"tok{vocab_size}.model")
-    try:
-        return (path if os.path.exists(path) else train_tokenizer(texts, vocab_size, path)), "synthetic"
-    except ValueError:
-        path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
-        note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
-        return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
-
-
 def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
     """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    import torch
-
     from data.tokenizer import Tokenizer
-    from engine.checkpoint import save_checkpoint
     from engine.config import ModelConfig
-    from engine.model import LLaMA
     vocab = Tokenizer(tok_path).vocab_size
-    folder = os.path.join(work, f"{preset}-v{vocab}-base")
-    if not os.path.isdir(folder):
-        cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
-        model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
-        save_checkpoint(model, folder, tokenizer_path=tok_path)
-    return folder
+    cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
+    return random_base_checkpoint(cfg, tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
 
 
 # ---- one configuration (child process) ------------------------------------------------------------
@@ -241,12 +219,7 @@ def print_rows(rows: list[dict], json_path: str | None) -> None:
     notes = {r["tokenizer"] for r in rows if r["tokenizer"] not in ("llama", "synthetic")}
     for note in notes:
         print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
-    for r in rows:
-        line = json.dumps(r)
-        print(line)
-        if json_path:
-            with open(json_path, "a") as f:
-                f.write(line + "\n")
+    emit_json(rows, json_path)
 
 
 if __name__ == "__main__":

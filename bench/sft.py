@@ -44,8 +44,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
+
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
-FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
 
 
 # ---- setup (parent process) -----------------------------------------------------------------------
@@ -62,34 +63,11 @@ def prepare_pairs(work: str) -> tuple[str, list[str]]:
     return pairs, list(corpus_texts([os.path.join(pairs, "finetune")]))
 
 
-def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
-    """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
-    from data.tokenizer import Tokenizer
-    from data.train_tokenizer import train_tokenizer
-    if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
-        return llama_tokenizer, "llama"
-    path = os.path.join(work, f"tok{vocab_size}.model")
-    try:
-        return (path if os.path.exists(path) else train_tokenizer(texts, vocab_size, path)), "synthetic"
-    except ValueError:
-        path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
-        note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
-        return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
-
-
 def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
     """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    import torch
-
     from data.tokenizer import Tokenizer
-    from engine.checkpoint import save_checkpoint
-    from engine.model import LLaMA
     vocab = Tokenizer(tok_path).vocab_size
-    folder = os.path.join(work, f"{preset}-v{vocab}-base")
-    if not os.path.isdir(folder):
-        model = LLaMA(model_config(preset, vocab)).init_weights(generator=torch.Generator().manual_seed(0))
-        save_checkpoint(model, folder, tokenizer_path=tok_path)
-    return folder
+    return random_base_checkpoint(model_config(preset, vocab), tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
 
 
 def model_config(preset: str, vocab: int):
@@ -196,12 +174,7 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
     print_throughput(throughput)
     print_mask(mask)
-    for r in throughput + mask:
-        line = json.dumps(r)
-        print(line)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    emit_json(throughput + mask, args.json)
 
 
 def run_one(work: str, name: str, config: dict, threads: int, cross_eval: bool = False) -> dict:

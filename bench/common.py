@@ -1,0 +1,44 @@
+"""Pieces the benchmarks share: synthetic-data tokenizers, random base checkpoints, JSON-line output."""
+from __future__ import annotations
+
+import json
+import os
+
+FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
+
+
+def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
+    """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
+    from data.tokenizer import Tokenizer
+    from data.train_tokenizer import train_tokenizer
+    if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
+        return llama_tokenizer, "llama"
+    path = os.path.join(work, f"tok{vocab_size}.model")
+    try:
+        return (path if os.path.exists(path) else train_tokenizer(texts, vocab_size, path)), "synthetic"
+    except ValueError:
+        path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
+        note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
+        return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
+
+
+def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
+    """Save a randomly initialised LLaMA of config `cfg` with the tokenizer, once (reused if present)."""
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.model import LLaMA
+    if not os.path.isdir(folder):
+        model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+        save_checkpoint(model, folder, tokenizer_path=tok_path)
+    return folder
+
+
+def emit_json(rows: list[dict], path: str | None) -> None:
+    """Print one JSON line per row, and append them to `path` if given."""
+    for row in rows:
+        line = json.dumps(row)
+        print(line)
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")
