@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.packing import PackingLoader, document_causal_mask, sft_documents
@@ -29,6 +28,7 @@ from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from engine.stage_config import StageConfig, require_positive
 from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
+from kernels.logprobs import hidden_token_logprobs
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,19 @@ class SFTConfig(StageConfig):
 
 
 class CausalLMLoss(nn.Module):
-    """Summed next-token loss: DDP wraps this, so one forward does everything that needs gradients."""
+    """Summed next-token loss: DDP wraps this, so one forward does everything that needs gradients.
+
+    The LM head and log-softmax run chunk by chunk (kernels/logprobs.py), so the [B, T, vocab]
+    float32 logits are never held whole: at vocab 32000 and seq 1024 that is 125 MiB per row.
+    """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, tokens, targets, positions=None, mask=None):
-        logits = self.model(tokens, positions=positions, attention_mask=mask)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        hidden = self.model.model(tokens, positions=positions, attention_mask=mask)
+        return -hidden_token_logprobs(hidden, self.model.lm_head.weight, targets).sum()
 
 
 def batch_inputs(batch, document_mask: bool, device):
