@@ -100,10 +100,24 @@ def _blocks(B: int, T: int, chunk: int):
                 yield slice(b, b + 1), slice(t, t + chunk)
 
 
-def _block_logits(x, weight, temperature):
+def _matmul_dtype(x, weight):
+    """The head matmul's dtype: autocast's if it is on (as lm_head(hidden) would use), else the input's.
+    Recorded in forward and reused in backward, which autocast does not reach, so the recomputed
+    logits are bit-identical to the forward's."""
+    if weight is None:
+        return None
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _block_logits(x, weight, temperature, mm_dtype=None):
     """float logits / T for one block: x [n, V] logits, or x [n, D] hidden with weight [V, D]."""
     dtype = _compute_dtype(x)
-    z = x.to(dtype, copy=True) if weight is None else F.linear(x, weight).to(dtype)  # [n, V], a fresh buffer
+    if weight is None:
+        z = x.to(dtype, copy=True)
+    else:
+        md = mm_dtype or x.dtype
+        z = F.linear(x.to(md), weight.to(md)).to(dtype)  # [n, V], a fresh buffer
     return z.div_(temperature)  # in place: one [n, V] buffer, which callers may modify in place too
 
 
@@ -118,8 +132,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logprobs = torch.empty(B, T, dtype=dtype, device=x.device)
         lse = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if with_entropy else None
+        mm_dtype = _matmul_dtype(x, weight)
         for bs, ts in _blocks(B, T, chunk):
-            z = _block_logits(x[bs, ts].reshape(-1, x.shape[-1]), weight, temperature)  # [n, V]
+            z = _block_logits(x[bs, ts].reshape(-1, x.shape[-1]), weight, temperature, mm_dtype)  # [n, V]
             tok = tokens[bs, ts].reshape(-1, 1)  # [n, 1]
             row_lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
             logp = z.sub_(row_lse)  # [n, V], in place: z is not needed again
@@ -129,7 +144,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[bs, ts] = -(logp.exp() * logp).sum(-1).view(shape)
         ctx.save_for_backward(x, weight, tokens, lse, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.mm_dtype = temperature, chunk, mm_dtype
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
@@ -142,7 +157,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # accumulated over blocks
         for bs, ts in _blocks(B, T, ctx.chunk):
             x_block = x[bs, ts].reshape(-1, x.shape[-1])  # [n, V] or [n, D]
-            logp = _block_logits(x_block, weight, ctx.temperature).sub_(lse[bs, ts].reshape(-1, 1))  # [n, V]
+            logp = _block_logits(x_block, weight, ctx.temperature, ctx.mm_dtype).sub_(
+                lse[bs, ts].reshape(-1, 1))  # [n, V]
             grad_z = _grad_logits(logp, tokens[bs, ts].reshape(-1, 1),
                                   None if grad_logprobs is None else grad_logprobs[bs, ts].reshape(-1, 1),
                                   None if grad_entropy is None else grad_entropy[bs, ts].reshape(-1, 1),
@@ -152,7 +168,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_x[bs, ts] = grad_z.view(grad_x[bs, ts].shape)
                 continue
             if want_x:
-                grad_x[bs, ts] = (grad_z @ weight).view(grad_x[bs, ts].shape)  # [n, D]
+                md = ctx.mm_dtype
+                grad_x[bs, ts] = (grad_z.to(md) @ weight.to(md)).view(grad_x[bs, ts].shape)  # [n, D]
             if want_w:
                 grad_w += (grad_z.t() @ x_block).float()  # [V, D]
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None

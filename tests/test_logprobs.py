@@ -121,3 +121,27 @@ def test_bad_arguments():
         lp_kernel.token_logprobs(logits, tokens, temperature=0.0)
     with pytest.raises(ValueError, match="tokens"):
         lp_kernel.token_logprobs(logits, tokens[:, 1:])
+
+
+def test_autocast_backward_recomputes_with_the_forwards_dtype():
+    """Backward runs outside autocast; the kernel must still recompute bf16 logits, and accept bf16
+    hidden states with a float32 head (as under autocast)."""
+    import torch
+    from kernels.logprobs import hidden_reference, hidden_token_logprobs
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    tok = torch.randint(0, 40, (2, 5), generator=g)
+    grads = []
+    for fn in (hidden_token_logprobs, hidden_reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = fn(h, w, tok)
+        lp = lp[0] if isinstance(lp, tuple) else lp  # the reference returns (logprobs, entropy)
+        h.grad = w.grad = None
+        lp.sum().backward()
+        grads.append((lp.detach(), h.grad.clone(), w.grad.clone()))
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = hidden_token_logprobs(h.bfloat16(), w, tok)
+    lp.sum().backward()  # no dtype error in backward
