@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.model import LLaMA
+from kernels.logprobs import hidden_token_logprobs
 from engine.rlhf_math import last_token_index
 
 
@@ -44,13 +45,17 @@ class PolicyAndValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, tokens, mask, prompt_len: int, temperature: float = 1.0):
-        """(logprobs [B, R], values [B, R], entropy [B, R], log-softmax [B, R, V]) of the response tokens."""
+    def forward(self, tokens, mask, prompt_len: int, temperature: float = 1.0, full_dist: bool = False):
+        """(logprobs [B, R], values [B, R], entropy [B, R], log-softmax [B, R, V] or None) of the response.
+
+        Log-probs and entropy go through the chunked kernel (no [B, R, V] float32 tensor kept for
+        backward); the full log-softmax is built only when asked (the rollout's exact KL, no grad).
+        """
         hidden = self.policy.model(tokens, attention_mask=mask)[:, prompt_len - 1:-1]  # [B, R, dim]
-        logp_all = response_log_softmax(self.policy, hidden, temperature)
-        logprobs = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],
+                                                  temperature, with_entropy=True)
         values = self.value_head(hidden.float()).squeeze(-1).float()
+        logp_all = response_log_softmax(self.policy, hidden, temperature) if full_dist else None
         return logprobs, values, entropy, logp_all
 
 
@@ -76,7 +81,7 @@ def rollout_forward(pv: PolicyAndValue, reference: LLaMA | None, tokens, mask, p
     for k in range(0, B, mini):
         rows = order[k:k + mini]
         t0 = time.time()
-        logprobs, values, _, logp_all = pv(tokens[rows], mask[rows], prompt_len, temperature)
+        logprobs, values, _, logp_all = pv(tokens[rows], mask[rows], prompt_len, temperature, full_dist=True)
         t1 = time.time()
         ref = reference if reference is not None else pv.policy
         with (disable_lora(pv.policy) if reference is None else contextlib.nullcontext()):
