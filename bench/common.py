@@ -42,3 +42,18 @@ def emit_json(rows: list[dict], path: str | None) -> None:
         if path:
             with open(path, "a") as f:
                 f.write(line + "\n")
+
+
+def run_worker(spec_path: str, fn) -> None:
+    """Child side of a one-configuration-per-process benchmark: fn(spec) -> result dict, written to
+    spec["result"]; a failure is written there too (the parent shows it in its table) and re-raised."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    try:
+        result = fn(spec)
+    except Exception as e:
+        with open(spec["result"], "w") as f:
+            json.dump({"error": f"{type(e).__name__}: {e}"}, f)
+        raise
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)

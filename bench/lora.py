@@ -52,6 +52,7 @@ VARIANTS = ("fp32", "bf16", "8bit")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import emit_json  # noqa: E402
 
+
 def rss_bytes(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -144,8 +145,9 @@ def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int)
 def estimate_7b(m60: dict, r: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
-    from engine.config import ModelConfig
     from memory import analytic  # bench/memory.py
+
+    from engine.config import ModelConfig
     c60, c7 = ModelConfig.preset(m60["preset"]), ModelConfig.preset("llama-7b")
     a7 = analytic(c7)
     bpp = a7["formats"]["8bit+fp32"]["model_bytes"] / a7["params"]

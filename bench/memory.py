@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit_json  # noqa: E402
-
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import LLaMA  # noqa: E402
 

@@ -44,7 +44,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
+from bench.common import emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 
@@ -149,16 +149,7 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file
     args = ap.parse_args()
     if args.worker:
-        with open(args.worker) as f:
-            spec = json.load(f)
-        try:
-            result = run_sft(spec)
-        except Exception as e:  # the parent reports it in the table and carries on with the next run
-            with open(spec["result"], "w") as f:
-                json.dump({"error": f"{type(e).__name__}: {e}"}, f)
-            raise
-        with open(spec["result"], "w") as f:
-            json.dump(result, f)
+        run_worker(args.worker, run_sft)
         return
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
