@@ -14,9 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a che
 
 from engine.flags import add_config_flags, config_from_args  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
 # ---- generate -----------------------------------------------------------------------------------
 
 def add_generate_args(p: argparse.ArgumentParser):
@@ -27,25 +24,15 @@ def add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one beside the checkpoint)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat the flag for a batch (default: one empty prompt)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default: fp32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_config_flags(p, SamplingConfig, group="sampling")
-
-
-def find_tokenizer(model_path: str, tokenizer: str | None) -> str:
-    if tokenizer:
-        return tokenizer
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    candidate = os.path.join(folder, "tokenizer.model")
-    if not os.path.exists(candidate):
-        raise FileNotFoundError(f"no tokenizer.model beside {model_path}; pass --tokenizer FILE")
-    return candidate
 
 
 def run_generate(args) -> int:
     import torch
 
-    from data.tokenizer import Tokenizer
+    from engine.builder import DTYPES, resolve_tokenizer
     from engine.checkpoint import load_checkpoint
     from engine.generate import SamplingConfig, generate
 
@@ -53,8 +40,8 @@ def run_generate(args) -> int:
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"no checkpoint at {args.model}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = Tokenizer(find_tokenizer(args.model, args.tokenizer))
-    model = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device).eval()
+    tok = resolve_tokenizer(args.model, args.tokenizer)
+    model = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device).eval()
     tok.check_model_vocab(model.cfg.vocab_size, args.model)
     if args.adapter:
         from engine.lora import load_adapter
@@ -109,15 +96,6 @@ def data_stage(module: str):
     import importlib
     return (lambda p: importlib.import_module(module).add_args(p),
             lambda args: importlib.import_module(module).run(args))
-
-
-# ---- stages that later issues deliver -----------------------------------------------------------
-
-def not_yet(issue: int):
-    def run(args) -> int:
-        print(f"error: stage '{args.stage}' is not implemented yet (issue {issue})", file=sys.stderr)
-        return 2
-    return run
 
 
 STAGES = {

@@ -1,6 +1,7 @@
 """Pieces the benchmarks share: synthetic-data tokenizers, random base checkpoints, JSON-line output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -57,3 +58,13 @@ def run_worker(spec_path: str, fn) -> None:
         raise
     with open(spec["result"], "w") as f:
         json.dump(result, f)
+
+
+def add_run_args(ap: argparse.ArgumentParser, llama_tokenizer: str) -> None:
+    """Flags of the benchmarks that run each configuration in its own process."""
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default; on a "
+                    "busy machine 1 avoids OpenMP threads waiting on each other)")
+    ap.add_argument("--llama-tokenizer", default=llama_tokenizer, help="used for 32000-vocabulary presets")
+    ap.add_argument("--workdir", help="scratch folder (kept, and reused by later runs); default: a temp folder")
+    ap.add_argument("--json", help="append the JSON lines to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file

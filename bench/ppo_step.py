@@ -39,7 +39,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
+from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
@@ -129,12 +129,7 @@ def main():
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--reward", choices=["model", "scripted"], default="model",
                     help="a reward model of the policy's size (StackLLaMA), or a function of the token ids")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default; on a "
-                    "busy machine 1 avoids OpenMP threads waiting on each other)")
-    ap.add_argument("--llama-tokenizer", default=LLAMA_TOKENIZER, help="used for 32000-vocabulary presets")
-    ap.add_argument("--workdir", help="scratch folder (kept, and reused by later runs); default: a temp folder")
-    ap.add_argument("--json", help="append the JSON lines to this file")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file
+    add_run_args(ap, LLAMA_TOKENIZER)
     args = ap.parse_args()
     if args.worker:
         run_worker(args.worker, run_config)

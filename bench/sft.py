@@ -44,7 +44,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
+from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 
@@ -141,12 +141,7 @@ def main():
     ap.add_argument("--mask-steps", type=int, default=200, help="document mask: optimizer steps per run")
     ap.add_argument("--mask-lr", type=float, default=3e-3, help="document mask: peak learning rate (cosine)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="document mask: seeds")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default; on a "
-                    "busy machine 1 avoids OpenMP threads waiting on each other)")
-    ap.add_argument("--llama-tokenizer", default=LLAMA_TOKENIZER, help="used for 32000-vocabulary presets")
-    ap.add_argument("--workdir", help="scratch folder (kept, and reused by later runs); default: a temp folder")
-    ap.add_argument("--json", help="append the JSON lines to this file")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration from a spec file
+    add_run_args(ap, LLAMA_TOKENIZER)
     args = ap.parse_args()
     if args.worker:
         run_worker(args.worker, run_sft)

@@ -176,10 +176,9 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         model = LLaMA(cfg, head=head)
     if transform is not None:
         transform(model)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    loaded = set()
     for source, name, get in tensors:
         if name.endswith("rotary_emb.inv_freq"):  # saved by transformers < 4.31; recomputed here
             continue
@@ -195,7 +194,6 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         if t.is_floating_point():
             t = t.to(device=device, dtype=dtype or t.dtype)
         model.load_state_dict({name: t}, strict=False, assign=True)
-        loaded.add(name)
     # Still on the meta device = never assigned (an 8-bit layer's weight_scale is filled with its weight).
     missing = sorted(k for k, v in model.state_dict().items() if v.is_meta and k in expected)
     if missing == ["score.weight"] and head == "score":

@@ -12,10 +12,9 @@ import os
 
 import torch
 
+from engine.builder import DTYPES
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.lora import ADAPTER_CONFIG, load_adapter, merge_and_unload
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str | None = None) -> str:

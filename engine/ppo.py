@@ -114,7 +114,7 @@ def ppo_update(cfg: PPOConfig, dist: Dist, pv, ddp, optimizer, ro: Rollout, kl_c
         advantages = M.masked_whiten(advantages, mask, mean, var)
     # 5. PPO epochs over shuffled minibatches; a minibatch is one optimizer step.
     B, mini = ro.tokens.shape[0], cfg.mini_batch_size
-    stats, skipped, stopped_early = [], 0, False
+    stats, skipped, stopped_early, ratio_max = [], 0, False, 0.0
     for epoch in range(cfg.ppo_epochs):
         perm = order if epoch == 0 else torch.randperm(B, generator=generator).to(order.device)
         for k in range(0, B, mini):
@@ -145,7 +145,7 @@ def ppo_update(cfg: PPOConfig, dist: Dist, pv, ddp, optimizer, ro: Rollout, kl_c
             stats.append(torch.stack([pg_loss.detach() * dist.world_size, vf_loss.detach() * dist.world_size,
                                       pg.clipfrac, vf.clipfrac, pg.approx_kl, pg.ratio_mean, ent * dist.world_size,
                                       vf.explained_variance]))
-            ratio_max = all_reduce_max(dist, pg.ratio_max.detach()).item()
+            ratio_max = max(ratio_max, all_reduce_max(dist, pg.ratio_max.detach()).item())
             if cfg.target_kl and all_reduce_sum(dist, pg.approx_kl).item() / dist.world_size > cfg.target_kl:
                 stopped_early = True
                 break

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -101,12 +102,11 @@ def evaluate(cfg: SFTConfig, loss_fn: nn.Module, docs, dist: Dist) -> tuple[floa
 
 def split_documents(docs, every: int = 20):
     """Hold out every `every`-th document (deterministic) when no --eval-data is given."""
-    from data.packing import Documents, make_documents
-    n = len(docs.offsets) - 1
-    pieces = [docs.tokens[docs.offsets[d]:docs.offsets[d + 1]].tolist() for d in range(n)]
+    from data.packing import make_documents
+    pieces = np.split(docs.tokens, docs.offsets[1:-1])  # one array per document
     train = make_documents([p for d, p in enumerate(pieces) if d % every != every - 1])
     held = make_documents([p for d, p in enumerate(pieces) if d % every == every - 1])
-    return Documents(*train), Documents(*held)
+    return train, held
 
 
 def train(cfg: SFTConfig, dist: Dist) -> dict:
