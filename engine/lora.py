@@ -1,13 +1,14 @@
-"""LoRA (Hu et al. 2021): a frozen linear plus a trainable low-rank update, y = W x + (α/r)·B A x.
+"""LoRA (Hu et al. 2021): a frozen linear plus trainable low-rank updates, y = W x + (α/r)·B A x.
 
 `LoRALinear` keeps the base layer's `weight` (and `bias`, and an 8-bit base's `weight_scale`) under
-the same state-dict keys, so a model's keys only gain `lora_a`/`lora_b`. `lora_b` starts at zero, so
-applying adapters changes nothing until training moves them. `disable_lora` turns a policy into its
-own reference model at no memory cost (the KL anchor in PPO). Adapters save and load in PEFT's file
-layout (adapter_model.safetensors + adapter_config.json) so they travel both ways.
+the same state-dict keys and holds any number of named adapters, one active at a time: the one a
+stage trains is "default" (as in PEFT); PPO adds "reward" and "value" adapters to the same frozen
+base, so one base serves policy, reference (`disable_lora`), reward and value. `lora_b` starts at
+zero, so a new adapter changes nothing until training moves it. Adapters save and load in PEFT's
+file layout (adapter_model.safetensors + adapter_config.json) so they travel both ways.
 
 References: torchtune modules/peft/lora.py, litgpt lora.py (idempotent merge), PEFT's LoRA layer
-(key names `lora_A.weight`/`lora_B.weight`, kaiming-uniform init of A).
+(key names `lora_A.weight`/`lora_B.weight`, kaiming-uniform init of A, named adapters).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # StackLLaMA's choice
 NEVER_TARGETED = ("lm_head", "score")  # heads are trained whole (or not at all), never through LoRA
+DEFAULT = "default"
 
 
 @dataclass(frozen=True)
@@ -44,44 +46,84 @@ class LoRAConfig:
             raise ValueError("LoRA targets must name at least one layer (or all-linear)")
 
 
+class Adapter(nn.Module):
+    """One low-rank update (α/r)·B·A·dropout(x)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.r, self.scaling = r, alpha / r
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT and nn.Linear
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        a = self.lora_dropout(x).to(self.lora_a.dtype)
+        return F.linear(F.linear(a, self.lora_a), self.lora_b) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_b @ self.lora_a) * self.scaling  # [out, in]
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, name: str = DEFAULT):
         super().__init__()
         # Take over the base layer's tensors under their own names (weight, bias, weight_scale, ...).
-        for name, p in base.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in base.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        for pname, p in base.named_parameters(recurse=False):
+            self.register_parameter(pname, p)
+        for bname, b in base.named_buffers(recurse=False):
+            self.register_buffer(bname, b)
         if "bias" not in self._parameters and "bias" not in self._buffers:
             self.bias = None
         self.base_forward = getattr(base, "functional_forward", None)  # e.g. Int8Linear's kernel call
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.scaling = r, alpha / r
-        device = self.weight.device
-        adapter_dtype = self.weight.dtype if self.weight.is_floating_point() else torch.float32
-        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=adapter_dtype))
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT and nn.Linear
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False  # weight already holds W + scaling·B·A
+        self.adapters = nn.ModuleDict()
+        self.train(base.training)
+        self.active: str | None = DEFAULT  # a layer without the active adapter behaves as its base
+        self.merged = False  # weight already holds W + the default adapter's update
         self.disabled = False  # inside disable_lora: behave exactly as the base layer
+        self.add_adapter(name, r, alpha, dropout)
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0) -> Adapter:
+        if name in self.adapters:
+            raise ValueError(f"LoRA adapter {name!r} already exists")
+        if self.merged:
+            raise ValueError("cannot add an adapter to a layer whose default adapter is merged")
+        dtype = self.weight.dtype if self.weight.is_floating_point() else torch.float32
+        adapter = Adapter(self.in_features, self.out_features, r, alpha, dropout, self.weight.device, dtype)
+        self.adapters[name] = adapter.train(self.training)  # a model in eval mode gets an adapter in eval mode
+        return adapter
+
+    # The default adapter's tensors, for code that trains or saves a single adapter.
+    @property
+    def lora_a(self) -> nn.Parameter:
+        return self.adapters[DEFAULT].lora_a
+
+    @property
+    def lora_b(self) -> nn.Parameter:
+        return self.adapters[DEFAULT].lora_b
 
     def forward(self, x):
         if self.base_forward is not None:
             y = self.base_forward(self, x)
         else:
             y = F.linear(x, self.weight, self.bias)
-        if self.merged or self.disabled:
+        if self.disabled or self.active not in self.adapters or (self.merged and self.active == DEFAULT):
             return y
-        a = self.lora_dropout(x).to(self.lora_a.dtype)
-        return y + (F.linear(F.linear(a, self.lora_a), self.lora_b) * self.scaling).to(y.dtype)
+        return y + self.adapters[self.active](x).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_b @ self.lora_a) * self.scaling  # [out, in]
+    def switch_state(self):
+        """What decides which update the forward adds; activation checkpointing replays it."""
+        return self.active, self.disabled
+
+    def set_switch_state(self, state) -> None:
+        self.active, self.disabled = state
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+        adapters = ", ".join(f"{n}: r={a.r} scaling={a.scaling:g}" for n, a in self.adapters.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}]"
 
 
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -89,7 +131,7 @@ def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     names = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in NEVER_TARGETED or isinstance(module, LoRALinear) or not hasattr(module, "in_features"):
+        if leaf in NEVER_TARGETED or isinstance(module, Adapter) or not hasattr(module, "in_features"):
             continue
         if "all-linear" in targets or leaf in targets:
             names.append(name)
@@ -102,46 +144,79 @@ def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Swap the targeted linears for LoRALinear, in place. Returns the model."""
-    for name in _targets(model, cfg.targets):
-        parent_name, _, leaf = name.rpartition(".")
+def apply_lora(model: nn.Module, cfg: LoRAConfig, name: str = DEFAULT) -> nn.Module:
+    """Give the targeted linears adapter `name` (swapping plain linears for LoRALinear), in place.
+    Returns the model."""
+    for target in _targets(model, cfg.targets):
+        parent_name, _, leaf = target.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), cfg.r, cfg.alpha, cfg.dropout))
+        layer = getattr(parent, leaf)
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(name, cfg.r, cfg.alpha, cfg.dropout)
+        else:
+            layer = LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, name)
+            # A new layer starts with the same adapter active as the model's other layers.
+            others = [m.active for _, m in lora_layers(model)]
+            layer.active = others[0] if others else DEFAULT
+            setattr(parent, leaf, layer)
     return model
 
 
-def lora_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def lora_layers(model: nn.Module, name: str | None = None):
+    """(module name, LoRALinear) pairs; with `name`, only the layers that hold that adapter."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and (name is None or name in m.adapters)]
 
 
-def mark_only_lora_trainable(model: nn.Module, also: tuple[str, ...] = ()) -> nn.Module:
-    """requires_grad only on adapter weights (and on parameters whose name starts with any of `also`)."""
+def adapter_parameters(model: nn.Module, name: str = DEFAULT) -> list[nn.Parameter]:
+    return [p for _, m in lora_layers(model, name) for p in m.adapters[name].parameters()]
+
+
+def mark_only_lora_trainable(model: nn.Module, also: tuple[str, ...] = (), adapter: str = DEFAULT) -> nn.Module:
+    """requires_grad only on adapter `adapter`'s weights (and on parameters whose name starts with any
+    of `also`)."""
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        p.requires_grad_(leaf in ("lora_a", "lora_b") or any(name.startswith(a) for a in also))
+        p.requires_grad_(f"adapters.{adapter}.lora_" in name or any(name.startswith(a) for a in also))
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None):
+    """Inside the block adapter `name` is the active one (None: none, the base model); the previous
+    choice comes back on exit, also when the block raises."""
+    layers = [m for _, m in lora_layers(model)]
+    previous = [m.active for m in layers]
+    for m in layers:
+        m.active = name
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m.active = was
+
+
+def lora_state_dict(model: nn.Module, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if f"adapters.{name}.lora_" in k}
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight. Idempotent. An 8-bit base becomes a full-precision
+    """Fold the default adapter into its base weight. Idempotent. An 8-bit base becomes a full-precision
     weight (W = dequantised W + scaling·B·A), ready for export."""
-    for _, m in lora_layers(model):
-        if m.merged:
+    for n, m in lora_layers(model):
+        if len(m.adapters) > 1:
+            raise ValueError(f"{n} holds adapters {list(m.adapters)}: only a single adapter can be merged")
+        if m.merged or DEFAULT not in m.adapters:
             continue
+        delta = m.adapters[DEFAULT].delta_weight()
         if m.weight.dtype == torch.int8:
             from engine.int8 import dequantize_int8
-            w = dequantize_int8(m.weight, m.weight_scale, m.lora_a.dtype)
+            w = dequantize_int8(m.weight, m.weight_scale, delta.dtype)
             del m._buffers["weight"], m._buffers["weight_scale"]
-            m.weight = nn.Parameter(w + m.delta_weight(), requires_grad=False)
+            m.weight = nn.Parameter(w + delta, requires_grad=False)
             m.base_forward = None
         else:
-            m.weight += m.delta_weight().to(m.weight.dtype)
+            m.weight += delta.to(m.weight.dtype)
         m.merged = True
     return model
 
@@ -179,19 +254,20 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str, base_model: st
 
 
 def write_adapter(model: nn.Module, cfg: LoRAConfig, folder: str, base_model: str | None = None,
-                  task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None) -> None:
-    """Adapter files into an existing folder, keyed as PEFT does: base_model.model.<module>.lora_A.weight /
-    lora_B.weight. modules_to_save: extra full tensors (e.g. a reward model's `score.weight`) beside them."""
+                  task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None,
+                  name: str = DEFAULT) -> None:
+    """Adapter `name`'s files into an existing folder, keyed as PEFT does: base_model.model.<module>.lora_A.weight
+    / lora_B.weight. modules_to_save: extra full tensors (e.g. a reward model's `score.weight`) beside them."""
     from safetensors.torch import save_file
 
     from engine.checkpoint import write_json
     tensors = {}
-    for name, m in lora_layers(model):
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.detach().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_b.detach().contiguous().cpu()
+    for module, m in lora_layers(model, name):
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = m.adapters[name].lora_a.detach().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = m.adapters[name].lora_b.detach().contiguous().cpu()
     for key, t in (modules_to_save or {}).items():
         tensors[PEFT_PREFIX + key] = t.detach().contiguous().cpu()
-    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model, name)})
     config = {
         "peft_type": "LORA", "task_type": task_type, "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
@@ -229,16 +305,30 @@ def read_adapter_config(adapter_dir: str) -> LoRAConfig:
                       targets=targets)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str) -> tuple[nn.Module, LoRAConfig]:
-    """Apply the adapter in `adapter_dir` (ours or PEFT's) to `model` and load its weights."""
+def read_adapter_base(adapter_dir: str) -> str | None:
+    """The base model an adapter was trained on, as its adapter_config.json records it."""
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, name: str = DEFAULT,
+                 extras: str = "load") -> tuple[nn.Module, LoRAConfig]:
+    """Give `model` adapter `name` from `adapter_dir` (ours or PEFT's) and load its weights."""
     cfg = read_adapter_config(adapter_dir)
-    apply_lora(model, cfg)
-    load_adapter_weights(model, adapter_dir)
+    apply_lora(model, cfg, name)
+    load_adapter_weights(model, adapter_dir, name, extras)
     return model, cfg
 
 
-def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
-    """Load adapter (and modules_to_save) weights into a model that already has LoRA layers."""
+def load_adapter_weights(model: nn.Module, adapter_dir: str, name: str = DEFAULT,
+                         extras: str = "load") -> dict[str, torch.Tensor]:
+    """Load adapter `name`'s weights into a model whose layers already hold it.
+
+    Full tensors saved beside the adapter (PEFT's modules_to_save, e.g. a reward model's
+    `score.weight`) are loaded into the model's parameter of that name (extras="load") or returned
+    untouched (extras="return": e.g. a reward head kept apart from a policy's lm head). Returns those
+    left untouched.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
@@ -247,29 +337,37 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
     except (FileNotFoundError, SafetensorError) as e:
         raise ValueError(f"{path}: cannot read adapter weights: {e}") from None
     modules = dict(model.named_modules())
-    state = {}
+    state, returned = {}, {}
     for key, t in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".").replace(".modules_to_save", "")
-        for peft, ours in ((".lora_A.weight", ".lora_a"), (".lora_B.weight", ".lora_b")):
-            if name.endswith(peft):
-                name = name[: -len(peft)] + ours
-        module_name, _, leaf = name.rpartition(".")
-        target = modules.get(module_name)
-        current = getattr(target, leaf, None) if target is not None else None
+        key_name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".").replace(".modules_to_save", "")
+        module_name, current = None, None
+        for peft, leaf in ((".lora_A.weight", "lora_a"), (".lora_B.weight", "lora_b")):
+            if key_name.endswith(peft):
+                module_name = key_name[: -len(peft)]
+                layer = modules.get(module_name)
+                if isinstance(layer, LoRALinear) and name in layer.adapters:
+                    current = getattr(layer.adapters[name], leaf)
+                break
+        else:
+            if extras == "return":
+                returned[key_name] = t
+                continue
+            module_name, _, leaf = key_name.rpartition(".")
+            current = getattr(modules.get(module_name), leaf, None) if module_name in modules else None
         if current is None:
             raise ValueError(f"{path}: tensor {key} matches no parameter of the model")
         if tuple(current.shape) != tuple(t.shape):
             raise ValueError(f"{path}: tensor {key} has shape {list(t.shape)}, the model expects "
                              f"{list(current.shape)}")
-        state[name] = t.to(current.dtype)
-    missing = [n for n, _ in lora_layers(model) if f"{n}.lora_a" not in state]
+        state[key] = (current, t)
+    loaded = {id(current) for current, _ in state.values()}
+    missing = [n for n, m in lora_layers(model, name) if id(m.adapters[name].lora_a) not in loaded]
     if missing:
         raise ValueError(f"{path}: no adapter weights for {missing[0]} (and {len(missing) - 1} more)")
     with torch.no_grad():
-        for name, t in state.items():
-            module_name, _, leaf = name.rpartition(".")
-            getattr(modules[module_name], leaf).copy_(t)
-    return model
+        for current, t in state.values():
+            current.copy_(t.to(current.dtype))
+    return returned
 
 
 def config_dict(cfg: LoRAConfig) -> dict:

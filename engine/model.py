@@ -11,10 +11,12 @@ values by *slot* (column of the padded batch), shared by all rows; padding slots
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from engine.config import ModelConfig
 
@@ -184,15 +186,42 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        context_fn = replay_switch_state(self) if recompute else None
         for block in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute:
                 # Recompute the block's activations in backward: memory O(layers) instead of O(layers·T).
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
             else:
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+
+def replay_switch_state(module: nn.Module):
+    """A checkpoint context_fn for modules whose forward depends on a switch (LoRA's active adapter).
+
+    Backward recomputes a block after the context that chose the adapter (use_adapter, disable_lora)
+    has exited; without this, a value adapter's gradients would come from the policy adapter's
+    activations. The recomputation replays the switch state this forward saw.
+    """
+    saved = [(m, m.switch_state()) for m in module.modules() if hasattr(m, "switch_state")]
+    if not saved:
+        return noop_context_fn
+
+    @contextlib.contextmanager
+    def replay():
+        now = [m.switch_state() for m, _ in saved]
+        for m, state in saved:
+            m.set_switch_state(state)
+        try:
+            yield
+        finally:
+            for (m, _), state in zip(saved, now):
+                m.set_switch_state(state)
+
+    return lambda: (contextlib.nullcontext(), replay())
 
 
 class LLaMA(nn.Module):

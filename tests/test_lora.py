@@ -1,4 +1,4 @@
-"""LoRA: zero-init no-op, trainable set, unchanged keys, merge, disable_lora, PEFT round trips."""
+"""LoRA: zero-init no-op, trainable set, unchanged keys, merge, disable_lora, named adapters, PEFT round trips."""
 import pytest
 import torch
 
@@ -12,6 +12,7 @@ from engine.lora import (
     mark_only_lora_trainable,
     merge_lora,
     save_adapter,
+    use_adapter,
 )
 from engine.model import LLaMA
 
@@ -45,7 +46,7 @@ def test_keys_unchanged_and_only_lora_trainable():
     apply_lora(model, LoRAConfig(r=4))
     new_keys = set(model.state_dict())
     assert keys <= new_keys
-    assert new_keys - keys == {f"model.layers.{i}.self_attn.{p}_proj.lora_{ab}"
+    assert new_keys - keys == {f"model.layers.{i}.self_attn.{p}_proj.adapters.default.lora_{ab}"
                                for i in range(2) for p in "qv" for ab in "ab"}
     mark_only_lora_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +58,7 @@ def test_keys_unchanged_and_only_lora_trainable():
 def test_all_linear_skips_the_heads():
     model = apply_lora(base_model(), LoRAConfig(r=2, targets=("all-linear",)))
     adapted = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if n.endswith("lora_a")}
-    assert {k.split(".")[-2] for k in lora_state_dict(model)} == {
+    assert {k.split(".")[-4] for k in lora_state_dict(model)} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert adapted == {"lora_a"} and not hasattr(model.lm_head, "lora_a")
 
@@ -176,3 +177,88 @@ def test_adapter_file_errors(tmp_path):
     wide = LLaMA(ModelConfig(**{**CFG.to_dict(), "dim": 128, "n_heads": 8, "n_kv_heads": 4})).init_weights()
     with pytest.raises(ValueError, match=r"lora_A.weight has shape \[4, 64\], the model expects \[4, 128\]"):
         load_adapter(wide, str(tmp_path / "a"))
+
+
+# ---- named adapters on one base -----------------------------------------------------------------
+
+def two_adapter_model():
+    """A base with a q/v "default" adapter and an all-linear "reward" adapter, both random."""
+    model = apply_lora(base_model(), LoRAConfig(r=4, targets=("q_proj", "v_proj")))
+    apply_lora(model, LoRAConfig(r=2, alpha=8, targets=("all-linear",)), name="reward")
+    randomise_adapters(model)
+    return model
+
+
+def test_each_named_adapter_equals_a_model_that_holds_only_it(tmp_path):
+    model = two_adapter_model()
+    save_adapter(model, LoRAConfig(r=4, targets=("q_proj", "v_proj")), str(tmp_path / "default"))
+    write = __import__("engine.lora", fromlist=["write_adapter"]).write_adapter
+    (tmp_path / "reward").mkdir()
+    write(model, LoRAConfig(r=2, alpha=8, targets=("all-linear",)), str(tmp_path / "reward"), name="reward")
+    only_default, _ = load_adapter(base_model(), str(tmp_path / "default"))
+    only_reward, _ = load_adapter(base_model(), str(tmp_path / "reward"))
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), only_default(TOKENS))  # "default" is active unless told otherwise
+        with use_adapter(model, "reward"):  # gate/up/down hold only "reward": every layer switches
+            assert torch.equal(model(TOKENS), only_reward(TOKENS))
+        with use_adapter(model, None):
+            assert torch.equal(model(TOKENS), base_model()(TOKENS))
+        assert torch.equal(model(TOKENS), only_default(TOKENS))
+
+
+def test_use_adapter_restores_after_an_exception():
+    model = two_adapter_model()
+    with torch.no_grad():
+        before = model(TOKENS)
+        with pytest.raises(RuntimeError):
+            with use_adapter(model, "reward"):
+                raise RuntimeError("boom")
+        assert torch.equal(model(TOKENS), before)
+
+
+def test_only_the_named_adapter_trains_and_merge_refuses_two_adapters():
+    model = two_adapter_model()
+    mark_only_lora_trainable(model, adapter="reward")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.reward.lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * CFG.n_layers
+    with pytest.raises(ValueError, match="only a single adapter can be merged"):
+        merge_lora(model)
+    with pytest.raises(ValueError, match="already exists"):
+        apply_lora(model, LoRAConfig(r=2), name="reward")
+
+
+def test_activation_checkpointing_replays_the_adapter_the_forward_used():
+    """Backward runs after use_adapter has exited; recomputed blocks must still use the adapter the
+    forward ran with, or the value adapter would get the policy adapter's gradients."""
+    grads = {}
+    for ckpt in (False, True):
+        model = two_adapter_model()
+        mark_only_lora_trainable(model, adapter="reward")
+        model.model.grad_checkpointing = ckpt
+        with use_adapter(model, "reward"):
+            loss = model(TOKENS).float().pow(2).mean()
+        loss.backward()  # outside the block: "default" is active again
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)
+
+
+def test_reward_adapter_with_its_head_loads_apart_from_the_model(tmp_path):
+    """A reward model's adapter folder carries score.weight; on a policy (lm head) it comes back apart."""
+    rm = apply_lora(LLaMA(CFG, head="score").init_weights(generator=torch.Generator().manual_seed(0)).eval(),
+                    LoRAConfig(r=2, targets=("all-linear",)))
+    randomise_adapters(rm)
+    save_adapter(rm, LoRAConfig(r=2, targets=("all-linear",)), str(tmp_path / "rm"),
+                 modules_to_save={"score.weight": rm.score.weight}, task_type="SEQ_CLS")
+    policy = apply_lora(base_model(), LoRAConfig(r=4))
+    with pytest.raises(ValueError, match="score.weight matches no parameter"):
+        load_adapter(base_model(), str(tmp_path / "rm"), name="reward")
+    from engine.lora import load_adapter_weights, read_adapter_config
+    apply_lora(policy, read_adapter_config(str(tmp_path / "rm")), name="reward")
+    extras = load_adapter_weights(policy, str(tmp_path / "rm"), name="reward", extras="return")
+    assert list(extras) == ["score.weight"] and torch.equal(extras["score.weight"], rm.score.weight)
+    with torch.no_grad(), use_adapter(policy, "reward"):
+        hidden = policy.model(TOKENS)
+        torch.testing.assert_close(hidden @ extras["score.weight"].T, rm(TOKENS)[..., None], rtol=0, atol=0)
