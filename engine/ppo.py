@@ -1,8 +1,10 @@
 """PPO against a reward model with a per-token KL penalty (StackLLaMA step 3), as a numbered story.
 
-Roles: policy = the (merged SFT) checkpoint + fresh LoRA adapters; reference = the same network with
-adapters disabled (no second copy); value = a scalar head on the policy's hidden states; reward = a
-reward-model checkpoint (or any RewardFn, e.g. a scripted one in tests). Dropout is off throughout.
+Roles (engine/ppo_roles.py): policy = the (merged SFT) checkpoint + fresh LoRA adapters; reference =
+the same network with adapters disabled (no second copy); value = a scalar head on the policy's
+hidden states, or a value adapter initialised from the reward model; reward = a merged RM checkpoint,
+an RM adapter on the policy's own frozen base, or any RewardFn (e.g. a scripted one in tests).
+Dropout is off throughout.
 
 Each step: 1. rollout (sample at temperature T, no top-k/top-p/min-length tricks by default),
 2. score, 3. KL-penalised rewards, 4. advantages (GAE, whitened over the whole batch across ranks),
@@ -16,6 +18,7 @@ clip 0.2, value clip 0.2, vf_coef 0.1, reward baseline 0.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import shutil
@@ -30,24 +33,31 @@ from data.pairs_io import read_pairs
 from engine import ppo_diagnostics as D
 from engine import rlhf_math as M
 from engine.builder import autocast, build_model, resolve_tokenizer
-from engine.checkpoint import load_checkpoint
 from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_sum
 from engine.generate import SamplingConfig, generate
 from engine.logging import Logger, peak_memory_bytes
-from engine.lora import load_adapter_weights, write_adapter
+from engine.lora import load_adapter_weights, lora_state_dict, write_adapter
 from engine.optim import BadStepGuard, build_adamw, clip_and_step
-from engine.rollout import PolicyAndValue, RewardFn, Rollout, repeated_token_share, reward_model_fn, rollout_forward
+from engine.ppo_roles import VALUE, build_roles, mib
+from engine.rollout import PolicyAndValue, RewardFn, Rollout, repeated_token_share, rollout_forward
 from engine.stage_config import StageConfig, require_positive
 from engine.train_state import load_trainer_state, resolve_resume, save_training_checkpoint, seed_everything
 
 
 @dataclass(frozen=True)
 class PPOConfig(StageConfig):
-    reward_model: str = field(default=None, metadata={"help": "reward-model checkpoint (a merged RM folder)"})
+    reward_model: str = field(default=None, metadata={"help": "reward model: a merged RM folder (its own network), or "
+                                                               "an RM adapter folder (a train.py rm checkpoint) put "
+                                                               "on the policy's frozen base"})
+    value_model: str = field(default="head", metadata={"help": "value function: a head on the policy's hidden states "
+                                                                "(StackLLaMA), or a value adapter + head initialised "
+                                                                "from the reward model",
+                                                        "choices": ["head", "reward"]})
     data: str = field(default=None, metadata={"help": "pairs data whose questions are the prompts (the rl split)"})
     max_steps: int = field(default=100, metadata={"help": "PPO steps (rollout + update)"})
     batch_size: int = field(default=16, metadata={"help": "queries per rank per PPO step"})
     mini_batch_size: int = field(default=4, metadata={"help": "rows per rank per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per minibatch (gradient accumulation)"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
     max_prompt_length: int = field(default=512, metadata={"help": "keep queries shorter than this (tokens)"})
     response_min_length: int = field(default=32, metadata={"help": "response length cap drawn per batch from "
@@ -89,11 +99,14 @@ class PPOConfig(StageConfig):
         super().__post_init__()
         if not self.data:
             raise ValueError("--data is required")
-        require_positive(self, "max_steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_prompt_length",
-                         "response_min_length")
+        require_positive(self, "max_steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
+                         "max_prompt_length", "response_min_length")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
                              f"{self.mini_batch_size}")
+        if self.mini_batch_size % self.grad_accum:
+            raise ValueError(f"--mini-batch-size {self.mini_batch_size} must be a multiple of --grad-accum "
+                             f"{self.grad_accum}")
         if self.response_max_length < self.response_min_length:
             raise ValueError("--response-max-length must be >= --response-min-length")
         if self.temperature <= 0:
@@ -112,49 +125,64 @@ def ppo_update(cfg: PPOConfig, dist: Dist, pv, ddp, optimizer, ro: Rollout, kl_c
     if cfg.whiten == "batch":
         mean, var = M.moments_to_stats(all_reduce_sum(dist, M.masked_moments(advantages, mask)))
         advantages = M.masked_whiten(advantages, mask, mean, var)
-    # 5. PPO epochs over shuffled minibatches; a minibatch is one optimizer step.
-    B, mini = ro.tokens.shape[0], cfg.mini_batch_size
+    # 5. PPO epochs over shuffled minibatches. A minibatch is one optimizer step, its gradient
+    #    accumulated over grad_accum micro-batches; its loss is a mean over the global minibatch's tokens.
+    B, mini, micro = ro.tokens.shape[0], cfg.mini_batch_size, cfg.mini_batch_size // cfg.grad_accum
     stats, skipped, stopped_early, ratio_max = [], 0, False, 0.0
     for epoch in range(cfg.ppo_epochs):
         perm = order if epoch == 0 else torch.randperm(B, generator=generator).to(order.device)
         for k in range(0, B, mini):
-            rows = perm[k:k + mini]
-            m = mask[rows]
-            n_tokens = all_reduce_sum(dist, m.sum())  # the loss is a mean over the global minibatch's tokens
-            adv = advantages[rows]
+            batch_rows = perm[k:k + mini]
+            n_tokens = all_reduce_sum(dist, mask[batch_rows].sum())
+            batch_adv = advantages[batch_rows]
             if cfg.whiten == "minibatch":
-                adv = M.masked_whiten(adv, m)
-            with autocast(dist.device, cfg.dtype):
-                logprobs, values, entropy, _ = ddp(ro.tokens[rows], ro.mask[rows], prompt_len, cfg.temperature)
-            if epoch == 0 and k == 0:
-                drift = ((logprobs.detach() - ro.logprobs[rows]) * m).abs().max().item()
-                if drift != 0.0:
-                    raise RuntimeError(f"ppo: importance ratio is not exactly 1 on the first minibatch "
-                                       f"(max |log ratio| {drift:.2e}); old log-probs do not match the update")
-            pg_loss, pg = M.ppo_policy_loss(logprobs, ro.logprobs[rows], adv, m, cfg.cliprange, n_tokens)
-            vf_loss, vf = M.clipped_value_loss(values, ro.values[rows], returns[rows], m, cfg.cliprange_value,
-                                               n_tokens)
-            ent = M.masked_mean(entropy, m, n_tokens=n_tokens)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
-            ratio_mean = all_reduce_sum(dist, pg.ratio_mean.detach()).item() / dist.world_size
-            if ratio_mean > cfg.ratio_threshold:  # TRL's guard against one wildly off-policy minibatch
-                loss = loss * 0.0
+                batch_adv = M.masked_whiten(batch_adv, mask[batch_rows])
+            # Local sums over the micro-batches: [policy loss, value loss, entropy] (already divided by
+            # the global token count), then token-weighted [clipfrac, value clipfrac, approx KL, ratio,
+            # explained variance].
+            sums = torch.zeros(8, device=mask.device)
+            for j in range(0, mini, micro):
+                rows, m, adv = batch_rows[j:j + micro], mask[batch_rows[j:j + micro]], batch_adv[j:j + micro]
+                last_micro = j + micro >= mini
+                with (ddp.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()):
+                    with autocast(dist.device, cfg.dtype):
+                        logprobs, values, entropy, _ = ddp(ro.tokens[rows], ro.mask[rows], prompt_len,
+                                                           cfg.temperature)
+                    if epoch == 0 and k == 0:
+                        drift = ((logprobs.detach() - ro.logprobs[rows]) * m).abs().max().item()
+                        if drift != 0.0:
+                            raise RuntimeError(f"ppo: importance ratio is not exactly 1 on the first minibatch "
+                                               f"(max |log ratio| {drift:.2e}); old log-probs do not match the "
+                                               "update")
+                    pg_loss, pg = M.ppo_policy_loss(logprobs, ro.logprobs[rows], adv, m, cfg.cliprange, n_tokens)
+                    vf_loss, vf = M.clipped_value_loss(values, ro.values[rows], returns[rows], m,
+                                                       cfg.cliprange_value, n_tokens)
+                    ent = M.masked_mean(entropy, m, n_tokens=n_tokens)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+                    (loss * dist.world_size).backward()  # DDP averages over ranks; the loss is already global
+                n_local = m.sum()
+                sums += torch.stack([pg_loss.detach(), vf_loss.detach(), ent.detach(), pg.clipfrac * n_local,
+                                     vf.clipfrac * n_local, pg.approx_kl * n_local, pg.ratio_mean * n_local,
+                                     vf.explained_variance * n_local])
+                ratio_max = max(ratio_max, all_reduce_max(dist, pg.ratio_max.detach()).item())
+            total = all_reduce_sum(dist, sums)
+            total[3:] /= n_tokens.clamp(min=1)
+            stats.append(total)
+            if total[6].item() > cfg.ratio_threshold:  # TRL's guard against one wildly off-policy minibatch
+                optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-            (loss * dist.world_size).backward()
-            clip_and_step(pv, optimizer, step, all_reduce_sum(dist, loss.detach()).item(), cfg.grad_clip, guard, log)
-            stats.append(torch.stack([pg_loss.detach() * dist.world_size, vf_loss.detach() * dist.world_size,
-                                      pg.clipfrac, vf.clipfrac, pg.approx_kl, pg.ratio_mean, ent * dist.world_size,
-                                      vf.explained_variance]))
-            ratio_max = max(ratio_max, all_reduce_max(dist, pg.ratio_max.detach()).item())
-            if cfg.target_kl and all_reduce_sum(dist, pg.approx_kl).item() / dist.world_size > cfg.target_kl:
+            else:
+                global_loss = (total[0] + cfg.vf_coef * total[1] - cfg.entropy_coef * total[2]).item()
+                clip_and_step(pv, optimizer, step, global_loss, cfg.grad_clip, guard, log)
+            if cfg.target_kl and total[5].item() > cfg.target_kl:
                 stopped_early = True
                 break
         if stopped_early:
             break
-    s = all_reduce_sum(dist, torch.stack(stats).mean(0)) / dist.world_size
-    return {"ppo/policy_loss": s[0].item(), "ppo/value_loss": s[1].item(), "ppo/clipfrac": s[2].item(),
-            "ppo/value_clipfrac": s[3].item(), "ppo/approx_kl": s[4].item(), "ppo/ratio_mean": s[5].item(),
-            "ppo/ratio_max": ratio_max, "objective/entropy": s[6].item(), "ppo/explained_variance": s[7].item(),
+    s = torch.stack(stats).mean(0)
+    return {"ppo/policy_loss": s[0].item(), "ppo/value_loss": s[1].item(), "objective/entropy": s[2].item(),
+            "ppo/clipfrac": s[3].item(), "ppo/value_clipfrac": s[4].item(), "ppo/approx_kl": s[5].item(),
+            "ppo/ratio_mean": s[6].item(), "ppo/ratio_max": ratio_max, "ppo/explained_variance": s[7].item(),
             "ppo/skipped_minibatches": skipped, "ppo/early_stopped": float(stopped_early),
             "ppo/returns_mean": M.masked_mean(returns, mask).item(),
             "ppo/advantages_mean": M.masked_mean(advantages, mask).item()}
@@ -166,26 +194,13 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     lora = cfg.lora_config()
     policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                          grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed)
-    pv = PolicyAndValue(policy).eval()  # eval for good: dropout off in rollout and update alike
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
     reference = None if lora else copy.deepcopy(policy).requires_grad_(False)  # full FT needs a frozen copy
-    if reward_fn is None:
-        if not cfg.reward_model:
-            raise ValueError("--reward-model is required")
-        rm = load_checkpoint(cfg.reward_model, head="score", device=dist.device,
-                             dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32).eval()
-        tok.check_model_vocab(rm.cfg.vocab_size, cfg.reward_model)
-        reward_fn = reward_model_fn(rm)
-        rm_mib = sum(p.numel() * p.element_size() for p in rm.parameters()) / 2**20
-    else:
-        rm_mib = 0.0
-    mib = lambda params: sum(p.numel() * p.element_size() for p in params) / 2**20  # noqa: E731
-    base_mib = mib(policy.parameters())
-    log.info(f"ppo layout: policy base {base_mib:.1f} MiB; reference = "
-             + ("the same base with LoRA disabled (+0 MiB)" if lora else f"a frozen copy (+{base_mib:.1f} MiB)")
-             + "; value head on the policy's hidden states; reward "
-             + (f"model {rm_mib:.1f} MiB ({cfg.reward_model})" if rm_mib else "function (scripted)")
-             + f"; trainable {mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
+    roles = build_roles(cfg, tok, policy, lora, dist.device, reward_fn)
+    pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init)
+    pv.eval()  # for good: dropout off in rollout and update alike
+    reward_fn = roles.reward_fn
+    log.info(f"ppo layout: {roles.layout}; trainable {mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
 
     # One global batch of queries per step; rank r takes its slice (rollouts don't depend on world size).
     # A query must leave room for the longest response within the model's context.
@@ -206,6 +221,10 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         state = load_trainer_state(dist, resume_from)
         load_adapter_weights(policy, resume_from)
         pv.value_head.load_state_dict(state["value_head"])
+        if pv.value_net is not None:
+            with torch.no_grad():
+                for name, t in state["value_adapter"].items():
+                    pv.value_net.get_parameter(name).copy_(t)
         optimizer.load_state_dict(state["optimizer"])
         prompts.load_state_dict(state["prompts"])
         kl_coef, reward_stats, start = state["kl_coef"], tuple(state["reward_stats"]), state["step"]
@@ -221,7 +240,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             return
         save_training_checkpoint(dist, cfg.out, step, write_model_files, {
             "optimizer": optimizer.state_dict(), "prompts": prompts.state_dict(), "kl_coef": kl_coef,
-            "reward_stats": list(reward_stats), "value_head": pv.value_head.state_dict(), "config": asdict(cfg)},
+            "reward_stats": list(reward_stats), "value_head": pv.value_head.state_dict(), "config": asdict(cfg),
+            "value_adapter": lora_state_dict(pv.value_net, VALUE) if pv.value_net is not None else {}},
             keep=cfg.keep)
 
     queries = iter(prompts)
@@ -251,7 +271,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         order = torch.randperm(cfg.batch_size, generator=generator).to(dist.device)
         with autocast(dist.device, cfg.dtype):
             logprobs, values, ref_logprobs, kl_full, (t_policy, t_ref) = rollout_forward(
-                pv, reference, tokens, mask, P, cfg.temperature, order, cfg.mini_batch_size)
+                pv, reference, tokens, mask, P, cfg.temperature, order, cfg.mini_batch_size // cfg.grad_accum)
         t_fwd = time.time()
         # 2. Score: reward model on query + response, then baseline / normalisation / clipping.
         raw_scores = reward_fn(tokens, mask).to(dist.device).float()

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.lora import use_adapter
 from engine.model import LLaMA
-from kernels.logprobs import hidden_token_logprobs
 from engine.rlhf_math import last_token_index
+from kernels.logprobs import hidden_token_logprobs
 
 
 class Rollout(NamedTuple):
@@ -35,15 +36,27 @@ class Rollout(NamedTuple):
 
 
 class PolicyAndValue(nn.Module):
-    """Policy (LLaMA + LoRA) plus a scalar value head on its last hidden states. DDP wraps this, so
-    one forward gives everything the PPO loss differentiates."""
+    """Policy (LLaMA + LoRA) plus a value function. DDP wraps this, so one forward gives everything
+    the PPO loss differentiates.
 
-    def __init__(self, policy: LLaMA):
+    Value: a scalar head on the policy's last hidden states (StackLLaMA), or, when `value_net` is
+    given, a head on `value_net`'s hidden states with adapter `value_adapter` active (PPO's
+    `--value-model reward`: the reward network plus a trainable adapter, which may be the very
+    network the policy runs on, with another adapter).
+    """
+
+    def __init__(self, policy: LLaMA, value_net: LLaMA | None = None, value_adapter: str | None = None,
+                 value_head_init: torch.Tensor | None = None):
         super().__init__()
         self.policy = policy
+        self.value_net, self.value_adapter = value_net, value_adapter
         self.value_head = nn.Linear(policy.cfg.dim, 1, bias=True, device=policy.lm_head.weight.device)
-        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
         nn.init.zeros_(self.value_head.bias)
+        with torch.no_grad():
+            if value_head_init is None:
+                nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
+            else:
+                self.value_head.weight.copy_(value_head_init.reshape(1, -1))  # e.g. the RM's score head
 
     def forward(self, tokens, mask, prompt_len: int, temperature: float = 1.0, full_dist: bool = False):
         """(logprobs [B, R], values [B, R], entropy [B, R], log-softmax [B, R, V] or None) of the response.
@@ -54,7 +67,11 @@ class PolicyAndValue(nn.Module):
         hidden = self.policy.model(tokens, attention_mask=mask)[:, prompt_len - 1:-1]  # [B, R, dim]
         logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],
                                                   temperature, with_entropy=True)
-        values = self.value_head(hidden.float()).squeeze(-1).float()
+        value_hidden = hidden
+        if self.value_net is not None:
+            with use_adapter(self.value_net, self.value_adapter):
+                value_hidden = self.value_net.model(tokens, attention_mask=mask)[:, prompt_len - 1:-1]
+        values = self.value_head(value_hidden.float()).squeeze(-1).float()
         logp_all = response_log_softmax(self.policy, hidden, temperature) if full_dist else None
         return logprobs, values, entropy, logp_all
 
@@ -98,18 +115,23 @@ def rollout_forward(pv: PolicyAndValue, reference: LLaMA | None, tokens, mask, p
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def reward_model_fn(rm: LLaMA) -> RewardFn:
-    """Scores from a reward model (scalar head) at the last real token of each row.
+def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | None = None) -> RewardFn:
+    """Scores from a reward network at the last real token of each row: `net`'s own score head, or
+    `head` on its hidden states with adapter `adapter` active (a reward adapter on the policy's base).
 
     Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
     each row's real tokens are packed to the left first.
     """
+    head = head if head is not None else net.score
+
     @torch.no_grad()
     def score(tokens, mask):
         order = torch.argsort((~mask.bool()).int(), dim=1, stable=True)  # real tokens first, in order
         packed, packed_mask = tokens.gather(1, order), mask.gather(1, order)
-        scores = rm(packed, attention_mask=packed_mask)
-        return scores.float().gather(1, last_token_index(packed_mask)[:, None]).squeeze(1)
+        with use_adapter(net, adapter):
+            hidden = net.model(packed, attention_mask=packed_mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
     return score
 
 

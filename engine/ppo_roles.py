@@ -1,0 +1,138 @@
+"""Which network plays which PPO role, and what each costs in memory.
+
+policy    = the SFT checkpoint + the trainable "default" LoRA adapter.
+reference = the same network with every adapter disabled (no copy; a frozen copy for full fine-tuning).
+reward    = a merged reward-model checkpoint (its own network), or an RM adapter folder as written by
+            `train.py rm` put on the policy's frozen base as adapter "reward", its score head beside
+            it: then one base serves policy, reference, reward and value.
+value     = a scalar head on the policy's hidden states (StackLLaMA), or (`--value-model reward`) a
+            value network initialised from the reward model: the reward network with a trainable
+            "value" adapter (a copy of the reward adapter, or zero-initialised on a merged RM) and a
+            head that starts as the RM's score head, so V starts as the RM's score of each prefix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from engine.checkpoint import load_checkpoint
+from engine.lora import (
+    ADAPTER_CONFIG,
+    LoRAConfig,
+    adapter_parameters,
+    apply_lora,
+    load_adapter_weights,
+    lora_layers,
+    read_adapter_base,
+    read_adapter_config,
+)
+from engine.model import LLaMA
+from engine.rollout import RewardFn, reward_model_fn
+
+REWARD, VALUE = "reward", "value"
+
+
+class Roles(NamedTuple):
+    reward_fn: RewardFn
+    value_net: LLaMA | None  # None: the value head reads the policy's hidden states
+    value_adapter: str | None
+    value_head_init: torch.Tensor | None
+    layout: str  # one line for the log: who is who, and the memory each adds
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, ADAPTER_CONFIG))
+
+
+def mib(params) -> float:
+    return sum(p.numel() * p.element_size() for p in params) / 2**20
+
+
+def _float_adapter(net: nn.Module, name: str, trainable: bool) -> None:
+    """Adapters compute in float32 beside a bf16 or 8-bit base (as the policy's own, see builder)."""
+    for p in adapter_parameters(net, name):
+        p.data = p.data.float()
+        p.requires_grad_(trainable)
+
+
+def build_roles(cfg, tok, policy: LLaMA, lora: LoRAConfig | None, device: torch.device,
+                reward_fn: RewardFn | None) -> Roles:
+    """Load or attach the reward and value networks for PPOConfig `cfg` around `policy`."""
+    base_line = f"policy base {mib(policy.parameters()):.1f} MiB; reference = " + (
+        "the same base with adapters disabled (+0 MiB)" if lora else f"a frozen copy (+{mib(policy.parameters()):.1f} MiB)")
+    reward_net, reward_adapter, score = None, None, None
+    if reward_fn is not None:
+        reward_line = "reward = a function (scripted)"
+    elif not cfg.reward_model:
+        raise ValueError("--reward-model is required")
+    elif is_adapter_folder(cfg.reward_model):
+        reward_net, reward_adapter, score = policy, REWARD, _attach_reward_adapter(cfg, policy, lora)
+        reward_line = (f"reward = adapter '{REWARD}' on the policy base ({cfg.reward_model}, "
+                       f"+{mib(adapter_parameters(policy, REWARD)) + mib(score.parameters()):.2f} MiB)")
+    else:
+        reward_net = load_checkpoint(cfg.reward_model, head="score", device=device,
+                                     dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+        reward_net.eval().requires_grad_(False)
+        tok.check_model_vocab(reward_net.cfg.vocab_size, cfg.reward_model)
+        score = reward_net.score
+        reward_line = f"reward = model {cfg.reward_model} (+{mib(reward_net.parameters()):.1f} MiB)"
+    if reward_fn is None:
+        reward_fn = reward_model_fn(reward_net, score, reward_adapter)
+
+    if cfg.value_model == "head":
+        return Roles(reward_fn, None, None, None, "; ".join(
+            [base_line, reward_line, "value = a head on the policy's hidden states"]))
+    if reward_net is None:
+        raise ValueError("--value-model reward needs a reward model (--reward-model), not a scripted reward")
+    if reward_adapter is not None:  # value adapter = a trainable copy of the reward adapter, same base
+        apply_lora(reward_net, _no_dropout(read_adapter_config(cfg.reward_model)), VALUE)
+        with torch.no_grad():
+            for _, layer in lora_layers(reward_net, REWARD):
+                for mine, theirs in zip(layer.adapters[VALUE].parameters(), layer.adapters[REWARD].parameters()):
+                    mine.copy_(theirs)
+        where = "the policy base"
+    else:  # value adapter zero-initialised on the merged RM: the value network starts as the RM
+        apply_lora(reward_net, _no_dropout(lora or LoRAConfig()), VALUE)
+        reward_net.model.grad_checkpointing = cfg.grad_checkpointing
+        where = "the reward model"
+    _float_adapter(reward_net, VALUE, trainable=True)
+    value_line = (f"value = adapter '{VALUE}' on {where}, initialised from the reward model "
+                  f"(+{mib(adapter_parameters(reward_net, VALUE)):.2f} MiB)")
+    return Roles(reward_fn, reward_net, VALUE, score.weight.detach().float().clone(),
+                 "; ".join([base_line, reward_line, value_line]))
+
+
+def _no_dropout(cfg: LoRAConfig) -> LoRAConfig:
+    return dataclasses.replace(cfg, dropout=0.0)  # PPO runs with dropout off everywhere
+
+
+def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Linear:
+    """Put the RM adapter folder on the policy's base as adapter "reward"; return its score head."""
+    path = cfg.reward_model
+    if lora is None:
+        raise ValueError(f"--reward-model {path} is an adapter; it can share the policy's frozen base only when "
+                         "the policy trains LoRA adapters (drop --no-lora, or merge it with train.py merge)")
+    base = read_adapter_base(path)
+    if base and os.path.exists(base) and os.path.realpath(base) != os.path.realpath(cfg.model):
+        raise ValueError(f"--reward-model {path} is an adapter trained on {base}, not on the policy's base "
+                         f"{cfg.model}; merge it onto its own base (train.py merge) and pass the merged folder")
+    apply_lora(policy, _no_dropout(read_adapter_config(path)), REWARD)
+    _float_adapter(policy, REWARD, trainable=False)
+    extras = load_adapter_weights(policy, path, REWARD, extras="return")
+    if "score.weight" not in extras:
+        raise ValueError(f"--reward-model {path}: the adapter has no score.weight beside it, so it is not a "
+                         "reward model (train.py rm writes one)")
+    weight = extras.pop("score.weight")
+    if extras:
+        raise ValueError(f"--reward-model {path}: unexpected tensors {sorted(extras)} beside the adapter")
+    if tuple(weight.shape) != (1, policy.cfg.dim):
+        raise ValueError(f"--reward-model {path}: score.weight has shape {list(weight.shape)}, expected "
+                         f"[1, {policy.cfg.dim}]")
+    head = nn.Linear(policy.cfg.dim, 1, bias=False, device=policy.lm_head.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head.requires_grad_(False)

@@ -1,0 +1,180 @@
+"""PPO roles on one base: a reward-model adapter on the policy's frozen base scores as the merged RM;
+a value network initialised from the RM starts at the RM's prefix scores; both train (value) or stay
+frozen (reward) as they should; resume is exact; gradient accumulation equals one large minibatch."""
+import os
+
+import pytest
+import torch
+from conftest import read_metrics
+from ppo_run import config, reward_multiple_of_4
+
+from engine.builder import build_model
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import ModelConfig
+from engine.dist import init_dist
+from engine.lora import LoRAConfig, apply_lora, lora_layers
+from engine.merge import merge
+from engine.model import LLaMA
+from engine.ppo import train
+from engine.rollout import PolicyAndValue, reward_model_fn
+
+PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50]]
+RESPONSES = [[7, 8, 9], [10, 2, 0]]  # row 1 ends with EOS (2), then one padding slot
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_pairs, tmp_path_factory):
+    """(base, rl data, RM adapter folder trained-looking on that base, the same RM merged)."""
+    from data.tokenizer import Tokenizer
+    from engine.train_state import write_stage_model
+    pairs, tok = synthetic_pairs
+    folder = tmp_path_factory.mktemp("roles")
+    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
+    torch.manual_seed(0)
+    base = str(folder / "base")
+    save_checkpoint(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tok)
+    rm = build_model(base, Tokenizer(tok), head="score", lora=LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if name.endswith("lora_b") or name == "score.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    adapter = str(folder / "rm")
+    os.makedirs(adapter)
+    write_stage_model(adapter, rm, LoRAConfig(r=4, targets=("all-linear",), dropout=0.0), tok, base_model=base)
+    merged = merge(base, adapter, str(folder / "rm-merged"))
+    return base, os.path.join(pairs, "rl"), adapter, merged
+
+
+def batch():
+    from engine.generate import left_pad
+    tokens, mask = left_pad(PROMPTS, 0)
+    full = torch.cat([tokens, torch.tensor(RESPONSES)], 1)
+    full_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], 1)
+    return full, full_mask, tokens.shape[1]
+
+
+def roles_for(setup, tmp_path, reward, value_model):
+    from data.tokenizer import Tokenizer
+    from engine.ppo_roles import build_roles
+    base, data, adapter, merged = setup
+    cfg = config(base, data, str(tmp_path), 8, 4, 1, 1, reward_model=adapter if reward == "adapter" else merged,
+                 value_model=value_model)
+    tok = Tokenizer(os.path.join(base, "tokenizer.model"))
+    policy = build_model(base, tok, lora=cfg.lora_config())
+    roles = build_roles(cfg, tok, policy, cfg.lora_config(), torch.device("cpu"), None)
+    pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init).eval()
+    return pv, roles
+
+
+@pytest.mark.parametrize("reward", ["adapter", "merged"])
+def test_reward_on_the_policy_base_scores_as_the_merged_reward_model(setup, tmp_path, reward):
+    tokens, mask, _ = batch()
+    pv, roles = roles_for(setup, tmp_path, reward, "head")
+    want = reward_model_fn(load_checkpoint(setup[3], head="score").eval())(tokens, mask)
+    got = roles.reward_fn(tokens, mask)
+    assert want.abs().min() > 1e-2  # a real score, not zeros
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ("adapter 'reward' on the policy base" in roles.layout) == (reward == "adapter")
+    with torch.no_grad():  # the policy itself is untouched by the reward adapter beside it
+        plain = apply_lora(load_checkpoint(setup[0]).eval(), LoRAConfig(r=8, targets=("all-linear",), dropout=0))
+        for (_, a), (_, b) in zip(lora_layers(plain), lora_layers(pv.policy)):
+            b.adapters["default"].load_state_dict(a.adapters["default"].state_dict())
+        torch.testing.assert_close(pv.policy(tokens, attention_mask=mask), plain(tokens, attention_mask=mask),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reward", ["adapter", "merged"])
+def test_value_from_the_reward_model_starts_at_its_prefix_scores(setup, tmp_path, reward):
+    tokens, mask, P = batch()
+    pv, roles = roles_for(setup, tmp_path, reward, "reward")
+    with torch.no_grad():
+        _, values, _, _ = pv(tokens, mask, P)
+        prefix_scores = load_checkpoint(setup[3], head="score").eval()(tokens, attention_mask=mask)[:, P - 1:-1]
+    real = mask[:, P:].bool()
+    torch.testing.assert_close(values[real], prefix_scores[real], rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in pv.named_parameters() if p.requires_grad}
+    assert any(".adapters.value." in n for n in trainable) and "value_head.weight" in trainable
+    assert not any(".adapters.reward." in n for n in trainable)
+
+
+def test_shared_base_ppo_trains_policy_and_value_but_never_the_reward(setup, tmp_path, monkeypatch, capsys):
+    import engine.ppo as ppo
+    base, data, adapter, _ = setup
+    captured = {}
+    real = ppo.build_roles
+
+    def spy(cfg, tok, policy, *a):
+        captured["policy"] = policy
+        return real(cfg, tok, policy, *a)
+    monkeypatch.setattr(ppo, "build_roles", spy)
+    tokens, mask, _ = batch()
+    train(config(base, data, str(tmp_path), 8, 4, 2, 3, reward_model=adapter, value_model="reward"), init_dist("cpu"))
+    assert "reward = adapter 'reward' on the policy base" in capsys.readouterr().out
+    policy = captured["policy"]
+    layers = [m for _, m in lora_layers(policy)]
+    assert all(set(m.adapters) == {"default", "reward", "value"} for m in layers)
+    moved = lambda name: max((m.adapters[name].lora_b - ref).abs().max().item()  # noqa: E731
+                             for m, ref in zip(layers, reward_b))
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    reward_b = [saved[f"base_model.model.{n}.lora_B.weight"] for n, _ in lora_layers(policy)]
+    assert moved("reward") == 0.0  # frozen
+    assert moved("value") > 1e-4  # started as a copy of the reward adapter, then trained
+    assert max(m.adapters["default"].lora_b.abs().max().item() for m in layers) > 1e-4  # the policy trained
+
+
+def test_resume_with_a_value_adapter_equals_uninterrupted(setup, tmp_path):
+    base, data, adapter, _ = setup
+    kw = dict(save_every=2, keep=10, reward_model=adapter, value_model="reward")
+    train(config(base, data, str(tmp_path / "full"), 8, 4, 2, 4, **kw), init_dist("cpu"))
+    part = tmp_path / "part"
+    train(config(base, data, str(part), 8, 4, 2, 2, **kw), init_dist("cpu"))
+    (part / "metrics.jsonl").unlink()
+    train(config(base, data, str(part), 8, 4, 2, 4, resume=str(part / "checkpoint-000002"), **kw), init_dist("cpu"))
+    for key in ("env/reward_mean", "ppo/policy_loss", "ppo/value_loss", "objective/kl"):
+        full, resumed = read_metrics(tmp_path / "full", key), read_metrics(part, key)
+        assert sorted(resumed) == [2, 3] and all(resumed[s] == full[s] for s in resumed), key
+
+
+def test_gradient_accumulation_equals_one_large_minibatch(setup, tmp_path):
+    from safetensors.torch import load_file
+    base, data, _, _ = setup
+    for name, accum in (("one", 1), ("four", 4)):
+        train(config(base, data, str(tmp_path / name), 8, 8, 2, 2, grad_accum=accum), init_dist("cpu"),
+              reward_fn=reward_multiple_of_4)
+    a = load_file(tmp_path / "one" / "checkpoint-000002" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "four" / "checkpoint-000002" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-3  # the update did something
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl"):
+        x, y = read_metrics(tmp_path / "one", key), read_metrics(tmp_path / "four", key)
+        assert all(abs(x[s] - y[s]) <= 1e-5 * max(1.0, abs(x[s])) for s in x), key
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(reward="adapter", lora=False), "can share the policy's frozen base only when the policy trains LoRA"),
+    (dict(reward="scripted", value_model="reward"), "--value-model reward needs a reward model"),
+    (dict(reward="merged", mini_batch_size=4, grad_accum=3), "must be a multiple of --grad-accum 3"),
+])
+def test_role_errors(setup, tmp_path, kw, match):
+    base, data, adapter, merged = setup
+    reward = kw.pop("reward")
+    with pytest.raises(ValueError, match=match):
+        train(config(base, data, str(tmp_path), 8, kw.pop("mini_batch_size", 4), 1, 1,
+                     reward_model={"adapter": adapter, "merged": merged}.get(reward), **kw), init_dist("cpu"),
+              reward_fn=reward_multiple_of_4 if reward == "scripted" else None)
+
+
+def test_reward_adapter_from_another_base_is_refused(setup, tmp_path):
+    import json
+    import shutil
+    base, data, adapter, merged = setup
+    other = tmp_path / "rm"
+    shutil.copytree(adapter, other)
+    conf = json.loads((other / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = merged  # exists, and is not the policy's base
+    (other / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="is an adapter trained on .* not on the policy's base"):
+        train(config(base, data, str(tmp_path / "out"), 8, 4, 1, 1, reward_model=str(other)), init_dist("cpu"))
