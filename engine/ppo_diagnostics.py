@@ -55,8 +55,10 @@ def negative_kl_stats(dist: Dist, log_ratio: torch.Tensor, mask: torch.Tensor, t
     return out
 
 
-def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5) -> None:
-    if metrics["objective/kl_k1"] < 0:
+def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2) -> None:
+    """Warn about the known failure modes. `tolerance` (nats per response) keeps the rounding noise of
+    a policy still equal to its reference (k1 ≈ ±1e-7) from raising the negative-KL alarm."""
+    if metrics["objective/kl_k1"] < -tolerance:
         log.warn(f"ppo: step {step}: mean k1 KL is negative ({metrics['objective/kl_k1']:.3f}); the policy may be "
                  "exploiting the estimator (sampling tricks?); the exact KL is "
                  f"{metrics['objective/kl_full']:.3f}")
