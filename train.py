@@ -62,7 +62,7 @@ def run_generate(args) -> int:
 def add_demo_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None, help="run folder (default: a fresh runs/demo-DATE-TIME)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--ppo-steps", type=int, default=40, help="PPO steps (default: 40)")
+    p.add_argument("--ppo-steps", type=int, default=50, help="PPO steps (default: 50)")
 
 
 def run_demo(args) -> int:

@@ -168,3 +168,17 @@ def test_bf16_ppo_step_runs_and_keeps_the_exact_first_ratio(base, tmp_path):
     out = train(config(*base, str(tmp_path), 8, 4, 2, 2, dtype="bf16"), init_dist("cpu"),
                 reward_fn=reward_multiple_of_4)
     assert all(h["objective/kl_full"] >= 0 and h["ppo/ratio_mean"] > 0 for h in out["history"])
+
+
+def test_adaptive_kl_controller_holds_the_kl_near_its_target(base, tmp_path):
+    """With a learning rate that drives the KL far past a fixed small β (to about 12 nats), the
+    adaptive controller raises β and brings the KL back near the target (last ten steps about 3.2)."""
+    kw = dict(lr=2e-2, kl_coef=0.01, kl_target=3.0)
+    fixed = train(config(*base, str(tmp_path / "fixed"), 32, 16, 4, 30, **kw), init_dist("cpu"),
+                  reward_fn=reward_multiple_of_4)["history"]
+    adaptive = train(config(*base, str(tmp_path / "adaptive"), 32, 16, 4, 30, adaptive_kl=True, kl_horizon=32, **kw),
+                     init_dist("cpu"), reward_fn=reward_multiple_of_4)["history"]
+    tail = lambda h, key: sum(x[key] for x in h[-10:]) / 10  # noqa: E731
+    assert tail(fixed, "objective/kl") > 9.0  # without control the KL runs away
+    assert 1.5 <= tail(adaptive, "objective/kl") <= 6.0
+    assert adaptive[-1]["objective/kl_coef"] > 0.05
