@@ -180,19 +180,25 @@ def mark_only_lora_trainable(model: nn.Module, also: tuple[str, ...] = (), adapt
     return model
 
 
-@contextlib.contextmanager
 def use_adapter(model: nn.Module, name: str | None):
     """Inside the block adapter `name` is the active one (None: none, the base model); the previous
     choice comes back on exit, also when the block raises."""
+    return _switched(model, active=name)
+
+
+@contextlib.contextmanager
+def _switched(model: nn.Module, **values):
+    """Set switch attributes (active, disabled) on every LoRA layer for the block, then restore them."""
     layers = [m for _, m in lora_layers(model)]
-    previous = [m.active for m in layers]
+    saved = [m.switch_state() for m in layers]
     for m in layers:
-        m.active = name
+        for attr, value in values.items():
+            setattr(m, attr, value)
     try:
         yield model
     finally:
-        for m, was in zip(layers, previous):
-            m.active = was
+        for m, state in zip(layers, saved):
+            m.set_switch_state(state)
 
 
 def lora_state_dict(model: nn.Module, name: str = DEFAULT) -> dict[str, torch.Tensor]:
@@ -221,21 +227,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
 def disable_lora(model: nn.Module):
     """Inside the block the model is exactly its base (the PPO reference policy); adapters come back
     on exit, also when the block raises."""
-    layers = [m for _, m in lora_layers(model)]
-    if any(m.merged for m in layers):
+    if any(m.merged for _, m in lora_layers(model)):
         raise ValueError("cannot disable LoRA on a model whose adapters are merged into the base weights")
-    previous = [m.disabled for m in layers]
-    for m in layers:
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for m, was in zip(layers, previous):
-            m.disabled = was
+    return _switched(model, disabled=True)
 
 
 # ---- PEFT file layout ---------------------------------------------------------------------------

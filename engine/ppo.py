@@ -140,7 +140,7 @@ def ppo_update(cfg: PPOConfig, dist: Dist, pv, ddp, optimizer, ro: Rollout, kl_c
             # Local sums over the micro-batches: [policy loss, value loss, entropy] (already divided by
             # the global token count), then token-weighted [clipfrac, value clipfrac, approx KL, ratio,
             # explained variance].
-            sums = torch.zeros(8, device=mask.device)
+            sums, local_ratio_max = torch.zeros(8, device=mask.device), torch.zeros((), device=mask.device)
             for j in range(0, mini, micro):
                 rows, m, adv = batch_rows[j:j + micro], mask[batch_rows[j:j + micro]], batch_adv[j:j + micro]
                 last_micro = j + micro >= mini
@@ -164,7 +164,8 @@ def ppo_update(cfg: PPOConfig, dist: Dist, pv, ddp, optimizer, ro: Rollout, kl_c
                 sums += torch.stack([pg_loss.detach(), vf_loss.detach(), ent.detach(), pg.clipfrac * n_local,
                                      vf.clipfrac * n_local, pg.approx_kl * n_local, pg.ratio_mean * n_local,
                                      vf.explained_variance * n_local])
-                ratio_max = max(ratio_max, all_reduce_max(dist, pg.ratio_max.detach()).item())
+                local_ratio_max = torch.maximum(local_ratio_max, pg.ratio_max.detach())
+            ratio_max = max(ratio_max, all_reduce_max(dist, local_ratio_max).item())
             total = all_reduce_sum(dist, sums)
             total[3:] /= n_tokens.clamp(min=1)
             stats.append(total)

@@ -62,8 +62,9 @@ def _float_adapter(net: nn.Module, name: str, trainable: bool) -> None:
 def build_roles(cfg, tok, policy: LLaMA, lora: LoRAConfig | None, device: torch.device,
                 reward_fn: RewardFn | None) -> Roles:
     """Load or attach the reward and value networks for PPOConfig `cfg` around `policy`."""
-    base_line = f"policy base {mib(policy.parameters()):.1f} MiB; reference = " + (
-        "the same base with adapters disabled (+0 MiB)" if lora else f"a frozen copy (+{mib(policy.parameters()):.1f} MiB)")
+    base = mib(policy.parameters())
+    base_line = f"policy base {base:.1f} MiB; reference = " + (
+        "the same base with adapters disabled (+0 MiB)" if lora else f"a frozen copy (+{base:.1f} MiB)")
     reward_net, reward_adapter, score = None, None, None
     if reward_fn is not None:
         reward_line = "reward = a function (scripted)"

@@ -13,6 +13,7 @@ from engine.lora import (
     merge_lora,
     save_adapter,
     use_adapter,
+    write_adapter,
 )
 from engine.model import LLaMA
 
@@ -192,9 +193,8 @@ def two_adapter_model():
 def test_each_named_adapter_equals_a_model_that_holds_only_it(tmp_path):
     model = two_adapter_model()
     save_adapter(model, LoRAConfig(r=4, targets=("q_proj", "v_proj")), str(tmp_path / "default"))
-    write = __import__("engine.lora", fromlist=["write_adapter"]).write_adapter
     (tmp_path / "reward").mkdir()
-    write(model, LoRAConfig(r=2, alpha=8, targets=("all-linear",)), str(tmp_path / "reward"), name="reward")
+    write_adapter(model, LoRAConfig(r=2, alpha=8, targets=("all-linear",)), str(tmp_path / "reward"), name="reward")
     only_default, _ = load_adapter(base_model(), str(tmp_path / "default"))
     only_reward, _ = load_adapter(base_model(), str(tmp_path / "reward"))
     with torch.no_grad():

@@ -108,17 +108,16 @@ def test_shared_base_ppo_trains_policy_and_value_but_never_the_reward(setup, tmp
         captured["policy"] = policy
         return real(cfg, tok, policy, *a)
     monkeypatch.setattr(ppo, "build_roles", spy)
-    tokens, mask, _ = batch()
     train(config(base, data, str(tmp_path), 8, 4, 2, 3, reward_model=adapter, value_model="reward"), init_dist("cpu"))
     assert "reward = adapter 'reward' on the policy base" in capsys.readouterr().out
     policy = captured["policy"]
     layers = [m for _, m in lora_layers(policy)]
     assert all(set(m.adapters) == {"default", "reward", "value"} for m in layers)
-    moved = lambda name: max((m.adapters[name].lora_b - ref).abs().max().item()  # noqa: E731
-                             for m, ref in zip(layers, reward_b))
     from safetensors.torch import load_file
     saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     reward_b = [saved[f"base_model.model.{n}.lora_B.weight"] for n, _ in lora_layers(policy)]
+    moved = lambda name: max((m.adapters[name].lora_b - ref).abs().max().item()  # noqa: E731
+                             for m, ref in zip(layers, reward_b))
     assert moved("reward") == 0.0  # frozen
     assert moved("value") > 1e-4  # started as a copy of the reward adapter, then trained
     assert max(m.adapters["default"].lora_b.abs().max().item() for m in layers) > 1e-4  # the policy trained
