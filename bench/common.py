@@ -27,11 +27,11 @@ def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
     """Save a randomly initialised LLaMA of config `cfg` with the tokenizer, once (reused if present)."""
     import torch
 
-    from engine.checkpoint import save_checkpoint
+    from engine.checkpoint import save_model_folder
     from engine.model import LLaMA
     if not os.path.isdir(folder):
         model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
-        save_checkpoint(model, folder, tokenizer_path=tok_path)
+        save_model_folder(model, folder, tokenizer_path=tok_path)
     return folder
 
 

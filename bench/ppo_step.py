@@ -76,19 +76,20 @@ def run_config(spec: dict) -> dict:
 
     from engine.checkpoint import load_checkpoint
     from engine.dist import init_dist
+    from engine.lora import LoRAConfig
     from engine.ppo import PPOConfig, train
-    from engine.rollout import reward_model_fn
+    from engine.ppo_roles import reward_model_fn
+    from engine.precision import torch_dtype
 
     cfg = PPOConfig(model=spec["base"], data=spec["data"], out=spec["out"], max_steps=spec["steps"],
                     batch_size=spec["batch_size"], mini_batch_size=spec["mini_batch_size"],
                     ppo_epochs=spec["ppo_epochs"], response_min_length=spec["response_length"],
-                    response_max_length=spec["response_length"], lora_r=spec["lora_r"], dtype=spec["dtype"],
+                    response_max_length=spec["response_length"], lora=LoRAConfig(r=spec["lora_r"]), dtype=spec["dtype"],
                     save_every=0, sample_every=0, log_every=1, device="cpu")
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     if spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
-        rm = load_checkpoint(spec["base"], head="score",
-                             dtype=torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32).eval()
+        rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(spec["dtype"])).eval()
         score = reward_model_fn(rm)
     else:
         def score(tokens, mask):  # share of even token ids among the real tokens

@@ -82,10 +82,12 @@ def run_sft(spec: dict) -> dict:
     import torch
 
     from engine.dist import init_dist
+    from engine.lora import LoRAConfig
     from engine.sft import SFTConfig, train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    cfg = SFTConfig(**spec["config"])
+    lora = spec["config"]["lora"]  # JSON across the subprocess boundary: a dict of LoRAConfig fields, or None
+    cfg = SFTConfig(**{**spec["config"], "lora": LoRAConfig(**lora) if lora is not None else None})
     final = train(cfg, init_dist("cpu"))
     with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if "perf/tokens_per_s" in r]
@@ -199,8 +201,8 @@ def run_throughput(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
             for dtype, attention in itertools.product(args.dtypes, args.attention):
                 config = dict(model=model, tokenizer=tok, data=os.path.join(pairs, "finetune"),
                               seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
-                              log_every=1, eval_every=0, eval_batches=1, save_every=0, lora=mode == "lora",
-                              lora_r=args.lora_r, dtype=dtype, document_mask=attention == "doc", device="cpu")
+                              log_every=1, eval_every=0, eval_batches=1, save_every=0,
+                              lora={"r": args.lora_r} if mode == "lora" else None, dtype=dtype, document_mask=attention == "doc", device="cpu")
                 result = run_one(work, f"{preset}-{mode}-{dtype}-{attention}", config, args.threads)
                 rows.append(dict(bench="sft_throughput", preset=preset, mode=mode, dtype=dtype,
                                  document_mask=attention == "doc", params=model_config(preset, vocab).num_params(),
@@ -222,7 +224,7 @@ def run_mask(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
                           eval_data=os.path.join(pairs, "evaluation"), seq_len=args.seq_len,
                           batch_size=args.batch_size, max_steps=args.mask_steps, lr=args.mask_lr,
                           min_lr=args.mask_lr / 10, warmup_steps=min(20, args.mask_steps // 10), log_every=1,
-                          eval_every=0, eval_batches=10**6, save_every=0, lora=False, seed=seed,
+                          eval_every=0, eval_batches=10**6, save_every=0, lora=None, seed=seed,
                           document_mask=document_mask, device="cpu")
             name = f"mask-{args.mask_preset}-{'doc' if document_mask else 'cross'}-seed{seed}"
             result = run_one(work, name, config, args.threads, cross_eval=True)

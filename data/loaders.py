@@ -42,7 +42,7 @@ class QueryBatch(NamedTuple):
     questions: list[str]  # [B] the question of each row, for the reward model's text
 
 
-class PairStats(NamedTuple):
+class PairCounts(NamedTuple):
     pairs: int  # rows in the table
     too_long: int  # dropped: a side has more than max_length tokens
     unbalanced: int  # left out so that every rank has the same number of pairs
@@ -103,8 +103,7 @@ class PairLoader:
                              f"{world_size} ranks need at least one each")
         mine = keep[rank::world_size][:per_rank]
         self.chosen, self.rejected = [chosen[i] for i in mine], [rejected[i] for i in mine]
-        self.stats = PairStats(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank)
-        self.dropped = too_long
+        self.stats = PairCounts(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank)
         self.pad_id, self.batch_size, self.seed, self.rank, self.world_size = (
             tokenizer.pad_id, batch_size, seed, rank, world_size)
         self.shuffle = shuffle

@@ -19,14 +19,12 @@ document. StackLLaMA let attention cross documents; Krell et al. 2021 ("Efficien
 without Cross-contamination") and Zhao et al. 2024 ("Analysing the Impact of Sequence Composition on
 Language Model Pre-Training") show the contamination matters, so SFT makes it a flag.
 
-Sharding: with W = world_size * num_workers shards, document d belongs to shard d mod W (rank r,
-worker w own shard r * num_workers + w), so shards are disjoint and together complete. Each shard's
-order is drawn from (seed, rank, worker, epoch). A cursor is one stream position per shard; the
-state dict also records which worker the DataLoader's round-robin reaches next, so a resumed loader
-yields exactly the batches an uninterrupted one would have.
+Sharding: document d belongs to rank d mod world_size, so shards are disjoint and together complete.
+Each shard's order is drawn from (seed, rank, epoch). The cursor is one stream position, saved in
+checkpoints, so a resumed loader yields exactly the batches an uninterrupted one would have.
 
 Reference: TRL's ConstantLengthDataset (StackLLaMA's SFT); llama2.c tinystories.py PretokDataset
-(sharding by rank and worker); arXiv:2107.02027 and arXiv:2402.13991.
+(sharding by rank); arXiv:2107.02027 and arXiv:2402.13991.
 """
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.tokenizer import format_prompt
 
@@ -88,14 +85,14 @@ def shard_documents(n_documents: int, shard: int, n_shards: int) -> np.ndarray:
 
 
 class _ShardStream:
-    """One shard's endless stream: epoch e is its documents in the order drawn from (seed, rank, worker, e).
+    """One shard's endless stream: epoch e is its documents in the order drawn from (seed, rank, e).
 
     Position p of the stream is token p % L of epoch p // L, where L is the shard's token count.
     """
 
-    def __init__(self, docs: Documents, doc_ids: np.ndarray, seed: int, rank: int, worker: int, shuffle: bool):
+    def __init__(self, docs: Documents, doc_ids: np.ndarray, seed: int, rank: int, shuffle: bool):
         self.docs, self.doc_ids, self.shuffle = docs, doc_ids, shuffle
-        self.seed_prefix = [seed, rank, worker]
+        self.seed_prefix = [seed, rank, 0]  # the 0 once numbered loader workers; kept so every stream is unchanged
         self.lengths = docs.offsets[doc_ids + 1] - docs.offsets[doc_ids]
         self.length = int(self.lengths.sum())
         self.cache: dict[int, tuple[np.ndarray, ...]] = {}
@@ -126,89 +123,53 @@ class _ShardStream:
         return tuple(np.concatenate(parts) for parts in zip(*pieces))
 
 
-class PackedDataset(IterableDataset):
-    """Yields (worker, stream position after the batch, PackedBatch); PackingLoader is the user-facing side.
-
-    DataLoader worker k plays the role of worker (k + rotation) mod num_workers, so that a resumed
-    loader's round-robin starts at the worker whose batch would have come next.
-    """
-
-    def __init__(self, docs: Documents, seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int, infinite: bool, shuffle: bool, positions: Sequence[int], rotation: int):
-        super().__init__()
-        self.docs, self.seq_len, self.batch_size = docs, seq_len, batch_size
-        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.infinite, self.shuffle, self.positions, self.rotation = infinite, shuffle, list(positions), rotation
-
-    def __iter__(self):
-        info = get_worker_info()
-        n_workers, physical = (info.num_workers, info.id) if info is not None else (1, 0)
-        if n_workers != self.num_workers:
-            raise ValueError(f"the loader was built for {self.num_workers} workers but runs in {n_workers}")
-        worker = (physical + self.rotation) % n_workers
-        n_shards = self.world_size * n_workers
-        ids = shard_documents(len(self.docs.offsets) - 1, self.rank * n_workers + worker, n_shards)
-        stream = _ShardStream(self.docs, ids, self.seed, self.rank, worker, self.shuffle)
-        T, position = self.seq_len, self.positions[worker]
-        while True:
-            rows = self.batch_size if self.infinite else min(self.batch_size, (stream.length - 1 - position) // T)
-            if rows <= 0:
-                return
-            tokens, positions, ordinals = stream.window(position, rows * T + 1)
-            ordinals = ordinals[:-1].reshape(rows, T)
-            batch = PackedBatch(
-                tokens=torch.from_numpy(tokens[:-1].astype(np.int64).reshape(rows, T)),
-                targets=torch.from_numpy(tokens[1:].astype(np.int64).reshape(rows, T)),
-                position_ids=torch.from_numpy(positions[:-1].reshape(rows, T).copy()),
-                document_ids=torch.from_numpy(ordinals - ordinals[:, :1]))
-            position += rows * T
-            yield worker, position, batch
-
-
 class PackingLoader:
     """Batches of `batch_size` packed rows of `seq_len` tokens for rank `rank` of `world_size`.
 
     Iterating yields PackedBatch; `infinite=False` ends after one epoch (the last batch may have fewer
     rows). Iterating again continues from the cursor, which state_dict()/load_state_dict() save and
-    restore. With num_workers > 0 the batches come from that many DataLoader worker processes.
+    restore. Packing is a few numpy slices per batch, so it runs in the training process.
     """
 
     def __init__(self, docs: Documents, *, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, infinite: bool = True, shuffle: bool = True):
+                 world_size: int = 1, infinite: bool = True, shuffle: bool = True):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if seed < 0 or num_workers < 0:
-            raise ValueError(f"seed and num_workers must be non-negative, got {seed} and {num_workers}")
-        self.n_workers = max(num_workers, 1)
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
         n_documents = len(docs.offsets) - 1
-        if n_documents < world_size * self.n_workers:
-            raise ValueError(f"{n_documents} documents cannot fill {world_size} ranks x {self.n_workers} workers; "
-                             f"every shard needs at least one")
+        if n_documents < world_size:
+            raise ValueError(f"{n_documents} documents cannot fill {world_size} ranks; every rank needs at least one")
         self.docs, self.seq_len, self.batch_size, self.seed = docs, seq_len, batch_size, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.infinite, self.shuffle = infinite, shuffle
-        self.positions = [0] * self.n_workers  # stream position of each worker's next row
-        self.next_worker = 0  # whose batch the DataLoader's round-robin delivers next
+        self.rank, self.world_size, self.infinite, self.shuffle = rank, world_size, infinite, shuffle
+        self.stream = _ShardStream(docs, shard_documents(n_documents, rank, world_size), seed, rank, shuffle)
+        self.position = 0  # stream position of the next row
 
     def __iter__(self):
-        dataset = PackedDataset(self.docs, self.seq_len, self.batch_size, self.seed, self.rank, self.world_size,
-                                self.n_workers, self.infinite, self.shuffle, self.positions, self.next_worker)
-        source = (DataLoader(dataset, batch_size=None, num_workers=self.num_workers) if self.num_workers
-                  else iter(dataset))
-        for worker, position, batch in source:
-            self.positions[worker] = position
-            self.next_worker = (worker + 1) % self.n_workers
-            yield batch
+        T = self.seq_len
+        while True:
+            left = (self.stream.length - 1 - self.position) // T
+            rows = self.batch_size if self.infinite else min(self.batch_size, left)
+            if rows <= 0:
+                return
+            tokens, positions, ordinals = self.stream.window(self.position, rows * T + 1)
+            ordinals = ordinals[:-1].reshape(rows, T)
+            self.position += rows * T
+            yield PackedBatch(
+                tokens=torch.from_numpy(tokens[:-1].astype(np.int64).reshape(rows, T)),
+                targets=torch.from_numpy(tokens[1:].astype(np.int64).reshape(rows, T)),
+                position_ids=torch.from_numpy(positions[:-1].reshape(rows, T).copy()),
+                document_ids=torch.from_numpy(ordinals - ordinals[:, :1]))
 
     def _layout(self) -> dict:
         return dict(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
-                    world_size=self.world_size, workers=self.n_workers, infinite=self.infinite,
-                    shuffle=self.shuffle, documents=len(self.docs.offsets) - 1, tokens=len(self.docs.tokens))
+                    world_size=self.world_size, infinite=self.infinite, shuffle=self.shuffle,
+                    documents=len(self.docs.offsets) - 1, tokens=len(self.docs.tokens))
 
     def state_dict(self) -> dict:
-        return dict(self._layout(), positions=list(self.positions), next_worker=self.next_worker)
+        return dict(self._layout(), position=self.position)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from state_dict(); the data and the loader's settings must be the ones it was saved with."""
@@ -216,5 +177,4 @@ class PackingLoader:
             if state.get(key) != value:
                 raise ValueError(f"packing loader state was saved with {key}={state.get(key)!r}, "
                                  f"this loader has {key}={value!r}; resuming would not continue the same stream")
-        self.positions = [int(p) for p in state["positions"]]
-        self.next_worker = int(state["next_worker"])
+        self.position = int(state["position"])

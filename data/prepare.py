@@ -17,7 +17,6 @@ lvwerra/stack-exchange-paired; llama2.c's tinystories.py for the shape of a data
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from data.pairs import DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
 from data.pairs_io import PairWriter
 from data.stackexchange import Answer, ParseStats, Question, html_to_markdown, iter_posts, question_text
-from engine.flags import add_config_flags, config_from_args
 
 DEFAULT_LICENSE = "CC BY-SA 3.0"  # dumps before 2018 carry no per-post license; their content is CC BY-SA 3.0
 
@@ -262,23 +260,7 @@ def _publish(cfg: PrepareConfig, tmp: str, summary: PrepareSummary) -> None:
             os.remove(target)
 
 
-# ---- command line -------------------------------------------------------------------------------
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, PrepareConfig, group="prepare")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        summary = prepare(config_from_args(PrepareConfig, args))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.table())
+def run(cfg: PrepareConfig) -> int:
+    """`train.py prepare`: write the splits, then print the summary table."""
+    print(prepare(cfg).table())
     return 0
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    sys.exit(run(p.parse_args()))

@@ -14,9 +14,6 @@ import os
 
 import sentencepiece as spm
 
-PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
-
-
 def format_prompt(question: str, answer: str = "") -> str:
     """The StackLLaMA template; with no answer it is the PPO query that the policy continues."""
     return "Question: " + question + "\n\nAnswer: " + answer

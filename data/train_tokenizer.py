@@ -15,7 +15,6 @@ tinystories.py `train_vocab`.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import random
@@ -28,7 +27,6 @@ import sentencepiece as spm
 
 from data.pairs_io import read_pairs
 from data.tokenizer import format_prompt
-from engine.flags import add_config_flags, config_from_args
 
 
 @dataclass(frozen=True)
@@ -111,29 +109,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLik
     return out
 
 
-# ---- command line -------------------------------------------------------------------------------
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, TokenizerConfig, group="tokenizer")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(TokenizerConfig, args)
-        started = time.monotonic()
-        texts = sample_texts(corpus_texts(cfg.data), cfg.max_texts, cfg.seed)
-        print(f"tokenizer: training a {cfg.vocab_size}-piece {cfg.model_type} model on {len(texts):,} texts "
-              f"({sum(map(len, texts)) / 2 ** 20:.1f} MB)", file=sys.stderr, flush=True)
-        out = train_tokenizer(texts, cfg.vocab_size, cfg.out, model_type=cfg.model_type,
-                              character_coverage=cfg.character_coverage)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(cfg: TokenizerConfig) -> int:
+    """`train.py tokenizer`: train on a seeded sample of the corpus and write the model."""
+    started = time.monotonic()
+    texts = sample_texts(corpus_texts(cfg.data), cfg.max_texts, cfg.seed)
+    print(f"tokenizer: training a {cfg.vocab_size}-piece {cfg.model_type} model on {len(texts):,} texts "
+          f"({sum(map(len, texts)) / 2 ** 20:.1f} MB)", file=sys.stderr, flush=True)
+    out = train_tokenizer(texts, cfg.vocab_size, cfg.out, model_type=cfg.model_type,
+                          character_coverage=cfg.character_coverage)
     print(f"wrote {out} in {time.monotonic() - started:.1f}s")
     return 0
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    sys.exit(run(p.parse_args()))

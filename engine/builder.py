@@ -1,9 +1,9 @@
-"""Build the network a stage trains: base checkpoint (or a preset, randomly initialised), optional
-8-bit frozen base, optional LoRA adapters, precision and activation checkpointing.
+"""What a training stage starts from: its tokenizer, and the network it trains, built from a base
+checkpoint (or a preset, randomly initialised) with an optional 8-bit frozen base, optional LoRA
+adapters, the storage precision (engine/precision.py) and activation checkpointing.
 
 Precision: with LoRA the frozen base is stored in the compute dtype (bf16 halves its memory) and the
-adapters stay float32; full fine-tuning keeps float32 master weights. Either way the forward runs
-under autocast in the compute dtype, so optimizer updates never round to bf16.
+adapters stay float32; full fine-tuning keeps float32 master weights.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import os
 import torch
 
 from data.tokenizer import Tokenizer
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import TOKENIZER, load_checkpoint
 from engine.config import PRESETS, ModelConfig
+from engine.int8 import quantize_on_load
 from engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
 from engine.model import LLaMA
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from engine.precision import torch_dtype
 
 
 def resolve_tokenizer(model: str, tokenizer: str | None) -> Tokenizer:
@@ -25,7 +25,7 @@ def resolve_tokenizer(model: str, tokenizer: str | None) -> Tokenizer:
     if tokenizer:
         return Tokenizer(tokenizer)
     folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
-    candidate = os.path.join(folder, "tokenizer.model")
+    candidate = os.path.join(folder, TOKENIZER)
     if model in PRESETS or not os.path.exists(candidate):
         raise FileNotFoundError(f"no tokenizer for --model {model}: pass --tokenizer FILE")
     return Tokenizer(candidate)
@@ -35,9 +35,7 @@ def build_model(model: str, tokenizer: Tokenizer, *, head: str = "lm", dtype: st
                 lora: LoRAConfig | None = None, load_in_8bit: bool = False, grad_checkpointing: bool = False,
                 device: torch.device = torch.device("cpu"), seed: int = 0) -> LLaMA:
     """A preset name gives a random init whose vocabulary is the tokenizer's; a path loads weights."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    compute = DTYPES[dtype]
+    compute = torch_dtype(dtype)
     if model in PRESETS:
         if lora is not None:
             raise ValueError(f"--model {model} is a randomly initialised preset: LoRA on a random base learns "
@@ -47,10 +45,7 @@ def build_model(model: str, tokenizer: Tokenizer, *, head: str = "lm", dtype: st
         cfg = ModelConfig(**{**ModelConfig.preset(model).to_dict(), "vocab_size": tokenizer.vocab_size})
         net = LLaMA(cfg, head=head).init_weights(generator=torch.Generator().manual_seed(seed)).to(device)
     else:
-        transform = None
-        if load_in_8bit:
-            from engine.int8 import quantize_on_load
-            transform = quantize_on_load
+        transform = quantize_on_load if load_in_8bit else None
         # Frozen bases live in the compute dtype; trained weights are float32 masters.
         net = load_checkpoint(model, head=head, device=device, transform=transform,
                               dtype=compute if lora is not None else torch.float32)
@@ -66,11 +61,6 @@ def build_model(model: str, tokenizer: Tokenizer, *, head: str = "lm", dtype: st
             net.score.weight.data = net.score.weight.data.float()
     net.model.grad_checkpointing = grad_checkpointing
     return net
-
-
-def autocast(device: torch.device, dtype: str):
-    """Mixed-precision context for the forward pass (a no-op for fp32)."""
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
 from data.prepare import PrepareConfig, prepare
 from data.synthetic import write_synthetic_posts
 from data.train_tokenizer import corpus_texts, train_tokenizer
 from engine import ppo, rm, sft
 from engine.dist import init_dist
+from engine.lora import LoRAConfig
 from engine.merge import merge
-
 
 # PPO settings, tuned on this from-scratch model (seeds 0-2): it is far more peaked than a real LLM
 # (SFT perplexity about 1.3), so a few steps at a high learning rate move the KL by tens of nats. At
@@ -38,9 +39,17 @@ def last_checkpoint(folder: str) -> str:
     return os.path.join(folder, sorted(d for d in os.listdir(folder) if d.startswith("checkpoint-"))[-1])
 
 
-def run(out: str | None = None, seed: int = 0, ppo_steps: int = 50) -> int:
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str | None = field(default=None, metadata={"help": "run folder (default: a fresh runs/demo-DATE-TIME)"})
+    seed: int = field(default=0, metadata={"help": "random seed of every stage"})
+    ppo_steps: int = field(default=50, metadata={"help": "PPO steps"})
+
+
+def run(cfg: DemoConfig) -> int:
     t0 = time.time()
-    out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    seed, ppo_steps = cfg.seed, cfg.ppo_steps
+    out = cfg.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     dist = init_dist("cpu")
 
@@ -57,7 +66,7 @@ def run(out: str | None = None, seed: int = 0, ppo_steps: int = 50) -> int:
     say("3/6 SFT: a ~1M-parameter LLaMA from scratch on questions and their best answers")
     common = dict(tokenizer=tok, seed=seed, device="cpu", keep=1, log_every=50)
     sft_metrics = sft.train(sft.SFTConfig(
-        model="demo", data=os.path.join(pairs, "finetune"), out=os.path.join(out, "sft"), lora=False,
+        model="demo", data=os.path.join(pairs, "finetune"), out=os.path.join(out, "sft"), lora=None,
         seq_len=128, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=300, eval_every=100,
         save_every=0, **common), dist)
     sft_model = last_checkpoint(os.path.join(out, "sft"))
@@ -65,7 +74,7 @@ def run(out: str | None = None, seed: int = 0, ppo_steps: int = 50) -> int:
     say("4/6 reward model: LoRA adapters + a scalar head on the SFT model, on (better, worse) answer pairs")
     rm_metrics = rm.train(rm.RMConfig(
         model=sft_model, data=os.path.join(pairs, "reward"), eval_data=os.path.join(pairs, "evaluation"),
-        out=os.path.join(out, "rm"), lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_targets=("all-linear",),
+        out=os.path.join(out, "rm"), lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)),
         lr=3e-3, batch_size=8, epochs=3, eval_every=0, save_every=0, **common), dist)
 
     say("5/6 merge: folding the reward model's adapters into a full checkpoint (score head kept)")
@@ -75,7 +84,7 @@ def run(out: str | None = None, seed: int = 0, ppo_steps: int = 50) -> int:
     ppo_result = ppo.train(ppo.PPOConfig(
         model=sft_model, reward_model=rm_model, data=os.path.join(pairs, "rl"), out=os.path.join(out, "ppo"),
         batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=ppo_steps, response_min_length=24,
-        response_max_length=48, lr=3e-4, lora_r=16, lora_dropout=0.0, lora_targets=("all-linear",),
+        response_max_length=48, lr=3e-4, lora=LoRAConfig(r=16, dropout=0.0, targets=("all-linear",)),
         kl_coef=0.3, kl_target=KL_TARGET, kl_horizon=200, save_every=0, sample_every=10,
         **{**common, "log_every": 1}), dist)
 

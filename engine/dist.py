@@ -7,6 +7,7 @@ others instead of a hang. (nanoGPT's env-var DDP setup, without its globals.)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -54,12 +55,27 @@ def close_dist(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
+def grad_sync(dist: Dist, model, sync: bool):
+    """Inside the block DDP all-reduces gradients only if `sync` (the last micro-batch of a gradient
+    accumulation); without a process group it is a no-op."""
+    return contextlib.nullcontext() if sync or not dist.enabled else model.no_sync()
+
+
 def all_reduce_sum(dist: Dist, x: torch.Tensor) -> torch.Tensor:
     """Sum of x over ranks (a new tensor; x itself untouched)."""
     x = x.clone()
     if dist.enabled:
         torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_named(dist: Dist, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each named scalar summed over ranks, in one collective; the values keep their dtype until they
+    come back as Python floats. Divide a token-weighted sum by the summed token count yourself."""
+    if not sums:
+        return {}
+    total = all_reduce_sum(dist, torch.stack([torch.as_tensor(v) for v in sums.values()]))
+    return dict(zip(sums, total.tolist()))
 
 
 def all_reduce_max(dist: Dist, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from data.loaders import pad
 from engine.model import KVCache, LLaMA
 
 
@@ -46,6 +47,7 @@ class Generation(NamedTuple):
     response_tokens: torch.Tensor  # [B, R] right-padded with pad_id after EOS (or after the length cap)
     response_mask: torch.Tensor  # [B, R] 1 up to and including EOS, 0 after
     response_logprobs: torch.Tensor  # [B, R] float32 log-prob of each sampled token; 0 where masked
+    ended: torch.Tensor  # [B] bool: the response ends with EOS (else it was cut at max_new_tokens)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -84,16 +86,11 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None):
-    """Ragged prompts -> (tokens [B, P], mask [B, P]) padded on the left."""
+    """Ragged prompts -> (tokens [B, P], mask [B, P] long) padded on the left."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with BOS for an empty prompt)")
-    P = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
-    return tokens.to(device), mask.to(device)
+    tokens, mask = pad(prompts, pad_id, left=True)
+    return tokens.to(device), mask.long().to(device)
 
 
 @torch.no_grad()
@@ -143,4 +140,6 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
         attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
         hidden = model.model(tokens[:, None], attention_mask=attn, cache=cache)  # [b, 1, dim]
         logits = model.lm_head(hidden[:, -1])
-    return Generation(prompt_tokens, prompt_mask, response_tokens, response_mask, response_logprobs)
+    last = response_tokens.gather(1, (response_mask.sum(1) - 1)[:, None]).squeeze(1)  # every row has >= 1 token
+    return Generation(prompt_tokens, prompt_mask, response_tokens, response_mask, response_logprobs,
+                      ended=last == eos_id)

@@ -62,10 +62,6 @@ class Int8Linear(nn.Module):
         layer's threshold and impl: a LoRALinear that adopts them calls it for its base path."""
         return functools.partial(_forward, threshold=self.threshold, impl=self.impl)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [out, in] this layer stands for (what merge/export writes)."""
-        return dequantize_int8(self.weight, self.weight_scale, dtype)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, threshold={self.threshold}, impl={self.impl}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 import time
 
@@ -35,7 +36,6 @@ def mfu(tokens_per_s: float, flops_token: float, device: torch.device, dtype: to
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -46,7 +46,7 @@ class Logger:
         self.jsonl = None
         self.start = time.time()
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # only the writing rank pays for the import
             self.writer = SummaryWriter(log_dir=f"{out_dir}/tb")
             # The same scalars as JSON lines: easy to read back in scripts and tests.
             self.jsonl = open(f"{out_dir}/metrics.jsonl", "a")

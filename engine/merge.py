@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
 
-from engine.builder import DTYPES
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.lora import ADAPTER_CONFIG, load_adapter, merge_and_unload
+from engine.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from engine.checkpoint import TOKENIZER, load_checkpoint, save_model_folder
+from engine.lora import merge_and_unload
+from engine.precision import DTYPES
 
 
 def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str | None = None) -> str:
@@ -31,27 +34,30 @@ def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str
         raise ValueError(f"{adapter}: a SEQ_CLS adapter without its score head (modules_to_save); the merged "
                          "reward model would have a random head")
     merge_and_unload(model).to(DTYPES[dtype])
-    tok = tokenizer or next((p for p in (os.path.join(adapter, "tokenizer.model"),
-                                         os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
-    save_checkpoint(model, out, tokenizer_path=tok, pad_token_id=0 if head == "score" else None)
+    tok = tokenizer or next((p for p in (os.path.join(adapter, TOKENIZER), os.path.join(base, TOKENIZER))
+                             if os.path.exists(p)), None)
+    save_model_folder(model, out, tokenizer_path=tok, pad_token_id=0 if head == "score" else None)
     return out
 
 
 def _has_score(adapter: str) -> bool:
-    from safetensors import safe_open
-    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(os.path.join(adapter, ADAPTER_WEIGHTS), framework="pt") as f:
         return any(k.endswith("score.weight") for k in f.keys())
 
 
-def add_args(p):
-    p.add_argument("--base", required=True, help="the checkpoint the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="adapter folder (ours or PEFT's), e.g. OUT/checkpoint-001000")
-    p.add_argument("--out", required=True, help="where to write the merged checkpoint")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
-    p.add_argument("--tokenizer", help="tokenizer.model to copy (default: the adapter's, else the base's)")
+@dataclass(frozen=True)
+class MergeConfig:
+    base: str = field(default=None, metadata={"help": "the checkpoint the adapter was trained on"})
+    adapter: str = field(default=None, metadata={"help": "adapter folder (ours or PEFT's), e.g. "
+                                                         "OUT/checkpoint-001000"})
+    out: str = field(default=None, metadata={"help": "where to write the merged checkpoint"})
+    dtype: str = field(default="fp32", metadata={"help": "dtype of the written weights", "choices": sorted(DTYPES)})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model to copy (default: the "
+                                                                  "adapter's, else the base's)"})
 
 
-def run(args) -> int:
-    out = merge(args.base, args.adapter, args.out, args.dtype, args.tokenizer)
-    print(f"merged {args.adapter} into {args.base}: wrote {out}")
+def run(cfg: MergeConfig) -> int:
+    """`train.py merge`."""
+    out = merge(cfg.base, cfg.adapter, cfg.out, cfg.dtype, cfg.tokenizer)
+    print(f"merged {cfg.adapter} into {cfg.base}: wrote {out}")
     return 0

@@ -239,7 +239,7 @@ class LLaMA(nn.Module):
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         else:
-            self.score = scalar_head(cfg.dim)
+            self.score = nn.Linear(cfg.dim, 1, bias=False)  # hidden state -> one number (reward)
 
     def forward(self, tokens, positions=None, attention_mask=None, cache=None):
         """Logits [B, T, vocab] (lm head) or scalar scores [B, T] (score head)."""
@@ -255,7 +255,3 @@ class LLaMA(nn.Module):
                 nn.init.normal_(p, 0.0, std, generator=generator)
         return self
 
-
-def scalar_head(dim: int, bias: bool = False) -> nn.Linear:
-    """Linear(dim, 1): hidden state -> one number (reward, or value with bias=True)."""
-    return nn.Linear(dim, 1, bias=bias)

@@ -1,57 +1,80 @@
 """PPO diagnostics the anchors lack: reward and length statistics split by how responses ended,
-negative-KL tokens by token type, a sample table, and warnings for the known failure modes
-(negative mean KL; reward rising while response diversity collapses, the blog's "```" hack).
+negative-KL tokens by token type, the share of repeated tokens, a sample table, and warnings for the
+known failure modes (negative mean KL; reward rising while response diversity collapses, the blog's
+"```" hack).
 
-All statistics are over the global batch (ranks reduce their sums); only rank 0 writes them.
+All statistics are over the global batch (ranks reduce their named sums); only rank 0 writes them.
 """
 from __future__ import annotations
 
 import torch
 
-from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_sum
-from engine.rollout import token_kind
+from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
 
 KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
 
 
-def reward_stats(dist: Dist, raw: torch.Tensor, shaped: torch.Tensor, ended: torch.Tensor) -> dict:
+def token_kind(piece: str) -> str:
+    """Coarse type of a sentencepiece piece, to see where negative KL concentrates."""
+    text = piece.replace("\u2581", " ")
+    if piece.startswith("<") and piece.endswith(">"):
+        return "special/byte"
+    if not text.strip():
+        return "whitespace"
+    if text.strip().isdigit():
+        return "digit"
+    if all(not c.isalnum() for c in text.strip()):
+        return "punctuation"
+    return "word"
+
+
+def repeated_token_share(tokens: torch.Tensor, response_mask: torch.Tensor) -> float:
+    """Share of response tokens equal to the token before them: high values flag degenerate loops
+    (the blog's "```" reward hack). Local to this rank's rows."""
+    same = (tokens[:, 1:] == tokens[:, :-1]) & response_mask[:, 1:].bool() & response_mask[:, :-1].bool()
+    return same.sum().item() / max(1, response_mask[:, 1:].sum().item())
+
+
+def reward_metrics(dist: Dist, raw: torch.Tensor, shaped: torch.Tensor, ended: torch.Tensor) -> dict:
     raw, shaped, e = raw.double(), shaped.double(), ended.double()
-    s = all_reduce_sum(dist, torch.stack([raw.sum(), (raw * raw).sum(), torch.tensor(float(raw.numel()),
-                                          dtype=torch.float64, device=raw.device), shaped.sum(), (raw * e).sum(),
-                                          e.sum(), (raw * (1 - e)).sum(), (1 - e).sum()]))
-    n = s[2].clamp(min=1)
-    mean = s[0] / n
+    s = all_reduce_named(dist, {"raw": raw.sum(), "raw_sq": (raw * raw).sum(), "n": raw.new_tensor(raw.numel()),
+                                "shaped": shaped.sum(), "raw_ended": (raw * e).sum(), "ended": e.sum(),
+                                "raw_truncated": (raw * (1 - e)).sum(), "truncated": (1 - e).sum()})
+    n = max(s["n"], 1.0)
+    mean = s["raw"] / n
     scores = torch.cat([torch.as_tensor(x) for x in all_gather_objects(dist, raw.cpu())])
-    return {"env/reward_mean": mean.item(), "env/reward_std": ((s[1] / n - mean ** 2).clamp(min=0) ** 0.5).item(),
+    return {"env/reward_mean": mean, "env/reward_std": max(s["raw_sq"] / n - mean ** 2, 0.0) ** 0.5,
             "env/reward_min": scores.min().item(), "env/reward_max": scores.max().item(),
-            "env/shaped_reward_mean": (s[3] / n).item(),
-            "env/reward_mean_ended": (s[4] / s[5]).item() if s[5] > 0 else float("nan"),
-            "env/reward_mean_truncated": (s[6] / s[7]).item() if s[7] > 0 else float("nan"),
+            "env/shaped_reward_mean": s["shaped"] / n,
+            "env/reward_mean_ended": s["raw_ended"] / s["ended"] if s["ended"] > 0 else float("nan"),
+            "env/reward_mean_truncated": s["raw_truncated"] / s["truncated"] if s["truncated"] > 0 else float("nan"),
             "env/reward_dist": scores}
 
 
-def length_stats(dist: Dist, lengths: torch.Tensor, ended: torch.Tensor) -> dict:
-    s = all_reduce_sum(dist, torch.stack([lengths.double().sum(), torch.tensor(float(lengths.numel()),
-                                          dtype=torch.float64, device=lengths.device), ended.double().sum()]))
-    return {"env/response_length_mean": (s[0] / s[1]).item(),
+def length_metrics(dist: Dist, lengths: torch.Tensor, ended: torch.Tensor) -> dict:
+    s = all_reduce_named(dist, {"tokens": lengths.double().sum(), "rows": lengths.new_tensor(lengths.numel()).double(),
+                                "ended": ended.double().sum()})
+    return {"env/response_length_mean": s["tokens"] / s["rows"],
             "env/response_length_min": -all_reduce_max(dist, -lengths.min().double()).item(),
             "env/response_length_max": all_reduce_max(dist, lengths.max().double()).item(),
-            "env/eos_fraction": (s[2] / s[1]).item()}
+            "env/eos_fraction": s["ended"] / s["rows"]}
 
 
-def negative_kl_stats(dist: Dist, log_ratio: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, tok) -> dict:
+def negative_kl_metrics(dist: Dist, log_ratio: torch.Tensor, response_mask: torch.Tensor, tokens: torch.Tensor,
+                        tok) -> dict:
     """How many response tokens have log π − log π_ref < 0 (k1 negative), and their share by token type."""
-    neg = (log_ratio < 0) & mask.bool()
-    counts = torch.zeros(len(KINDS) + 1, dtype=torch.float64, device=tokens.device)
-    for token in tokens[neg].tolist():
-        counts[KINDS.index(token_kind(tok.sp.IdToPiece(int(token))))] += 1
-    counts[-1] = mask.sum()
-    counts = all_reduce_sum(dist, counts)
-    total_neg = counts[:-1].sum()
-    out = {"objective/negative_kl_tokens": total_neg.item(),
-           "objective/negative_kl_share": (total_neg / counts[-1].clamp(min=1)).item()}
-    for i, kind in enumerate(KINDS):
-        out[f"objective/negative_kl_by_type/{kind.replace('/', '_')}"] = (counts[i] / total_neg.clamp(min=1)).item()
+    negative = (log_ratio < 0) & response_mask.bool()
+    counts = {kind: 0.0 for kind in KINDS}
+    for token in tokens[negative].tolist():
+        counts[token_kind(tok.sp.IdToPiece(int(token)))] += 1
+    counts = all_reduce_named(dist, {**{k: torch.tensor(v, dtype=torch.float64, device=tokens.device)
+                                        for k, v in counts.items()},
+                                     "tokens": response_mask.sum().double()})
+    total_negative = sum(counts[kind] for kind in KINDS)
+    out = {"objective/negative_kl_tokens": total_negative,
+           "objective/negative_kl_share": total_negative / max(counts["tokens"], 1.0)}
+    for kind in KINDS:
+        out[f"objective/negative_kl_by_type/{kind.replace('/', '_')}"] = counts[kind] / max(total_negative, 1.0)
     return out
 
 
@@ -71,12 +94,13 @@ def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5
                      "tokens repeat the previous one: likely reward hacking by degenerate repetition")
 
 
-def sample_table(tok, gen, scores: torch.Tensor, n: int = 4) -> str:
+def sample_table(tok, rollout, scores: torch.Tensor, n: int = 4) -> str:
     """Markdown table of a few query / response / reward samples (TensorBoard renders it)."""
     rows = ["| query | response | reward |", "| --- | --- | --- |"]
-    for i in range(min(n, gen.prompt_tokens.shape[0])):
-        query = tok.decode(gen.prompt_tokens[i][gen.prompt_mask[i].bool()].tolist())
-        response = tok.decode(gen.response_tokens[i][gen.response_mask[i].bool()].tolist())
+    P = rollout.prompt_len
+    for i in range(min(n, rollout.tokens.shape[0])):
+        query = tok.decode(rollout.tokens[i, :P][rollout.attention_mask[i, :P].bool()].tolist())
+        response = tok.decode(rollout.tokens[i, P:][rollout.response_mask[i].bool()].tolist())
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
         rows.append(f"| {cell(query)} | {cell(response)} | {scores[i].item():.3f} |")
     return "\n".join(rows)

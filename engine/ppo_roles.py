@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
+from engine.adapter_files import is_adapter_folder, load_adapter_weights, read_adapter_base, read_adapter_config
 from engine.checkpoint import load_checkpoint
-from engine.lora import (
-    ADAPTER_CONFIG,
-    LoRAConfig,
-    adapter_parameters,
-    apply_lora,
-    load_adapter_weights,
-    lora_layers,
-    read_adapter_base,
-    read_adapter_config,
-)
+from engine.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers, use_adapter
 from engine.model import LLaMA
-from engine.rollout import RewardFn, reward_model_fn
+from engine.precision import torch_dtype
+from engine.rlhf_math import last_token_index
 
 REWARD, VALUE = "reward", "value"
+
+# A reward function maps (tokens [B, L], attention mask [B, L] of the whole query+response) to scores [B].
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Roles(NamedTuple):
@@ -42,10 +38,6 @@ class Roles(NamedTuple):
     value_adapter: str | None
     value_head_init: torch.Tensor | None
     layout: str  # one line for the log: who is who, and the memory each adds
-
-
-def is_adapter_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, ADAPTER_CONFIG))
 
 
 def mib(params) -> float:
@@ -59,9 +51,9 @@ def _float_adapter(net: nn.Module, name: str, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def build_roles(cfg, tok, policy: LLaMA, lora: LoRAConfig | None, device: torch.device,
-                reward_fn: RewardFn | None) -> Roles:
+def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: RewardFn | None) -> Roles:
     """Load or attach the reward and value networks for PPOConfig `cfg` around `policy`."""
+    lora = cfg.lora
     base = mib(policy.parameters())
     base_line = f"policy base {base:.1f} MiB; reference = " + (
         "the same base with adapters disabled (+0 MiB)" if lora else f"a frozen copy (+{base:.1f} MiB)")
@@ -76,7 +68,7 @@ def build_roles(cfg, tok, policy: LLaMA, lora: LoRAConfig | None, device: torch.
                        f"+{mib(adapter_parameters(policy, REWARD)) + mib(score.parameters()):.2f} MiB)")
     else:
         reward_net = load_checkpoint(cfg.reward_model, head="score", device=device,
-                                     dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+                                     dtype=torch_dtype(cfg.dtype))
         reward_net.eval().requires_grad_(False)
         tok.check_model_vocab(reward_net.cfg.vocab_size, cfg.reward_model)
         score = reward_net.score
@@ -137,3 +129,23 @@ def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Li
     with torch.no_grad():
         head.weight.copy_(weight)
     return head.requires_grad_(False)
+
+
+def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | None = None) -> RewardFn:
+    """Scores from a reward network at the last real token of each row: `net`'s own score head, or
+    `head` on its hidden states with adapter `adapter` active (a reward adapter on the policy's base).
+
+    Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
+    each row's real tokens are packed to the left first.
+    """
+    head = head if head is not None else net.score
+
+    @torch.no_grad()
+    def score(tokens, attention_mask):
+        order = torch.argsort((~attention_mask.bool()).int(), dim=1, stable=True)  # real tokens first, in order
+        packed, packed_mask = tokens.gather(1, order), attention_mask.gather(1, order)
+        with use_adapter(net, adapter):
+            hidden = net.model(packed, attention_mask=packed_mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
+    return score

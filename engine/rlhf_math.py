@@ -20,11 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
 # ---- masked statistics --------------------------------------------------------------------------
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    x = x * mask  # padding contributes exactly zero, even where x is inf/nan-free garbage
+    x = x * mask  # padding contributes exactly zero (any finite value there is ignored)
     return x.sum() if dim is None else x.sum(dim)
 
 
@@ -96,7 +95,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
         return 0.5 * log_ratio.pow(2)
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2, k3 or full")
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3 (the exact KL is full_kl)")
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -109,9 +108,9 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
 
 
 def full_kl_from_log_softmax(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Σ_v π(v) (log π(v) − log π_ref(v)) from two log-softmax tensors [.., V] -> [..], clamped at 0
-    against round-off."""
-    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0)
+    """Σ_v π(v) (log π(v) − log π_ref(v)) from two log-softmax tensors [.., V] -> [..]. Not clamped:
+    round-off can leave it a hair below 0 where π = π_ref, and tests check that it never goes further."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
 class RewardStats(NamedTuple):
@@ -138,40 +137,44 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: fl
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-def running_moments_update(mean: float, var: float, count: float, x: torch.Tensor):
+class RunningMoments(NamedTuple):
+    mean: float = 0.0
+    var: float = 0.0  # population variance
+    count: float = 0
+
+
+def running_moments_update(mean: float, var: float, count: float, x: torch.Tensor) -> RunningMoments:
     """Merge a batch x into running (mean, var, count) — Chan et al.'s parallel update — for reward
-    normalisation. Returns the new (mean, var, count); var is the population variance."""
+    normalisation."""
     n = x.numel()
     if n == 0:
-        return mean, var, count
+        return RunningMoments(mean, var, count)
     b_mean, b_var = x.double().mean().item(), x.double().var(unbiased=False).item()
     total = count + n
     delta = b_mean - mean
     new_mean = mean + delta * n / total
     new_var = (var * count + b_var * n + delta * delta * count * n / total) / total
-    return new_mean, new_var, total
+    return RunningMoments(new_mean, new_var, total)
 
 
 # ---- advantages ---------------------------------------------------------------------------------
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95,
-        bootstrap: torch.Tensor | None = None):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation over response tokens. rewards, values, mask: [B, T].
 
-    δ_t = r_t + γ V_{t+1} − V_t and A_t = δ_t + γλ A_{t+1}, where V after the last real token is 0
-    for rows that ended (EOS) or `bootstrap` [B] for rows cut at the length cap (0 by default: the
-    StackLLaMA/TRL convention of treating the cap as the end). Returns (advantages, returns = A + V),
-    both 0 on padding.
+    δ_t = r_t + γ V_{t+1} − V_t and A_t = δ_t + γλ A_{t+1}, where V after the last real token is 0,
+    also for rows cut at the length cap (the StackLLaMA/TRL convention of treating the cap as the
+    end). Returns (advantages, returns = A + V), both 0 on padding.
     """
     B, T = rewards.shape
     rewards, values, m = rewards.float(), values.float(), mask.float()
     last = last_token_index(mask)
-    tail = torch.zeros(B, device=rewards.device) if bootstrap is None else bootstrap.float()
+    zero = torch.zeros(B, device=rewards.device)
     advantages = torch.zeros_like(rewards)
-    next_adv = torch.zeros(B, device=rewards.device)
+    next_adv = zero
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] * m[:, t + 1] if t + 1 < T else torch.zeros(B, device=rewards.device)
-        next_value = torch.where(last == t, tail, next_value)
+        next_value = values[:, t + 1] * m[:, t + 1] if t + 1 < T else zero
+        next_value = torch.where(last == t, zero, next_value)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_adv = (delta + gamma * lam * next_adv) * m[:, t]
         advantages[:, t] = next_adv
@@ -224,12 +227,6 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     _, var_returns = moments_to_stats(masked_moments(returns, mask))
     _, var_residual = moments_to_stats(masked_moments(returns - values, mask))
     return 1.0 - var_residual / var_returns.clamp(min=1e-8)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits) [.., V] -> [..]."""
-    logp = F.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, baseline: float = 0.0, norm=None, clip: float = 0.0,

@@ -12,7 +12,6 @@ decay, 4 pairs per rank, max length 512, one epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,17 +21,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.loaders import PairLoader, pad
 from data.pairs_io import read_pairs
-from engine.builder import autocast, build_model, count_params, resolve_tokenizer
-from engine.dist import Dist, all_reduce_sum
+from engine.builder import build_model, count_params, resolve_tokenizer
+from engine.dist import Dist, all_reduce_named, grad_sync
 from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
+from engine.lora import LoRAConfig
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
+from engine.precision import autocast, torch_dtype
 from engine.rlhf_math import last_token_index, pairwise_loss
-from engine.stage_config import StageConfig, require_positive
+from engine.stage_config import ScheduledStageConfig, require_positive
 from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
 
 
 @dataclass(frozen=True)
-class RMConfig(StageConfig):
+class RMConfig(ScheduledStageConfig):
     data: str = field(default=None, metadata={"help": "pairs data (parquet/jsonl file, folder or glob): the "
                                                       "reward split"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out pairs (the evaluation split); "
@@ -45,8 +46,9 @@ class RMConfig(StageConfig):
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     eval_batches: int = field(default=0, metadata={"help": "micro-batches per evaluation (0 = all)"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (linear decay)"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora: LoRAConfig | None = field(default=LoRAConfig(r=8, dropout=0.1), metadata={
+        "help": "train LoRA adapters and the score head on a frozen base (--no-lora: full fine-tuning)",
+        "prefix": "lora_"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,8 +84,8 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, pairs, tok, dist: Dist) -> dict:
     scorer.eval()
     loader = PairLoader(pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size, shuffle=False)
-    # [pairs, loss sum, correct, margin sum, longer-wins credit (ties count half)]
-    totals = torch.zeros(5, dtype=torch.float64, device=dist.device)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
+            for name in ("pairs", "loss", "correct", "margin", "longer_wins")}
     for i, b in enumerate(loader):
         if cfg.eval_batches and i >= cfg.eval_batches:
             break
@@ -93,14 +95,16 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, pairs, tok, dist: Dist) -> dict:
         n = b.chosen_tokens.shape[0]
         loss, stats = pairwise_loss(scores[:n], scores[n:])
         longer = (b.chosen_mask.sum(1) - b.rejected_mask.sum(1)).sign().double()  # +1 chosen longer
-        totals += torch.tensor([n, loss.item() * n, stats.accuracy.item() * n, stats.margin.item() * n,
-                                ((longer + 1) / 2).sum().item()], dtype=torch.float64, device=dist.device)
-    totals = all_reduce_sum(dist, totals)
+        sums["pairs"] += n
+        sums["loss"] += loss.item() * n
+        sums["correct"] += stats.accuracy.item() * n
+        sums["margin"] += stats.margin.item() * n
+        sums["longer_wins"] += ((longer + 1) / 2).sum().item()  # ties count half
+    total = all_reduce_named(dist, sums)
     scorer.train()
-    n = totals[0].clamp(min=1)
-    return {"rm/eval_loss": (totals[1] / n).item(), "rm/accuracy": (totals[2] / n).item(),
-            "rm/margin": (totals[3] / n).item(), "rm/longer_wins_accuracy": (totals[4] / n).item(),
-            "rm/eval_pairs": int(totals[0].item())}
+    n = max(total["pairs"], 1.0)
+    return {"rm/eval_loss": total["loss"] / n, "rm/accuracy": total["correct"] / n, "rm/margin": total["margin"] / n,
+            "rm/longer_wins_accuracy": total["longer_wins"] / n, "rm/eval_pairs": int(total["pairs"])}
 
 
 def held_out(table, every: int = 20):
@@ -112,7 +116,7 @@ def held_out(table, every: int = 20):
 def train(cfg: RMConfig, dist: Dist) -> dict:
     seed_everything(cfg.seed)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
-    lora = cfg.lora_config()
+    lora = cfg.lora
     model = build_model(cfg.model, tok, head="score", dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                         grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
@@ -174,36 +178,35 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
 
         batch = next_global_batch()
         first = dist.rank * cfg.grad_accum * cfg.batch_size
-        totals = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss sum, correct, margin sum, tokens
+        sums = {}  # over this rank's micro-batches: loss, correct pairs, margin (sums over pairs), tokens
         for m in range(cfg.grad_accum):
             rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
             tokens, mask = stack_pairs(*(t[rows] for t in batch), tok.pad_id)
-            sync = contextlib.nullcontext() if (not dist.enabled or m == cfg.grad_accum - 1) else ddp.no_sync()
-            with sync:
+            with grad_sync(dist, ddp, sync=m == cfg.grad_accum - 1):
                 with autocast(dist.device, cfg.dtype):
                     scores = ddp(tokens.to(dist.device), mask.to(dist.device))
                 n = cfg.batch_size
                 loss, stats = pairwise_loss(scores[:n], scores[n:])  # mean over this micro-batch's pairs
                 (loss * n * dist.world_size / pairs_per_step).backward()
-            totals += torch.stack([loss.detach() * n, stats.accuracy * n, stats.margin * n,
-                                   mask.sum().to(loss.device) * 1.0]).double()
-        totals = all_reduce_sum(dist, totals)
-        n_tokens = totals[3].item()
-        totals = totals / pairs_per_step
-        loss = totals[0].item()
+            micro_sums = {"loss": loss.detach() * n, "correct": stats.accuracy * n, "margin": stats.margin * n,
+                          "tokens": mask.sum().to(loss.device) * 1.0}
+            sums = {k: sums.get(k, 0) + v.double() for k, v in micro_sums.items()}
+        total = all_reduce_named(dist, sums)
+        n_tokens, loss = total["tokens"], total["loss"] / pairs_per_step
+        accuracy, margin = total["correct"] / pairs_per_step, total["margin"] / pairs_per_step
         grad_norm = clip_and_step(model, optimizer, step, loss, cfg.grad_clip, guard, log)
         if guard.count:
             continue
         dt = time.time() - t0
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "rm/train_accuracy": totals[1].item(), "rm/train_margin": totals[2].item(),
+                   "rm/train_accuracy": accuracy, "rm/train_margin": margin,
                    "perf/pairs_per_s": pairs_per_step / dt, "perf/tokens_per_s": n_tokens / dt,
                    "perf/mfu": mfu(n_tokens / dt / dist.world_size, flops_token, dist.device,
-                                   torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
+                                   torch_dtype(cfg.dtype)),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         if step % cfg.log_every == 0 or step == max_steps - 1:
             log.scalars(step, metrics)
-            log.line(step + 1, max_steps, {"loss": loss, "acc": totals[1].item(), "lr": lr,
+            log.line(step + 1, max_steps, {"loss": loss, "acc": accuracy, "lr": lr,
                                            "tok/s": round(n_tokens / dt), "mfu": f"{metrics['perf/mfu']:.1%}"})
 
     ev = evaluate(cfg, scorer, eval_pairs, tok, dist)

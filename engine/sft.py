@@ -11,7 +11,6 @@ q_proj/v_proj, lr 1e-5 cosine with 100 warm-up steps, weight decay 0.05.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,19 +20,20 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.packing import PackingLoader, document_causal_mask, sft_documents
+from data.packing import PackingLoader, document_causal_mask, make_documents, sft_documents
 from data.pairs_io import read_pairs
-from engine.builder import autocast, build_model, count_params, resolve_tokenizer
-from engine.dist import Dist, all_reduce_sum
+from engine.builder import build_model, count_params, resolve_tokenizer
+from engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
 from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
-from engine.stage_config import StageConfig, require_positive
+from engine.precision import autocast, torch_dtype
+from engine.stage_config import ScheduledStageConfig, require_positive
 from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
 from kernels.logprobs import hidden_token_logprobs
 
 
 @dataclass(frozen=True)
-class SFTConfig(StageConfig):
+class SFTConfig(ScheduledStageConfig):
     data: str = field(default=None, metadata={"help": "pairs data (parquet/jsonl file, folder or glob): the "
                                                       "finetune split"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out pairs; default: every 20th "
@@ -86,23 +86,22 @@ def evaluate(cfg: SFTConfig, loss_fn: nn.Module, docs, dist: Dist) -> tuple[floa
     loss_fn.eval()
     loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                            world_size=dist.world_size, infinite=False, shuffle=False)
-    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=dist.device), 0
     for i, batch in enumerate(loader):
         if i >= cfg.eval_batches:
             break
         tokens, targets, positions, mask = batch_inputs(batch, cfg.document_mask, dist.device)
         with autocast(dist.device, cfg.dtype):
-            total[0] += loss_fn(tokens, targets, positions, mask).double()
-        total[1] += targets.numel()
-    total = all_reduce_sum(dist, total)
+            loss_sum += loss_fn(tokens, targets, positions, mask).double()
+        n_tokens += targets.numel()
+    total = all_reduce_named(dist, {"loss": loss_sum, "tokens": loss_sum.new_tensor(n_tokens)})
     loss_fn.train()
-    loss = (total[0] / total[1].clamp(min=1)).item()
+    loss = total["loss"] / max(total["tokens"], 1.0)
     return loss, math.exp(min(loss, 50.0))
 
 
 def split_documents(docs, every: int = 20):
     """Hold out every `every`-th document (deterministic) when no --eval-data is given."""
-    from data.packing import make_documents
     pieces = np.split(docs.tokens, docs.offsets[1:-1])  # one array per document
     train = make_documents([p for d, p in enumerate(pieces) if d % every != every - 1])
     held = make_documents([p for d, p in enumerate(pieces) if d % every == every - 1])
@@ -112,7 +111,7 @@ def split_documents(docs, every: int = 20):
 def train(cfg: SFTConfig, dist: Dist) -> dict:
     seed_everything(cfg.seed)  # same initial weights on every rank
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
-    lora = cfg.lora_config()
+    lora = cfg.lora
     model = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                         grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
@@ -171,8 +170,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
             rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
             micro = type(batch)(*(t[rows] for t in batch))
             tokens, targets, positions, mask = batch_inputs(micro, cfg.document_mask, dist.device)
-            sync = contextlib.nullcontext() if (not dist.enabled or m == cfg.grad_accum - 1) else ddp.no_sync()
-            with sync:
+            with grad_sync(dist, ddp, sync=m == cfg.grad_accum - 1):
                 with autocast(dist.device, cfg.dtype):
                     micro_loss = ddp(tokens, targets, positions, mask)
                 (micro_loss * dist.world_size / n_tokens).backward()
@@ -187,7 +185,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": tokens_per_s,
                    "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device,
-                                   torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
+                                   torch_dtype(cfg.dtype)),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             log.scalars(step, metrics)

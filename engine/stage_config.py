@@ -1,8 +1,11 @@
-"""Fields every training stage shares (model, output, optimisation, LoRA, precision, resume).
+"""Fields the training stages share, so each is declared once.
 
-Each stage's frozen config (SFTConfig, RMConfig, PPOConfig) extends this one with its own fields and
-re-declares the fields whose default differs (StackLLaMA used different LoRA ranks and learning
-rates per stage). train.py turns every field into a flag; the field's help is the flag's help.
+`StageConfig` holds what SFT, RM and PPO all read (model, output, optimiser, LoRA, precision, resume);
+`ScheduledStageConfig` adds what only SFT and RM read (a learning-rate schedule, torch.compile). Each
+stage's frozen config extends one of them with its own fields and re-declares the fields whose default
+differs (StackLLaMA used different LoRA ranks and learning rates per stage). train.py turns every
+field into a flag (engine/flags.py), so a stage's `--help` lists exactly the fields of its config,
+and tests/test_flags.py checks that the stage reads every one of them.
 """
 from __future__ import annotations
 
@@ -19,24 +22,16 @@ class StageConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout, sampling)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    lora: bool = field(default=True, metadata={"help": "train LoRA adapters on a frozen base (--no-lora: "
-                                                       "full fine-tuning)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "layers to adapt, or "
-                                                                                          "all-linear"})
+    lora: LoRAConfig | None = field(default=LoRAConfig(), metadata={
+        "help": "train LoRA adapters on a frozen base (--no-lora: full fine-tuning)", "prefix": "lora_"})
     load_in_8bit: bool = field(default=False, metadata={"help": "store the frozen base in 8 bits"})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": ["fp32", "bf16"]})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'auto' for the newest in "
                                                                "--out"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive NaN/Inf steps"})
@@ -46,15 +41,21 @@ class StageConfig:
         for name in ("model", "out"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        for name in ("log_every", "keep", "max_bad_steps"):
-            require_positive(self, name)
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.lora:
-            self.lora_config()  # validates r, alpha, dropout, targets
+        require_positive(self, "log_every", "keep", "max_bad_steps")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
 
-    def lora_config(self) -> LoRAConfig | None:
-        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets) if self.lora else None
+
+@dataclass(frozen=True)
+class ScheduledStageConfig(StageConfig):
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= --min-lr <= --lr, got lr={self.lr}, min_lr={self.min_lr}")
 
 
 def require_positive(cfg, *names: str) -> None:

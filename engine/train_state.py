@@ -14,12 +14,15 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 import torch
 
-from engine.checkpoint import atomic_dir
+from engine.adapter_files import load_adapter_weights, write_adapter
+from engine.atomic import atomic_dir
+from engine.checkpoint import TOKENIZER, load_checkpoint, write_model_files
 from engine.dist import Dist, all_gather_objects, barrier, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"
@@ -117,23 +120,20 @@ def load_trainer_state(dist: Dist, path: str) -> dict:
 def write_stage_model(folder: str, model, lora, tokenizer_path: str, base_model: str) -> None:
     """A stage's model files: PEFT adapter files (a reward model's new score head saved whole beside
     them, as PEFT's SEQ_CLS task does) or a full HF folder, plus the tokenizer."""
-    from engine.checkpoint import write_model
-    from engine.lora import write_adapter
     if lora is None:
-        write_model(model, folder, tokenizer_path=tokenizer_path, pad_token_id=0 if model.head == "score" else None)
+        pad_token_id = 0 if model.head == "score" else None  # transformers' sequence classifier needs one
+        write_model_files(model, folder, tokenizer_path=tokenizer_path, pad_token_id=pad_token_id)
         return
     if model.head == "score":
         write_adapter(model, lora, folder, base_model=base_model, task_type="SEQ_CLS",
                       modules_to_save={"score.weight": model.score.weight})
     else:
         write_adapter(model, lora, folder, base_model=base_model)
-    shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+    shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER))
 
 
 def restore_training(dist: Dist, path: str, model, lora, optimizer, loader) -> dict:
     """Load a checkpoint's trained weights, optimizer and loader cursor (and this rank's RNG) in place."""
-    from engine.checkpoint import load_checkpoint
-    from engine.lora import load_adapter_weights
     state = load_trainer_state(dist, path)
     if lora is not None:
         load_adapter_weights(model, path)
@@ -147,7 +147,6 @@ def restore_training(dist: Dist, path: str, model, lora, optimizer, loader) -> d
 def save_stage_checkpoint(dist: Dist, cfg, step: int, model, lora, tokenizer_path: str, optimizer, loader,
                           bad_steps: int) -> str:
     """SFT's and RM's checkpoint: their model files plus optimizer, loader cursor and config."""
-    from dataclasses import asdict
     return save_training_checkpoint(
         dist, cfg.out, step, lambda folder: write_stage_model(folder, model, lora, tokenizer_path, cfg.model),
         {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "bad_steps": bad_steps,

@@ -55,6 +55,23 @@ def synthetic_pairs(tmp_path_factory):
     return str(folder / "pairs"), str(tok)
 
 
+@pytest.fixture(scope="session")
+def ppo_base(synthetic_pairs, tmp_path_factory):
+    """(base folder, rl split) for PPO tests: a random tiny LLaMA (std 0.15, so logits are expressive)
+    saved with the synthetic tokenizer."""
+    import torch
+
+    from engine.checkpoint import save_model_folder
+    from engine.config import ModelConfig
+    from engine.model import LLaMA
+    pairs, tok = synthetic_pairs
+    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ppo_base")
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), str(folder), tokenizer_path=tok)
+    return str(folder), os.path.join(pairs, "rl")
+
+
 def read_metrics(out_dir, key):
     """{step: value} of one scalar from a run's metrics.jsonl."""
     import json

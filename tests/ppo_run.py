@@ -8,6 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.dist import close_dist, init_dist  # noqa: E402
+from engine.lora import LoRAConfig  # noqa: E402
 from engine.ppo import PPOConfig, train  # noqa: E402
 
 
@@ -17,16 +18,18 @@ def reward_multiple_of_4(tokens, mask):
     return ((resp % 4 == 0).float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def config(base, data, out, batch, mini, epochs, steps, **kw):
-    return PPOConfig(**{**dict(model=base, data=data, out=out, batch_size=batch, mini_batch_size=mini,
-                               ppo_epochs=epochs, max_steps=steps, response_min_length=2, response_max_length=2,
-                               lr=5e-3, lora_r=8, lora_targets=("all-linear",), lora_dropout=0.0, kl_coef=0.05,
+def config(base, data, out, *, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_steps=1, **kw):
+    """A tiny PPO run's config: 2-token responses, LoRA r=8 on every linear, a fixed small β."""
+    return PPOConfig(**{**dict(model=base, data=data, out=out, batch_size=batch_size, mini_batch_size=mini_batch_size,
+                               ppo_epochs=ppo_epochs, max_steps=max_steps, response_min_length=2, response_max_length=2,
+                               lr=5e-3, lora=LoRAConfig(r=8, targets=("all-linear",), dropout=0.0), kl_coef=0.05,
                                adaptive_kl=False, save_every=0, sample_every=0, log_every=1), **kw})
 
 
 if __name__ == "__main__":
     base, data, out, batch, mini, epochs, steps = sys.argv[1:8]
     dist = init_dist("cpu")
-    train(config(base, data, out, int(batch), int(mini), int(epochs), int(steps)), dist,
+    train(config(base, data, out, batch_size=int(batch), mini_batch_size=int(mini), ppo_epochs=int(epochs),
+                 max_steps=int(steps)), dist,
           reward_fn=reward_multiple_of_4)
     close_dist(dist)

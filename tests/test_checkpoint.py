@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, save_model_folder
 from engine.config import ModelConfig
 from engine.model import LLaMA
 
@@ -44,7 +44,7 @@ def test_transformers_folder_loads_with_same_logits(tmp_path, cfg):
 @pytest.mark.parametrize("shard_bytes", [2**30, 20_000], ids=["single", "sharded"])
 def test_our_folder_loads_in_transformers_with_same_logits(tmp_path, cfg, shard_bytes):
     ours = make(cfg)
-    save_checkpoint(ours, str(tmp_path / "ckpt"), max_shard_bytes=shard_bytes)
+    save_model_folder(ours, str(tmp_path / "ckpt"), max_shard_bytes=shard_bytes)
     files = os.listdir(tmp_path / "ckpt")
     assert ("model.safetensors.index.json" in files) == (shard_bytes < 2**30)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
@@ -66,7 +66,7 @@ def test_tied_embeddings_round_trip_through_transformers(tmp_path):
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     with torch.no_grad():
         assert (ours(TOKENS) - hf(TOKENS).logits).abs().max().item() <= 1e-5
-    save_checkpoint(ours, str(tmp_path / "ours"))
+    save_model_folder(ours, str(tmp_path / "ours"))
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         assert (back(TOKENS).logits - hf(TOKENS).logits).abs().max().item() <= 1e-5
@@ -74,7 +74,7 @@ def test_tied_embeddings_round_trip_through_transformers(tmp_path):
 
 def test_score_head_is_a_transformers_sequence_classifier(tmp_path):
     ours = make(GQA, head="score")
-    save_checkpoint(ours, str(tmp_path), pad_token_id=0)
+    save_model_folder(ours, str(tmp_path), pad_token_id=0)
     hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path).eval()
     tokens = TOKENS.clamp(min=1)  # no pad id inside: transformers scores the last non-pad token
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_score_head_is_a_transformers_sequence_classifier(tmp_path):
 
 
 def test_causal_lm_loads_as_reward_model_with_a_fresh_head(tmp_path):
-    save_checkpoint(make(GQA), str(tmp_path))
+    save_model_folder(make(GQA), str(tmp_path))
     rm = load_checkpoint(str(tmp_path), head="score")
     assert rm.score.weight.shape == (1, 64) and torch.isfinite(rm(TOKENS)).all()
 
@@ -230,7 +230,7 @@ def test_llama2c_truncated_bin_is_a_clear_error(tmp_path):
 # ---- bad inputs and atomic writes ---------------------------------------------------------------
 
 def test_missing_config_key(tmp_path):
-    save_checkpoint(make(GQA), str(tmp_path))
+    save_model_folder(make(GQA), str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["num_hidden_layers"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -239,7 +239,7 @@ def test_missing_config_key(tmp_path):
 
 
 def test_wrong_tensor_shape_names_file_and_tensor(tmp_path):
-    save_checkpoint(make(GQA), str(tmp_path))
+    save_model_folder(make(GQA), str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -249,7 +249,7 @@ def test_wrong_tensor_shape_names_file_and_tensor(tmp_path):
 
 
 def test_truncated_safetensors(tmp_path):
-    save_checkpoint(make(GQA), str(tmp_path))
+    save_model_folder(make(GQA), str(tmp_path))
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors: unreadable safetensors file"):
@@ -258,7 +258,7 @@ def test_truncated_safetensors(tmp_path):
 
 def test_missing_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
-    save_checkpoint(make(GQA), str(tmp_path))
+    save_model_folder(make(GQA), str(tmp_path))
     sd = load_file(tmp_path / "model.safetensors")
     del sd["model.norm.weight"]
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -276,14 +276,14 @@ def test_not_a_checkpoint(tmp_path):
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     first = make(GQA, seed=1)
-    save_checkpoint(first, str(target))
+    save_model_folder(first, str(target))
     import engine.checkpoint as ck
 
     def crash(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(ck, "write_json", crash)  # dies after the tensors are written
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(make(GQA, seed=2), str(target))
+        save_model_folder(make(GQA, seed=2), str(target))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp folder left behind
     loaded = load_checkpoint(str(target))
     assert torch.equal(loaded.lm_head.weight, first.lm_head.weight)
@@ -302,7 +302,7 @@ def test_killed_save_never_looks_complete(tmp_path):
         "orig = ck.save_tensors\n"
         "def slow(*a, **k):\n    orig(*a, **k); print('written', flush=True); import time; time.sleep(60)\n"
         "ck.save_tensors = slow\n"
-        "ck.save_checkpoint(LLaMA(ModelConfig.preset('tiny')), %r)\n"
+        "ck.save_model_folder(LLaMA(ModelConfig.preset('tiny')), %r)\n"
     ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(tmp_path / "ckpt"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"

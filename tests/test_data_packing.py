@@ -87,24 +87,21 @@ def test_shard_documents_disjoint_and_complete():
         assert set().union(*parts) == set(range(n)) and sum(map(len, parts)) == n
 
 
-@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
-def test_rank_and_worker_shards_are_disjoint_and_complete(world_size, num_workers):
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_rank_shards_are_disjoint_and_complete(world_size):
     docs = marked_docs(45)
     seen = []
     for rank in range(world_size):
         loader = PackingLoader(make_documents(docs), seq_len=8, batch_size=2, seed=5, rank=rank,
-                               world_size=world_size, num_workers=num_workers)
-        batches = take(loader, 40)
-        workers = max(num_workers, 1)
-        for w in range(workers):  # an endless loader's DataLoader alternates its workers strictly
-            stream = stream_of(batches[w::workers])
-            shard = shard_documents(len(docs), rank * workers + w, world_size * workers)
-            epoch_tokens = sum(len(docs[d]) for d in shard)
-            first_epoch = stream[:epoch_tokens]
-            order = [t - 100 for i, t in enumerate(first_epoch) if t >= 100 and first_epoch[i - 1] == BOS]
-            assert sorted(order) == shard.tolist()  # each shard's first epoch holds exactly its documents
-            assert first_epoch == [t for d in order for t in docs[d]]
-            seen.append(set(order))
+                               world_size=world_size)
+        stream = stream_of(take(loader, 40))
+        shard = shard_documents(len(docs), rank, world_size)
+        epoch_tokens = sum(len(docs[d]) for d in shard)
+        first_epoch = stream[:epoch_tokens]
+        order = [t - 100 for i, t in enumerate(first_epoch) if t >= 100 and first_epoch[i - 1] == BOS]
+        assert sorted(order) == shard.tolist()  # each shard's first epoch holds exactly its documents
+        assert first_epoch == [t for d in order for t in docs[d]]
+        seen.append(set(order))
     assert set().union(*seen) == set(range(len(docs))) and sum(map(len, seen)) == len(docs)
 
 
@@ -122,11 +119,10 @@ def test_epochs_reshuffle_and_seeds_matter():
     assert epoch_orders(1)[0] != first
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("infinite", [True, False])
-def test_resume_continues_the_identical_stream(num_workers, infinite):
+def test_resume_continues_the_identical_stream(infinite):
     docs = make_documents(marked_docs(23))
-    settings = dict(seq_len=8, batch_size=3, seed=7, rank=1, world_size=2, num_workers=num_workers, infinite=infinite)
+    settings = dict(seq_len=8, batch_size=3, seed=7, rank=1, world_size=2, infinite=infinite)
     uninterrupted = take(PackingLoader(docs, **settings), 12)
     for k in (1, 4, 5):
         first = PackingLoader(docs, **settings)
@@ -154,8 +150,8 @@ def test_state_from_another_layout_is_refused():
 
 def test_bad_settings():
     docs = make_documents(marked_docs(3))
-    with pytest.raises(ValueError, match="3 documents cannot fill 2 ranks x 2 workers"):
-        PackingLoader(docs, seq_len=8, batch_size=2, world_size=2, num_workers=2)
+    with pytest.raises(ValueError, match="3 documents cannot fill 4 ranks"):
+        PackingLoader(docs, seq_len=8, batch_size=2, world_size=4)
     with pytest.raises(ValueError, match="rank 2 is not in"):
         PackingLoader(docs, seq_len=8, batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="positive"):

@@ -1,5 +1,4 @@
 """The `prepare` stage end to end on synthetic dumps: counts, splits, files, bad input, failures."""
-import argparse
 import collections
 import math
 import os
@@ -7,7 +6,6 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from data import prepare as prepare_stage
 from data.pairs_io import PAIR_COLUMNS, read_pairs
 from data.prepare import PrepareConfig, prepare
 from data.stackexchange import PostsFormatError, html_to_markdown
@@ -164,9 +162,9 @@ def test_outputs_of_an_older_run_do_not_linger(site, tmp_path):
 
 
 def cli(argv):
-    parser = argparse.ArgumentParser()
-    prepare_stage.add_args(parser)
-    return prepare_stage.run(parser.parse_args(argv))
+    """`train.py prepare ARGV` in this process."""
+    import train
+    return train.main(["prepare", *argv])
 
 
 def test_cli_prints_the_table(site, tmp_path, capsys):

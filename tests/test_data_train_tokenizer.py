@@ -1,9 +1,7 @@
 """Tokenizer training (data/train_tokenizer.py): LLaMA's layout, exact round trips, determinism, errors."""
-import argparse
 
 import pytest
 
-from data import train_tokenizer as stage
 from data.prepare import PrepareConfig, prepare
 from data.synthetic import write_synthetic_posts
 from data.tokenizer import Tokenizer, format_prompt
@@ -86,9 +84,9 @@ def test_errors(tmp_path):
 
 
 def cli(argv):
-    parser = argparse.ArgumentParser()
-    stage.add_args(parser)
-    return stage.run(parser.parse_args(argv))
+    """`train.py tokenizer ARGV` in this process."""
+    import train
+    return train.main(["tokenizer", *argv])
 
 
 def test_cli(pairs_dir, tmp_path, capsys):

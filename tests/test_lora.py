@@ -2,18 +2,16 @@
 import pytest
 import torch
 
+from engine.adapter_files import load_adapter, save_adapter, write_adapter
 from engine.config import ModelConfig
 from engine.lora import (
     LoRAConfig,
     apply_lora,
     disable_lora,
-    load_adapter,
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
-    save_adapter,
     use_adapter,
-    write_adapter,
 )
 from engine.model import LLaMA
 
@@ -137,8 +135,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def hf_base(tmp_path, seed=0):
-    from engine.checkpoint import save_checkpoint
-    save_checkpoint(base_model(seed), str(tmp_path / "base"))
+    from engine.checkpoint import save_model_folder
+    save_model_folder(base_model(seed), str(tmp_path / "base"))
     return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
 
 
@@ -255,7 +253,7 @@ def test_reward_adapter_with_its_head_loads_apart_from_the_model(tmp_path):
     policy = apply_lora(base_model(), LoRAConfig(r=4))
     with pytest.raises(ValueError, match="score.weight matches no parameter"):
         load_adapter(base_model(), str(tmp_path / "rm"), name="reward")
-    from engine.lora import load_adapter_weights, read_adapter_config
+    from engine.adapter_files import load_adapter_weights, read_adapter_config
     apply_lora(policy, read_adapter_config(str(tmp_path / "rm")), name="reward")
     extras = load_adapter_weights(policy, str(tmp_path / "rm"), name="reward", extras="return")
     assert list(extras) == ["score.weight"] and torch.equal(extras["score.weight"], rm.score.weight)

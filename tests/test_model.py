@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
+from engine.generate import left_pad
 from engine.model import KVCache, LLaMA, attention_mask_for, positions_from_padding
 
 GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
@@ -11,16 +12,6 @@ MHA = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, hi
 
 def make(cfg, head="lm", seed=0):
     return LLaMA(cfg, head=head).init_weights(generator=torch.Generator().manual_seed(seed)).eval()
-
-
-def left_padded(prompts, pad=0):
-    P = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), P), pad)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return tokens, mask
 
 
 def test_shapes():
@@ -48,7 +39,7 @@ def test_left_padded_batch_equals_each_prompt_alone(cfg):
     model = make(cfg)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (7, 3, 12, 1)]
-    tokens, mask = left_padded(prompts)
+    tokens, mask = left_pad(prompts, 0)
     with torch.no_grad():
         batch = model(tokens, attention_mask=mask)
         for i, p in enumerate(prompts):
@@ -59,7 +50,7 @@ def test_left_padded_batch_equals_each_prompt_alone(cfg):
 @pytest.mark.parametrize("cfg", [GQA, MHA])
 def test_kv_cache_decoding_equals_full_forward(cfg):
     model = make(cfg)
-    tokens, mask = left_padded([torch.randint(3, 97, (n,)).tolist() for n in (9, 4)])
+    tokens, mask = left_pad([torch.randint(3, 97, (n,)).tolist() for n in (9, 4)], 0)
     with torch.no_grad():
         full = model(tokens, attention_mask=mask)
         # Token by token.

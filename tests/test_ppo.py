@@ -11,46 +11,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ppo_run import config, reward_multiple_of_4
 
-from engine.config import ModelConfig
 from engine.dist import init_dist
-from engine.model import LLaMA
 from engine.ppo import train
 from engine.rlhf_math import full_kl
 
 
 @pytest.fixture(scope="module")
-def base(synthetic_pairs, tmp_path_factory):
-    """A random tiny LLaMA (std 0.15, so logits are expressive) saved with the synthetic tokenizer."""
-    from engine.checkpoint import save_checkpoint
-    pairs, tok = synthetic_pairs
-    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ppo_base")
-    save_checkpoint(LLaMA(cfg).init_weights(std=0.15), str(folder), tokenizer_path=tok)
-    return str(folder), os.path.join(pairs, "rl")
+def base(ppo_base):
+    return ppo_base
 
 
 def test_ppo_raises_a_scripted_reward_with_bounded_kl(base, tmp_path):
-    out = train(config(*base, str(tmp_path), 32, 16, 4, 40), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    out = train(config(*base, str(tmp_path), batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=40),
+                init_dist("cpu"), reward_fn=reward_multiple_of_4)
     rewards = [h["env/reward_mean"] for h in out["history"]]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     # Chance is 0.25; over seeds 0-2 the last five steps averaged 0.27-0.47 above the first five.
     assert last > first + 0.15, rewards
     assert max(h["objective/kl"] for h in out["history"]) < 15.0
-    assert all(h["objective/kl_full"] >= 0 for h in out["history"])
+    assert all(h["objective/kl_full"] >= -1e-5 for h in out["history"])  # unclamped: round-off at most
     assert os.path.exists(tmp_path / "checkpoint-000040" / "adapter_model.safetensors")
 
 
 def test_first_minibatch_ratio_must_be_exactly_one(base, tmp_path, monkeypatch):
     import engine.ppo as ppo
-    real = ppo.rollout_forward
+    real = ppo.build_rollout
 
     def drifted(*a, **k):
-        logprobs, *rest = real(*a, **k)
-        return (logprobs + 1e-4, *rest)
-    monkeypatch.setattr(ppo, "rollout_forward", drifted)
+        rollout = real(*a, **k)
+        return rollout._replace(logprobs=rollout.logprobs + 1e-4 * rollout.response_mask)
+    monkeypatch.setattr(ppo, "build_rollout", drifted)
     with pytest.raises(RuntimeError, match="importance ratio is not exactly 1"):
-        train(config(*base, str(tmp_path), 8, 4, 1, 1), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+        train(config(*base, str(tmp_path)), init_dist("cpu"), reward_fn=reward_multiple_of_4)
 
 
 def policy_and_value(base_dir):
@@ -68,7 +60,7 @@ def policy_and_value(base_dir):
 def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
     from engine.checkpoint import load_checkpoint
     from engine.generate import left_pad
-    from engine.rollout import rollout_forward
+    from engine.rollout import score_responses
     pv = policy_and_value(base[0])
     plain = load_checkpoint(base[0]).eval()
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50]]
@@ -78,20 +70,20 @@ def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
     resp_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     full, full_mask = torch.cat([tokens, resp], 1), torch.cat([mask, resp_mask], 1)
     P = tokens.shape[1]
-    logprobs, values, ref_logprobs, kl_full, _ = rollout_forward(pv, None, full, full_mask, P, 1.0,
-                                                                 torch.arange(2), 2)
+    logprobs, values, ref_logprobs, kl_full, *_ = score_responses(pv, None, full, full_mask, P, 1.0,
+                                                                  torch.arange(2), 2)
     with torch.no_grad():
         base_logp = torch.log_softmax(plain(full, attention_mask=full_mask)[:, P - 1:-1], -1)
         want_ref = base_logp.gather(-1, resp[..., None]).squeeze(-1)
         assert ((ref_logprobs - want_ref) * resp_mask).abs().max().item() <= 1e-5  # reference = base model
         assert (logprobs - ref_logprobs)[resp_mask.bool()].abs().max().item() > 1e-3  # adapters do act
-        assert (kl_full[resp_mask.bool()] >= 0).all()
+        assert (kl_full[resp_mask.bool()] >= -1e-6).all()
         for i, (p, r) in enumerate(zip(prompts, responses)):  # each row alone, unpadded
             n = int(resp_mask[i].sum())
             alone = torch.tensor([p + r[:n]])
-            lp, v, _, _ = pv(alone, torch.ones_like(alone), len(p))
-            assert (lp[0] - logprobs[i, :n]).abs().max().item() <= 1e-5
-            assert (v[0] - values[i, :n]).abs().max().item() <= 1e-5
+            out = pv(alone, torch.ones_like(alone), len(p))
+            assert (out.logprobs[0] - logprobs[i, :n]).abs().max().item() <= 1e-5
+            assert (out.values[0] - values[i, :n]).abs().max().item() <= 1e-5
 
 
 @settings(max_examples=50, deadline=None)
@@ -99,7 +91,7 @@ def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
 def test_exact_full_kl_is_never_negative(seed, scale):
     g = torch.Generator().manual_seed(seed)
     logits, ref = (torch.randn(3, 5, 40, generator=g) * scale for _ in range(2))
-    assert (full_kl(logits, ref) >= 0).all()
+    assert (full_kl(logits, ref) >= -1e-6).all()  # the value is not clamped: this checks the math
     assert full_kl(logits, logits).abs().max().item() <= 1e-5
 
 
@@ -146,12 +138,14 @@ def test_two_ranks_make_the_same_update_as_one_rank_with_the_combined_batch(base
 
 def test_resume_equals_uninterrupted(base, tmp_path):
     kw = dict(save_every=2, keep=10)
-    train(config(*base, str(tmp_path / "full"), 8, 4, 2, 4, **kw), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    train(config(*base, str(tmp_path / "full"), ppo_epochs=2, max_steps=4, **kw), init_dist("cpu"),
+          reward_fn=reward_multiple_of_4)
     part = tmp_path / "part"
-    train(config(*base, str(part), 8, 4, 2, 4, **kw), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    train(config(*base, str(part), ppo_epochs=2, max_steps=4, **kw), init_dist("cpu"), reward_fn=reward_multiple_of_4)
     (part / "metrics.jsonl").unlink()
     torch.manual_seed(1234)
-    train(config(*base, str(part), 8, 4, 2, 4, resume=str(part / "checkpoint-000002"), **kw), init_dist("cpu"),
+    train(config(*base, str(part), ppo_epochs=2, max_steps=4, resume=str(part / "checkpoint-000002"), **kw),
+          init_dist("cpu"),
           reward_fn=reward_multiple_of_4)
     for key in ("env/reward_mean", "ppo/policy_loss", "ppo/value_loss", "objective/kl"):
         full, resumed = read_metrics(tmp_path / "full", key), read_metrics(part, key)
@@ -160,23 +154,24 @@ def test_resume_equals_uninterrupted(base, tmp_path):
 
 def test_prompts_leave_room_for_the_response(base, tmp_path):
     with pytest.raises(ValueError, match="leaves no room for a prompt in the model's max_seq_len 512"):
-        train(config(*base, str(tmp_path), 8, 4, 1, 1, response_min_length=2, response_max_length=511),
+        train(config(*base, str(tmp_path), response_min_length=2, response_max_length=511),
               init_dist("cpu"), reward_fn=reward_multiple_of_4)
 
 
 def test_bf16_ppo_step_runs_and_keeps_the_exact_first_ratio(base, tmp_path):
-    out = train(config(*base, str(tmp_path), 8, 4, 2, 2, dtype="bf16"), init_dist("cpu"),
+    out = train(config(*base, str(tmp_path), ppo_epochs=2, max_steps=2, dtype="bf16"), init_dist("cpu"),
                 reward_fn=reward_multiple_of_4)
-    assert all(h["objective/kl_full"] >= 0 and h["ppo/ratio_mean"] > 0 for h in out["history"])
+    assert all(h["objective/kl_full"] >= -1e-4 and h["ppo/ratio_mean"] > 0 for h in out["history"])
 
 
 def test_adaptive_kl_controller_holds_the_kl_near_its_target(base, tmp_path):
     """With a learning rate that drives the KL far past a fixed small β (to about 12 nats), the
     adaptive controller raises β and brings the KL back near the target (last ten steps about 3.2)."""
     kw = dict(lr=2e-2, kl_coef=0.01, kl_target=3.0)
-    fixed = train(config(*base, str(tmp_path / "fixed"), 32, 16, 4, 30, **kw), init_dist("cpu"),
+    big = dict(batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=30)
+    fixed = train(config(*base, str(tmp_path / "fixed"), **big, **kw), init_dist("cpu"),
                   reward_fn=reward_multiple_of_4)["history"]
-    adaptive = train(config(*base, str(tmp_path / "adaptive"), 32, 16, 4, 30, adaptive_kl=True, kl_horizon=32, **kw),
+    adaptive = train(config(*base, str(tmp_path / "adaptive"), **big, adaptive_kl=True, kl_horizon=32, **kw),
                      init_dist("cpu"), reward_fn=reward_multiple_of_4)["history"]
     tail = lambda h, key: sum(x[key] for x in h[-10:]) / 10  # noqa: E731
     assert tail(fixed, "objective/kl") > 9.0  # without control the KL runs away

@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from engine import ppo_diagnostics as D
 from engine.dist import init_dist
-from engine.rollout import repeated_token_share, token_kind
+from engine.ppo_diagnostics import (
+    length_metrics,
+    negative_kl_metrics,
+    repeated_token_share,
+    reward_metrics,
+    token_kind,
+    warnings,
+)
 
 
 class Log:
@@ -38,13 +44,13 @@ def test_token_kind(piece, kind):
 def test_reward_and_length_statistics_by_ending():
     dist = init_dist("cpu")
     raw, ended = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([True, True, False, True])
-    s = D.reward_stats(dist, raw, raw - 1.0, ended)
+    s = reward_metrics(dist, raw, raw - 1.0, ended)
     assert s["env/reward_mean"] == pytest.approx(2.0)
     assert s["env/reward_std"] == pytest.approx(math.sqrt((1 + 1 + 16 + 16) / 4))
     assert (s["env/reward_min"], s["env/reward_max"]) == (-2.0, 6.0)
     assert s["env/shaped_reward_mean"] == pytest.approx(1.0)
     assert s["env/reward_mean_ended"] == pytest.approx(10 / 3) and s["env/reward_mean_truncated"] == -2.0
-    lengths = D.length_stats(dist, torch.tensor([5, 9, 32, 2]), ended)
+    lengths = length_metrics(dist, torch.tensor([5, 9, 32, 2]), ended)
     assert lengths == {"env/response_length_mean": 12.0, "env/response_length_min": 2.0,
                        "env/response_length_max": 32.0, "env/eos_fraction": 0.75}
 
@@ -53,7 +59,7 @@ def test_negative_kl_tokens_are_counted_by_type_and_padding_is_ignored():
     tokens = torch.tensor([[1, 2, 3, 4], [5, 1, 2, 0]])
     log_ratio = torch.tensor([[-0.1, -0.2, 0.3, -0.4], [-0.5, 0.1, 0.0, -9.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # the -9 sits on padding
-    s = D.negative_kl_stats(init_dist("cpu"), log_ratio, mask, tokens, Pieces)
+    s = negative_kl_metrics(init_dist("cpu"), log_ratio, mask, tokens, Pieces)
     assert s["objective/negative_kl_tokens"] == 4  # word, punctuation, digit, byte
     assert s["objective/negative_kl_share"] == pytest.approx(4 / 7)
     assert s["objective/negative_kl_by_type/word"] == pytest.approx(0.25)
@@ -75,9 +81,9 @@ def metrics(kl_k1=1.0, reward=0.0, repeated=0.05):
 
 def test_negative_kl_warning_fires_beyond_rounding_noise_only():
     log = Log()
-    D.warnings(log, 0, metrics(kl_k1=-1e-7), [])
+    warnings(log, 0, metrics(kl_k1=-1e-7), [])
     assert log.warnings == []  # policy still equal to its reference
-    D.warnings(log, 3, metrics(kl_k1=-0.8), [])
+    warnings(log, 3, metrics(kl_k1=-0.8), [])
     assert len(log.warnings) == 1 and "mean k1 KL is negative (-0.800)" in log.warnings[0]
 
 
@@ -85,7 +91,7 @@ def test_reward_hacking_warning_needs_rising_reward_and_collapsing_diversity():
     history = [metrics(reward=0.0, repeated=0.05)] * 5
     for reward, repeated, fires in ((1.0, 0.5, True), (1.0, 0.2, False), (-1.0, 0.5, False)):
         log = Log()
-        D.warnings(log, 9, metrics(reward=reward, repeated=repeated), history)
+        warnings(log, 9, metrics(reward=reward, repeated=repeated), history)
         assert bool(log.warnings) == fires, (reward, repeated)
         if fires:
             assert "likely reward hacking by degenerate repetition" in log.warnings[0]

@@ -9,14 +9,15 @@ from conftest import read_metrics
 from ppo_run import config, reward_multiple_of_4
 
 from engine.builder import build_model
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, save_model_folder
 from engine.config import ModelConfig
 from engine.dist import init_dist
 from engine.lora import LoRAConfig, apply_lora, lora_layers
 from engine.merge import merge
 from engine.model import LLaMA
 from engine.ppo import train
-from engine.rollout import PolicyAndValue, reward_model_fn
+from engine.ppo_roles import reward_model_fn
+from engine.rollout import PolicyAndValue
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50]]
 RESPONSES = [[7, 8, 9], [10, 2, 0]]  # row 1 ends with EOS (2), then one padding slot
@@ -32,7 +33,7 @@ def setup(synthetic_pairs, tmp_path_factory):
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
     torch.manual_seed(0)
     base = str(folder / "base")
-    save_checkpoint(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tok)
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tok)
     rm = build_model(base, Tokenizer(tok), head="score", lora=LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -58,11 +59,11 @@ def roles_for(setup, tmp_path, reward, value_model):
     from data.tokenizer import Tokenizer
     from engine.ppo_roles import build_roles
     base, data, adapter, merged = setup
-    cfg = config(base, data, str(tmp_path), 8, 4, 1, 1, reward_model=adapter if reward == "adapter" else merged,
+    cfg = config(base, data, str(tmp_path), reward_model=adapter if reward == "adapter" else merged,
                  value_model=value_model)
     tok = Tokenizer(os.path.join(base, "tokenizer.model"))
-    policy = build_model(base, tok, lora=cfg.lora_config())
-    roles = build_roles(cfg, tok, policy, cfg.lora_config(), torch.device("cpu"), None)
+    policy = build_model(base, tok, lora=cfg.lora)
+    roles = build_roles(cfg, tok, policy, torch.device("cpu"), None)
     pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init).eval()
     return pv, roles
 
@@ -89,7 +90,7 @@ def test_value_from_the_reward_model_starts_at_its_prefix_scores(setup, tmp_path
     tokens, mask, P = batch()
     pv, roles = roles_for(setup, tmp_path, reward, "reward")
     with torch.no_grad():
-        _, values, _, _ = pv(tokens, mask, P)
+        values = pv(tokens, mask, P).values
         prefix_scores = load_checkpoint(setup[3], head="score").eval()(tokens, attention_mask=mask)[:, P - 1:-1]
     real = mask[:, P:].bool()
     torch.testing.assert_close(values[real], prefix_scores[real], rtol=1e-5, atol=1e-5)
@@ -108,7 +109,8 @@ def test_shared_base_ppo_trains_policy_and_value_but_never_the_reward(setup, tmp
         captured["policy"] = policy
         return real(cfg, tok, policy, *a)
     monkeypatch.setattr(ppo, "build_roles", spy)
-    train(config(base, data, str(tmp_path), 8, 4, 2, 3, reward_model=adapter, value_model="reward"), init_dist("cpu"))
+    train(config(base, data, str(tmp_path), ppo_epochs=2, max_steps=3, reward_model=adapter, value_model="reward"),
+          init_dist("cpu"))
     assert "reward = adapter 'reward' on the policy base" in capsys.readouterr().out
     policy = captured["policy"]
     layers = [m for _, m in lora_layers(policy)]
@@ -126,11 +128,12 @@ def test_shared_base_ppo_trains_policy_and_value_but_never_the_reward(setup, tmp
 def test_resume_with_a_value_adapter_equals_uninterrupted(setup, tmp_path):
     base, data, adapter, _ = setup
     kw = dict(save_every=2, keep=10, reward_model=adapter, value_model="reward")
-    train(config(base, data, str(tmp_path / "full"), 8, 4, 2, 4, **kw), init_dist("cpu"))
+    train(config(base, data, str(tmp_path / "full"), ppo_epochs=2, max_steps=4, **kw), init_dist("cpu"))
     part = tmp_path / "part"
-    train(config(base, data, str(part), 8, 4, 2, 2, **kw), init_dist("cpu"))
+    train(config(base, data, str(part), ppo_epochs=2, max_steps=2, **kw), init_dist("cpu"))
     (part / "metrics.jsonl").unlink()
-    train(config(base, data, str(part), 8, 4, 2, 4, resume=str(part / "checkpoint-000002"), **kw), init_dist("cpu"))
+    train(config(base, data, str(part), ppo_epochs=2, max_steps=4, resume=str(part / "checkpoint-000002"), **kw),
+          init_dist("cpu"))
     for key in ("env/reward_mean", "ppo/policy_loss", "ppo/value_loss", "objective/kl"):
         full, resumed = read_metrics(tmp_path / "full", key), read_metrics(part, key)
         assert sorted(resumed) == [2, 3] and all(resumed[s] == full[s] for s in resumed), key
@@ -140,7 +143,8 @@ def test_gradient_accumulation_equals_one_large_minibatch(setup, tmp_path):
     from safetensors.torch import load_file
     base, data, _, _ = setup
     for name, accum in (("one", 1), ("four", 4)):
-        train(config(base, data, str(tmp_path / name), 8, 8, 2, 2, grad_accum=accum), init_dist("cpu"),
+        train(config(base, data, str(tmp_path / name), mini_batch_size=8, ppo_epochs=2, max_steps=2,
+                     grad_accum=accum), init_dist("cpu"),
               reward_fn=reward_multiple_of_4)
     a = load_file(tmp_path / "one" / "checkpoint-000002" / "adapter_model.safetensors")
     b = load_file(tmp_path / "four" / "checkpoint-000002" / "adapter_model.safetensors")
@@ -153,15 +157,15 @@ def test_gradient_accumulation_equals_one_large_minibatch(setup, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(reward="adapter", lora=False), "can share the policy's frozen base only when the policy trains LoRA"),
+    (dict(reward="adapter", lora=None), "can share the policy's frozen base only when the policy trains LoRA"),
     (dict(reward="scripted", value_model="reward"), "--value-model reward needs a reward model"),
-    (dict(reward="merged", mini_batch_size=4, grad_accum=3), "must be a multiple of --grad-accum 3"),
+    (dict(reward="merged", grad_accum=3), "must be a multiple of --grad-accum 3"),
 ])
 def test_role_errors(setup, tmp_path, kw, match):
     base, data, adapter, merged = setup
     reward = kw.pop("reward")
     with pytest.raises(ValueError, match=match):
-        train(config(base, data, str(tmp_path), 8, kw.pop("mini_batch_size", 4), 1, 1,
+        train(config(base, data, str(tmp_path), mini_batch_size=kw.pop("mini_batch_size", 4), max_steps=1,
                      reward_model={"adapter": adapter, "merged": merged}.get(reward), **kw), init_dist("cpu"),
               reward_fn=reward_multiple_of_4 if reward == "scripted" else None)
 
@@ -176,4 +180,4 @@ def test_reward_adapter_from_another_base_is_refused(setup, tmp_path):
     conf["base_model_name_or_path"] = merged  # exists, and is not the policy's base
     (other / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="is an adapter trained on .* not on the policy's base"):
-        train(config(base, data, str(tmp_path / "out"), 8, 4, 1, 1, reward_model=str(other)), init_dist("cpu"))
+        train(config(base, data, str(tmp_path / "out"), reward_model=str(other)), init_dist("cpu"))

@@ -33,7 +33,7 @@ def separable_pairs(tmp_path_factory):
 
 
 def rm_cfg(data, tok, out, **kw):
-    return RMConfig(**{**dict(model="tiny", tokenizer=tok, data=data, out=str(out), lora=False, lr=3e-3,
+    return RMConfig(**{**dict(model="tiny", tokenizer=tok, data=data, out=str(out), lora=None, lr=3e-3,
                               batch_size=8, epochs=2, eval_every=0, log_every=1, save_every=0), **kw})
 
 
@@ -60,15 +60,16 @@ def test_rm_resume_is_exact(separable_pairs, tiny_tokenizer_path, tmp_path):
 
 def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs, tiny_tokenizer_path, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.adapter_files import load_adapter
+    from engine.checkpoint import load_checkpoint, save_model_folder
     from engine.config import ModelConfig
-    from engine.lora import load_adapter
+    from engine.lora import LoRAConfig
     from engine.merge import merge
     from engine.model import LLaMA
     base = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})).init_weights()
-    save_checkpoint(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
-    train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"), lora=True,
-                 lora_targets=("all-linear",), epochs=1), init_dist("cpu"))
+    save_model_folder(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
+    train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"),
+                 lora=LoRAConfig(r=8, dropout=0.1, targets=("all-linear",)), epochs=1), init_dist("cpu"))
     adapter = str(sorted((tmp_path / "rm").glob("checkpoint-*"))[-1])
     adapted, _ = load_adapter(load_checkpoint(str(tmp_path / "base"), head="score"), adapter)
     merge(str(tmp_path / "base"), adapter, str(tmp_path / "merged"))

@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, read_metrics
 
 from engine.dist import init_dist
+from engine.lora import LoRAConfig
 from engine.sft import SFTConfig, train
 
 TINY = dict(model="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=5, log_every=1, eval_every=0,
@@ -17,7 +18,7 @@ TINY = dict(model="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=5, log
 def sft_cfg(synthetic_pairs, out, **kw):
     pairs, tok = synthetic_pairs
     return SFTConfig(**{**TINY, "data": os.path.join(pairs, "finetune"), "tokenizer": tok, "out": str(out),
-                        "lora": False, **kw})
+                        "lora": None, **kw})
 
 
 def test_sft_loss_falls_on_the_synthetic_data(synthetic_pairs, tmp_path):
@@ -56,7 +57,7 @@ def test_resume_with_lora_dropout_restores_the_rng(synthetic_pairs, tmp_path):
     base = tmp_path / "base"
     train(sft_cfg(synthetic_pairs, base, max_steps=1, save_every=0), init_dist("cpu"))
     full, resumed = checkpoints_equal_run(synthetic_pairs, tmp_path, model=str(base / "checkpoint-000001"),
-                                          lora=True, lora_dropout=0.3, lora_targets=("all-linear",))
+                                          lora=LoRAConfig(dropout=0.3, targets=("all-linear",)))
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
 
 

@@ -1,0 +1,47 @@
+"""`train.py generate`: load a checkpoint (and optionally a LoRA adapter), sample a continuation of each
+prompt with engine/generate.py, and print one decoded response per line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.adapter_files import load_adapter
+from engine.builder import resolve_tokenizer
+from engine.checkpoint import load_checkpoint
+from engine.generate import SamplingConfig, generate
+from engine.precision import DTYPES, torch_dtype
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = field(default=None, metadata={"help": "checkpoint: HF folder, Meta folder (params.json + "
+                                                       "consolidated.*.pth) or llama2.c .bin"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder (ours or PEFT's) to apply"})
+    tokenizer: str | None = field(default=None, metadata={"help": "sentencepiece tokenizer.model (default: the "
+                                                                  "one beside the checkpoint)"})
+    prompt: tuple[str, ...] = field(default=("",), metadata={"help": "one or more prompts, answered as a batch"})
+    dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": sorted(DTYPES)})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+    sampling: SamplingConfig = field(default=SamplingConfig(), metadata={"prefix": ""})
+
+
+def run(cfg: GenerateConfig) -> int:
+    if not os.path.exists(cfg.model):
+        raise FileNotFoundError(f"no checkpoint at {cfg.model}")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
+    model = load_checkpoint(cfg.model, dtype=torch_dtype(cfg.dtype), device=device).eval()
+    tok.check_model_vocab(model.cfg.vocab_size, cfg.model)
+    if cfg.adapter:
+        load_adapter(model, cfg.adapter)
+        model.eval()
+    out = generate(model, [tok.encode(p, bos=True) for p in cfg.prompt], cfg.sampling, tok.eos_id, tok.pad_id)
+    for i in range(len(cfg.prompt)):
+        ids = out.response_tokens[i][out.response_mask[i].bool()].tolist()
+        if ids and ids[-1] == tok.eos_id:
+            ids = ids[:-1]
+        print(tok.decode(ids), flush=True)
+    return 0

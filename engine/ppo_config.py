@@ -1,0 +1,80 @@
+"""PPOConfig: every flag `train.py ppo` honours, with StackLLaMA's defaults (rl_training.py): lr 1.4e-5,
+4 PPO epochs, init KL coef 0.2 adaptive to target 6 over horizon 10000, response length 32–128, LoRA
+r=16 α=32 dropout 0.05, γ=1, λ=0.95, clip 0.2, value clip 0.2, vf_coef 0.1, reward baseline 0.
+The shared fields (model, out, optimiser, LoRA, precision, resume) come from engine/stage_config.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.stage_config import StageConfig, require_positive
+
+
+@dataclass(frozen=True)
+class PPOConfig(StageConfig):
+    reward_model: str = field(default=None, metadata={"help": "reward model: a merged RM folder (its own network), or "
+                                                               "an RM adapter folder (a train.py rm checkpoint) put "
+                                                               "on the policy's frozen base"})
+    value_model: str = field(default="head", metadata={"help": "value function: a head on the policy's hidden states "
+                                                                "(StackLLaMA), or a value adapter + head initialised "
+                                                                "from the reward model",
+                                                        "choices": ["head", "reward"]})
+    data: str = field(default=None, metadata={"help": "pairs data whose questions are the prompts (the rl split)"})
+    max_steps: int = field(default=100, metadata={"help": "PPO steps (rollout + update)"})
+    batch_size: int = field(default=16, metadata={"help": "queries per rank per PPO step"})
+    mini_batch_size: int = field(default=4, metadata={"help": "rows per rank per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per minibatch (gradient accumulation)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
+    max_prompt_length: int = field(default=512, metadata={"help": "keep queries shorter than this (tokens)"})
+    response_min_length: int = field(default=32, metadata={"help": "response length cap drawn per batch from "
+                                                                   "[min, max]"})
+    response_max_length: int = field(default=128, metadata={"help": "(see response-min-length)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off; StackLLaMA's lesson: keep off)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL in the reward",
+                                                      "choices": ["k1", "k2", "k3", "full"]})
+    kl_coef: float = field(default=0.2, metadata={"help": "initial KL coefficient β"})
+    adaptive_kl: bool = field(default=True, metadata={"help": "adapt β towards --kl-target (else fixed)"})
+    kl_target: float = field(default=6.0, metadata={"help": "target KL per response (adaptive controller)"})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "adaptive controller horizon"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient"})
+    whiten: str = field(default="batch", metadata={"help": "whiten advantages over the whole batch across ranks, "
+                                                           "or per minibatch (blog-era TRL)",
+                                                   "choices": ["batch", "minibatch"]})
+    reward_baseline: float = field(default=0.0, metadata={"help": "subtracted from every RM score"})
+    reward_norm: bool = field(default=False, metadata={"help": "normalise scores by running mean/std"})
+    reward_clip: float = field(default=0.0, metadata={"help": "clip shaped scores to ±this (0 = off)"})
+    no_eos_penalty: float | None = field(default=None, metadata={"help": "reward for responses cut at the length "
+                                                                         "cap (default: keep their RM score)"})
+    early_stop_kl: float = field(default=0.0, metadata={"help": "stop this step's PPO epochs when a minibatch's "
+                                                                "approx KL to the rollout policy exceeds this "
+                                                                "(0 = off; not the controller's --kl-target)"})
+    ratio_threshold: float = field(default=10.0, metadata={"help": "skip a minibatch whose mean ratio exceeds "
+                                                                   "this"})
+    sample_every: int = field(default=10, metadata={"help": "log a table of samples every N steps"})
+    lr: float = field(default=1.4e-5, metadata={"help": "learning rate"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    log_every: int = field(default=1, metadata={"help": "log every N steps"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("--data is required")
+        require_positive(self, "max_steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
+                         "max_prompt_length", "response_min_length")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
+                             f"{self.mini_batch_size}")
+        if self.mini_batch_size % self.grad_accum:
+            raise ValueError(f"--mini-batch-size {self.mini_batch_size} must be a multiple of --grad-accum "
+                             f"{self.grad_accum}")
+        if self.response_max_length < self.response_min_length:
+            raise ValueError("--response-max-length must be >= --response-min-length")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 for PPO sampling, got {self.temperature}")
