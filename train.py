@@ -19,6 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a che
 from engine.flags import add_config_flags, config_from_args  # noqa: E402
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag is named on one line, with where to look, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 class Stage(NamedTuple):
     help: str
     load: Callable[[], tuple[type, Callable]]  # -> (config class, run(cfg) -> exit code)
@@ -91,7 +98,7 @@ STAGES = {
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The command line; only `stage`'s flags are built (importing its modules), the others are listed."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="train.py", description="StackLLaMA-style RLHF in raw PyTorch: one stage per subcommand.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, entry in STAGES.items():
