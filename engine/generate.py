@@ -2,10 +2,12 @@
 
 Prompts are left-padded so every row's next token sits in the last column; positions come from the
 attention mask, so padding changes nothing. Each sampled token's log-probability is taken under the
-exact distribution it was drawn from (after temperature and any top-k/top-p renormalisation): PPO's
-"old" log-probs must describe the sampler, and StackLLaMA's negative-KL trouble came from sampling
-with tricks and scoring without them. Rows stop at EOS and are dropped from the batch (and the
-cache), so a finished row stops costing compute.
+exact distribution it was drawn from (after temperature and any top-k/top-p renormalisation). PPO
+compares these with the log-probs its update computes for the same tokens (onpolicy/* metrics, see
+docs/ON_POLICY.md): they agree only when both describe one distribution, which is why PPO samples
+without top-k/top-p (StackLLaMA's negative-KL trouble came from sampling with tricks and scoring
+without them). Rows stop at EOS and are dropped from the batch (and the cache), so a finished row
+stops costing compute.
 
 References: Meta's llama/generation.py (left-to-right batched decode), gpt-fast generate.py (static
 KV cache), HF's top-p filtering convention (keep the smallest set with cumulative mass >= top_p).

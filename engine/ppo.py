@@ -22,52 +22,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.loaders import PromptLoader
 from data.pairs_io import read_pairs
-from engine.adapter_files import load_adapter_weights
+from engine import ppo_checkpoint
 from engine.builder import build_model, resolve_tokenizer
 from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
 from engine.generate import SamplingConfig
 from engine.logging import Logger, peak_memory_bytes
-from engine.lora import lora_state_dict
 from engine.optim import BadStepGuard, build_adamw, clip_and_step
 from engine.ppo_config import PPOConfig
-from engine.ppo_diagnostics import (
-    length_metrics,
-    negative_kl_metrics,
-    repeated_token_share,
-    reward_metrics,
-    sample_table,
-    warnings,
-)
-from engine.ppo_roles import VALUE, RewardFn, build_roles, mib
+from engine.ppo_diagnostics import (first_minibatch_tolerance, length_metrics, negative_kl_metrics,
+                                    onpolicy_metrics, onpolicy_warning, repeated_token_share, reward_metrics,
+                                    sample_table, sampler_tolerance, warnings)
+from engine.ppo_roles import RewardFn, build_roles, mib
 from engine.precision import autocast
-from engine.rlhf_math import (
-    RunningMoments,
-    adaptive_kl_coef,
-    clipped_value_loss,
-    gae,
-    kl_estimate,
-    kl_penalized_rewards,
-    masked_mean,
-    masked_moments,
-    masked_sum,
-    masked_whiten,
-    moments_to_stats,
-    ppo_policy_loss,
-    running_moments_update,
-    shape_scores,
-)
+from engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
+                              kl_penalized_rewards, masked_mean, masked_moments, masked_sum, masked_whiten,
+                              moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
 from engine.rollout import PolicyAndValue, Rollout, build_rollout
-from engine.train_state import (
-    load_trainer_state,
-    resolve_resume,
-    save_training_checkpoint,
-    seed_everything,
-    write_stage_model,
-)
+from engine.train_state import resolve_resume, seed_everything
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=cfg.lora, load_in_8bit=cfg.load_in_8bit,
                          grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed)
@@ -84,20 +59,18 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     kl_coef, reward_moments, start = cfg.kl_coef, RunningMoments(), 0
     resume_from = resolve_resume(dist, cfg.resume, cfg.out)
     if resume_from:
-        kl_coef, reward_moments, start = restore(dist, resume_from, pv, optimizer, prompts)
+        kl_coef, reward_moments, start = ppo_checkpoint.restore(dist, resume_from, pv, optimizer, prompts)
         log.info(f"ppo: resumed from {resume_from} at step {start}")
+    exact = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
+    log.info("ppo: the first minibatch's importance ratio must be " + (
+        "exactly 1 (the update re-runs the rollout's deterministic kernels on the same rows)" if exact == 0 else
+        f"1 within |log ratio| <= {exact:g} ({dist.device.type} {cfg.dtype}; --deterministic makes it exact)"))
 
     def save(step):
         if cfg.lora is None:
             log.warn("ppo: checkpoints are written for LoRA policies only")
             return
-        state = {"optimizer": optimizer.state_dict(), "prompts": prompts.state_dict(), "kl_coef": kl_coef,
-                 "reward_moments": list(reward_moments), "value_head": pv.value_head.state_dict(),
-                 "config": asdict(cfg),
-                 "value_adapter": lora_state_dict(pv.value_net, VALUE) if pv.value_net is not None else {}}
-        save_training_checkpoint(dist, cfg.out, step,
-                                 lambda folder: write_stage_model(folder, policy, cfg.lora, tok.path, cfg.model),
-                                 state, keep=cfg.keep)
+        ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments)
 
     queries, history = iter(prompts), []
     micro = cfg.mini_batch_size // cfg.grad_accum
@@ -112,8 +85,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         prompt_lists = [t[m].tolist() for t, m in zip(batch.tokens[mine], batch.attention_mask[mine])]
         # One length cap per step, drawn from (seed, step) alone, so every rank draws the same cap.
         max_new = random.Random(cfg.seed * 100_003 + step).randint(cfg.response_min_length, cfg.response_max_length)
-        sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p)
+        sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature)
         # A row's sampler is seeded by (seed, the row's global index): its sample ignores the world size.
         first_row = (step * dist.world_size + dist.rank) * cfg.batch_size
         # Minibatch shuffles come from (seed, step, rank); epoch 0's order is also the order the rollout
@@ -144,7 +116,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             advantages = masked_whiten(advantages, response_mask, mean, var)
 
         # 5. PPO epochs over shuffled minibatches (epoch 0 in the rollout's order).
-        update = ppo_epochs(cfg, dist, ddp, optimizer, guard, log, step, rollout, advantages, returns, shuffler)
+        update = ppo_epochs(cfg, dist, ddp, optimizer, guard, log, step, rollout, advantages, returns, shuffler, exact)
         update_seconds, t_end = update.pop("seconds"), time.time()
 
         # 6. Log; then move β towards the KL target with this batch's mean KL per response.
@@ -158,6 +130,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                    **length_metrics(dist, response_mask.sum(1).long(), rollout.ended),
                    **negative_kl_metrics(dist, rollout.logprobs - rollout.ref_logprobs, response_mask,
                                          rollout.response_tokens, tok),
+                   **onpolicy_metrics(dist, rollout.sampler_logprobs, rollout.logprobs, response_mask, cfg.cliprange),
                    "env/repeated_token_share": repeated_token_share(rollout.response_tokens, response_mask),
                    **{f"time/{phase}": seconds for phase, seconds in rollout.seconds.items()},
                    "time/update": update_seconds,
@@ -167,6 +140,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             kl_coef = adaptive_kl_coef(kl_coef, used_kl, cfg.batch_size * dist.world_size, cfg.kl_target,
                                        cfg.kl_horizon)
         warnings(log, step, metrics, history)
+        onpolicy_warning(log, step, metrics, history, sampler_tolerance(dist.device, cfg.dtype),
+                         cfg.onpolicy_warn_every)
         history.append({k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)})
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             log.scalars(step, metrics)
@@ -184,15 +159,17 @@ TOKEN_WEIGHTED = ("clipfrac", "value_clipfrac", "approx_kl", "ratio_mean", "expl
 
 
 def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, log, step: int, rollout: Rollout,
-               advantages: torch.Tensor, returns: torch.Tensor, shuffler: torch.Generator) -> dict:
+               advantages: torch.Tensor, returns: torch.Tensor, shuffler: torch.Generator, exact: float) -> dict:
     """Step 5: `ppo_epochs` passes over the rollout in minibatches of `mini_batch_size` rows per rank. A
     minibatch is one optimizer step, its gradient accumulated over `grad_accum` micro-batches; its loss
-    is a mean over the global minibatch's real tokens. Returns the minibatch statistics, averaged."""
+    is a mean over the global minibatch's real tokens. The first minibatch re-scores the rollout's rows
+    with the rollout's own function: its |log ratio| must not exceed `exact`. Returns the minibatch
+    statistics, averaged."""
     t0 = time.time()
     pv = ddp.module if isinstance(ddp, DDP) else ddp
     response_mask, B = rollout.response_mask, rollout.tokens.shape[0]
     mini, micro = cfg.mini_batch_size, cfg.mini_batch_size // cfg.grad_accum
-    minibatches, skipped, stopped_early, ratio_max = [], 0, False, 0.0
+    minibatches, skipped, stopped_early, ratio_max, drift = [], 0, False, 0.0, 0.0
     for epoch in range(cfg.ppo_epochs):
         perm = rollout.order if epoch == 0 else torch.randperm(B, generator=shuffler).to(rollout.order.device)
         for k in range(0, B, mini):
@@ -205,10 +182,16 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
             for j in range(0, mini, micro):
                 with grad_sync(dist, ddp, sync=j + micro >= mini):  # gradients cross ranks once per minibatch
                     loss, stats = micro_batch_loss(cfg, ddp, rollout, rows[j:j + micro], minibatch_adv[j:j + micro],
-                                                   returns, n_tokens, first=epoch == 0 and k == 0)
+                                                   returns, n_tokens)
                     (loss * dist.world_size).backward()  # DDP averages over ranks; the loss is already global
-                sums = {name: sums.get(name, 0) + value for name, value in stats.items() if name != "ratio_max"}
+                sums = {name: sums.get(name, 0) + value for name, value in stats.items() if not name.endswith("max")}
                 local_ratio_max = torch.maximum(local_ratio_max, stats["ratio_max"])
+                if epoch == 0 and k == 0:
+                    drift = max(drift, all_reduce_max(dist, stats["log_ratio_abs_max"]).item())
+                    if drift > exact:
+                        raise RuntimeError(f"ppo: the first minibatch's importance ratio is not 1 (max |log ratio| "
+                                           f"{drift:.2e} > {exact:g}): the update does not reproduce the rollout's "
+                                           "old log-probs")
             ratio_max = max(ratio_max, all_reduce_max(dist, local_ratio_max).item())
             total = all_reduce_named(dist, sums)
             for name in TOKEN_WEIGHTED:
@@ -228,21 +211,17 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
     mean = {name: sum(m[name] for m in minibatches) / len(minibatches) for name in minibatches[0]}
     return {**{f"ppo/{name}": value for name, value in mean.items() if name != "entropy"},
             "objective/entropy": mean["entropy"], "ppo/ratio_max": ratio_max, "ppo/skipped_minibatches": skipped,
-            "ppo/early_stopped": float(stopped_early), "seconds": time.time() - t0}
+            "ppo/early_stopped": float(stopped_early), "onpolicy/first_minibatch_drift": drift,
+            "seconds": time.time() - t0}
 
 
-def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, returns, n_tokens, first: bool):
+def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, returns, n_tokens):
     """The PPO loss of `rows` (clipped policy surrogate + vf_coef · clipped value loss − entropy bonus),
     each a sum over their tokens divided by the global minibatch's `n_tokens`; and this micro-batch's
     statistics as named sums (token-weighted ones multiplied by its local token count)."""
     response_mask = rollout.response_mask[rows]
     with autocast(rollout.tokens.device, cfg.dtype):
         out = ddp(rollout.tokens[rows], rollout.attention_mask[rows], rollout.prompt_len, cfg.temperature)
-    if first:  # the update's forward must reproduce the rollout's old log-probs bit for bit
-        drift = ((out.logprobs.detach() - rollout.logprobs[rows]) * response_mask).abs().max().item()
-        if drift != 0.0:
-            raise RuntimeError(f"ppo: importance ratio is not exactly 1 on the first minibatch (max |log ratio| "
-                               f"{drift:.2e}); old log-probs do not match the update")
     pg_loss, pg = ppo_policy_loss(out.logprobs, rollout.logprobs[rows], advantages, response_mask, cfg.cliprange,
                                   n_tokens)
     vf_loss, vf = clipped_value_loss(out.values, rollout.values[rows], returns[rows], response_mask,
@@ -253,7 +232,8 @@ def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, re
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(),
                   "clipfrac": pg.clipfrac * n_local, "value_clipfrac": vf.clipfrac * n_local,
                   "approx_kl": pg.approx_kl * n_local, "ratio_mean": pg.ratio_mean * n_local,
-                  "explained_variance": vf.explained_variance * n_local, "ratio_max": pg.ratio_max.detach()}
+                  "explained_variance": vf.explained_variance * n_local, "ratio_max": pg.ratio_max.detach(),
+                  "log_ratio_abs_max": ((out.logprobs.detach() - rollout.logprobs[rows]) * response_mask).abs().max()}
 
 
 def kl_per_response(dist: Dist, rollout: Rollout) -> dict[str, float]:
@@ -277,17 +257,3 @@ def prompt_loader(cfg: PPOConfig, dist: Dist, tok, max_seq_len: int, log) -> Pro
     log.info(f"ppo: {len(prompts.queries):,} queries shorter than {max_prompt} tokens "
              f"({prompts.too_long:,} longer ones left out)")
     return prompts
-
-
-def restore(dist: Dist, path: str, pv: PolicyAndValue, optimizer, prompts: PromptLoader):
-    """Load a PPO checkpoint in place; returns (kl_coef, reward moments, step) to continue from."""
-    state = load_trainer_state(dist, path)
-    load_adapter_weights(pv.policy, path)
-    pv.value_head.load_state_dict(state["value_head"])
-    if pv.value_net is not None:
-        with torch.no_grad():
-            for name, t in state["value_adapter"].items():
-                pv.value_net.get_parameter(name).copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    prompts.load_state_dict(state["prompts"])
-    return state["kl_coef"], RunningMoments(*state["reward_moments"]), state["step"]

@@ -29,9 +29,10 @@ class PPOConfig(StageConfig):
     response_min_length: int = field(default=32, metadata={"help": "response length cap drawn per batch from "
                                                                    "[min, max]"})
     response_max_length: int = field(default=128, metadata={"help": "(see response-min-length)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off; StackLLaMA's lesson: keep off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off)"})
+    # No top-k / top-p: the update and the KL score the policy's full distribution at this temperature, so
+    # sampling from a truncated one would make the ratio and the KL describe another policy (docs/ON_POLICY.md).
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, applied alike when the "
+                                                                "update and the KL score the samples"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL in the reward",
                                                       "choices": ["k1", "k2", "k3", "full"]})
     kl_coef: float = field(default=0.2, metadata={"help": "initial KL coefficient β"})
@@ -57,6 +58,10 @@ class PPOConfig(StageConfig):
                                                                 "(0 = off; not the controller's --kl-target)"})
     ratio_threshold: float = field(default=10.0, metadata={"help": "skip a minibatch whose mean ratio exceeds "
                                                                    "this"})
+    onpolicy_warn_every: int = field(default=50, metadata={"help": "repeat the sampler-vs-trainer disagreement "
+                                                                      "warning every N steps while it lasts"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (and cuBLAS "
+                                                                 "workspace): two runs give identical metrics"})
     sample_every: int = field(default=10, metadata={"help": "log a table of samples every N steps"})
     lr: float = field(default=1.4e-5, metadata={"help": "learning rate"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})

@@ -78,6 +78,57 @@ def negative_kl_metrics(dist: Dist, log_ratio: torch.Tensor, response_mask: torc
     return out
 
 
+# How far the sampler's log-probs may sit from the trainer's before PPO warns (docs/ON_POLICY.md). The
+# sampler decodes one token at a time against a KV cache, the trainer runs one forward over the whole
+# row: the same sums reduced in another order and shape, which moves fp32 log-probs by ~1e-6 and bf16
+# ones (8 mantissa bits, and the sampler and trainer round at different places) by ~1e-2. On CUDA,
+# fp32 matmuls may run in TF32. Anything far above these is a different policy, not round-off.
+SAMPLER_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cpu", "bf16"): 0.25, ("cuda", "fp32"): 1e-2, ("cuda", "bf16"): 0.25}
+
+
+def sampler_tolerance(device: torch.device, dtype: str) -> float:
+    return SAMPLER_TOLERANCE.get((device.type, dtype), SAMPLER_TOLERANCE[("cuda", dtype)])
+
+
+def first_minibatch_tolerance(device: torch.device, dtype: str, deterministic: bool) -> float:
+    """How far the first minibatch's log ratio may be from 0: exactly 0 where the rollout's scoring and
+    the update run the same deterministic kernels on the same rows (CPU, or --deterministic); on CUDA
+    otherwise kernels may reduce in a different order from call to call, so a round-off band is allowed."""
+    if device.type == "cpu" or deterministic:
+        return 0.0
+    return 1e-5 if dtype == "fp32" else 1e-3
+
+
+def onpolicy_metrics(dist: Dist, sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor,
+                     response_mask: torch.Tensor, cliprange: float) -> dict:
+    """How far the policy the sampler drew from is from the policy the update scores, over real response
+    tokens [B, R]: |Δ| mean and max with Δ = log π_trainer − log π_sampler, the mean over responses of
+    exp(Σ Δ) (1 when they agree), and the share of tokens whose ratio exp(Δ) alone leaves PPO's clip band."""
+    delta = (trainer_logprobs.double() - sampler_logprobs.double()) * response_mask
+    outside = ((delta.exp() < 1 - cliprange) | (delta.exp() > 1 + cliprange)) & response_mask.bool()
+    s = all_reduce_named(dist, {"abs": delta.abs().sum(), "tokens": response_mask.double().sum(),
+                                "seq_ratio": delta.sum(1).exp().sum(), "rows": delta.new_tensor(delta.shape[0]),
+                                "outside": outside.double().sum()})
+    tokens = max(s["tokens"], 1.0)
+    return {"onpolicy/logprob_diff_mean": s["abs"] / tokens,
+            "onpolicy/logprob_diff_max": all_reduce_max(dist, delta.abs().max()).item(),
+            "onpolicy/seq_prob_ratio": s["seq_ratio"] / max(s["rows"], 1.0),
+            "onpolicy/outside_clip_share": s["outside"] / tokens}
+
+
+def onpolicy_warning(log, step: int, metrics: dict, history: list[dict], tolerance: float, every: int) -> None:
+    """Warn when the sampler and the trainer disagree beyond round-off: at the first such step, then every
+    `every` such steps (a persistent gap would otherwise flood the log)."""
+    if metrics["onpolicy/logprob_diff_max"] <= tolerance:
+        return
+    earlier = sum(h.get("onpolicy/logprob_diff_max", 0.0) > tolerance for h in history)
+    if earlier % every == 0:
+        log.warn(f"ppo: step {step}: the sampler's log-probs differ from the trainer's by up to "
+                 f"{metrics['onpolicy/logprob_diff_max']:.2e} (tolerance {tolerance:g}): the samples may come from "
+                 "another policy than the one being trained (stale adapter? different dtype?); see "
+                 "docs/ON_POLICY.md and run train.py check")
+
+
 def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2) -> None:
     """Warn about the known failure modes. `tolerance` (nats per response) keeps the rounding noise of
     a policy still equal to its reference (k1 ≈ ±1e-7) from raising the negative-KL alarm."""

@@ -49,7 +49,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator (the same seed on every rank, so replicas start equal), and switch torch's
+    deterministic algorithms on or off as this run asks (the switch is process-wide, so every run sets it)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility; read at CUDA init
+    torch.use_deterministic_algorithms(deterministic)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

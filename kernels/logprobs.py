@@ -11,7 +11,8 @@ From hidden states [B, T, D] and the LM-head weight [V, D] the logits never exis
 the hidden-state matmul runs in the input dtype, exactly as `lm_head(hidden)` would.
 
 Temperature divides the logits first: PPO scores samples drawn at temperature T under that same
-distribution (TRL's PPOTrainer does `logits /= temperature` before its log-softmax).
+distribution (TRL's PPOTrainer does `logits /= temperature` before its log-softmax). There is no
+top-k/top-p here: PPO refuses them, because the policy it scores is the full distribution.
 Measured by bench/logprobs.py --clock cpu (B 2, T 1024, V 32000, D 512, entropy included, forward +
 backward; peak RSS above the inputs, and one thread's CPU seconds as the machine's 2 cores are shared):
   from logits  fp32: reference 1257 MiB 1.20 s, chunked 387 MiB 1.03 s (250 MiB of it is d loss/d logits)
