@@ -116,12 +116,13 @@ def cross_evaluate(cfg) -> dict:
     from data.tokenizer import Tokenizer
     from engine.checkpoint import load_checkpoint
     from engine.dist import init_dist
-    from engine.sft import CausalLMLoss, evaluate
+    from engine.sft import CausalLMLoss, evaluate, held_out_rows
     from engine.train_state import checkpoint_path
     model = load_checkpoint(checkpoint_path(cfg.out, cfg.max_steps))
     docs = sft_documents(read_pairs(cfg.eval_data), Tokenizer(cfg.tokenizer))
     loss_fn, dist = CausalLMLoss(model).eval(), init_dist("cpu")
-    return {f"eval_loss_{name}": evaluate(replace(cfg, document_mask=masked), loss_fn, docs, dist)[0]
+    rows = held_out_rows(cfg, docs, cfg.eval_data)
+    return {f"eval_loss_{name}": evaluate(replace(cfg, document_mask=masked), loss_fn, rows, dist)[0]
             for name, masked in (("doc_masked", True), ("crossing", False))}
 
 

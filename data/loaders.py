@@ -90,7 +90,8 @@ class PairLoader:
     """Reward-model batches (PairBatch) of `batch_size` pairs for rank `rank` of `world_size`."""
 
     def __init__(self, pairs: pa.Table, tokenizer, *, batch_size: int, max_length: int = 512, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, source: str | None = None):
+        """source: where the pairs come from, for error messages."""
         _check_layout(batch_size, rank, world_size, seed)
         questions = pairs["question"].to_pylist()
         chosen, rejected = (
@@ -99,8 +100,9 @@ class PairLoader:
         keep, too_long = filter_pairs(chosen, rejected, max_length)
         per_rank = len(keep) // world_size
         if per_rank == 0:
-            raise ValueError(f"{len(keep)} of {len(chosen)} pairs fit in max_length={max_length} tokens; "
-                             f"{world_size} ranks need at least one each")
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{len(keep)} of {len(chosen)} pairs fit in --max-length {max_length} tokens; "
+                             f"{world_size} rank(s) need at least one each")
         mine = keep[rank::world_size][:per_rank]
         self.chosen, self.rejected = [chosen[i] for i in mine], [rejected[i] for i in mine]
         self.stats = PairCounts(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank)

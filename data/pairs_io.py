@@ -103,20 +103,27 @@ def pair_files(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return files
 
 
-def read_pairs(sources, columns: Sequence[str] = PAIR_COLUMNS) -> pa.Table:
-    """The named columns of every file in `sources` as one table with the types of PAIR_SCHEMA."""
+def read_pairs(sources, columns: Sequence[str] = PAIR_COLUMNS, min_rows: int = 0) -> pa.Table:
+    """The named columns of every file in `sources` as one table with the types of PAIR_SCHEMA; fewer than
+    `min_rows` rows in all is an error naming the files (a training stage passes 1)."""
     unknown = [c for c in columns if c not in PAIR_COLUMNS]
     if unknown:
         raise ValueError(f"unknown pairs column {unknown[0]!r}; the schema has {', '.join(PAIR_COLUMNS)}")
     schema = pa.schema([PAIR_SCHEMA.field(c) for c in columns])
     tables = []
-    for path in pair_files(sources):
+    files = pair_files(sources)
+    for path in files:
         table = _read_jsonl(path, schema) if path.endswith(".jsonl") else _read_parquet(path, schema)
         for name in TEXT_COLUMNS:
             if name in table.column_names and table[name].null_count:
                 raise PairsFormatError(f"{path}: column {name!r} has {table[name].null_count} null values")
         tables.append(table)
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    if table.num_rows < min_rows:
+        where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        raise PairsFormatError(f"{where} has {table.num_rows} rows" + (f"; need at least {min_rows}" if min_rows > 1
+                                                                       else ""))
+    return table
 
 
 def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
@@ -131,12 +138,29 @@ def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
     return pa.table([_cast(path, table[f.name], f) for f in schema], schema=schema)
 
 
+def _lossless(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a column of type `have` holds the same kind of value as `want` (integers of any width,
+    text of any layout, lists of such, or nulls), so that a cast only changes the layout. Arrow would
+    also turn numbers into text, and a stage would train on the digits."""
+    if pa.types.is_null(have):
+        return True
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(have)
+    if pa.types.is_string(want):
+        return pa.types.is_string(have) or pa.types.is_large_string(have) or str(have) == "string_view"
+    if pa.types.is_list(want):
+        return (pa.types.is_list(have) or pa.types.is_large_list(have)) and _lossless(have.value_type, want.value_type)
+    return have == want
+
+
 def _cast(path: str, column: pa.ChunkedArray, field: pa.Field) -> pa.ChunkedArray:
+    wrong = PairsFormatError(f"{path}: column {field.name!r} has type {column.type}, expected {field.type}")
+    if not _lossless(column.type, field.type):
+        raise wrong
     try:
         return column.cast(field.type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise PairsFormatError(f"{path}: column {field.name!r} has type {column.type}, "
-                               f"expected {field.type}") from None
+        raise wrong from None
 
 
 def _read_jsonl(path: str, schema: pa.Schema) -> pa.Table:

@@ -3,12 +3,16 @@
 The archive.org dump holds one `<row .../>` per post inside `<posts>`; PostTypeId 1 is a question and
 2 an answer (other types are tag wikis, moderator nominations and so on). `Score` is the net vote count
 (up minus down). Bodies are HTML; `html_to_markdown` turns them into the Markdown people type.
+The same table converted to JSON (`{"posts": {"row": [{"Id": "1", ...}, ...]}}`, or just the list of
+rows, with the attribute names of the XML; numbers may be JSON numbers) is read too, whole: such
+conversions are samples, not multi-gigabyte dumps.
 
 Memory does not grow with the file (real dumps are tens of GB): the XML is fed to expat in 1 MiB
 pieces and each row is dropped once read; duplicate ids are found with a bitmap (one bit per id).
 A row that is well-formed XML but unusable is skipped with a reason that `ParseStats` counts. XML that
 is not well-formed (a truncated or foreign file) cannot be resynchronised, so it stops the run with a
-`PostsFormatError` naming the file, line and column.
+`PostsFormatError` naming the file, line and column; so does a file none of whose rows is a usable
+question or answer (another table, or renamed attributes), which would otherwise give empty splits.
 
 References: the Stack Exchange data dump schema (meta.stackexchange.com/q/2677); Askell et al. 2021,
 "A General Language Assistant as a Laboratory for Alignment" (preference-model pretraining data);
@@ -19,6 +23,7 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
+import json
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -213,11 +218,12 @@ def _record(attrs: dict, seen: _SeenIds, stats: ParseStats) -> Question | Answer
 def iter_posts(path: str | os.PathLike, stats: ParseStats | None = None,
                progress: Callable[[ParseStats], None] | None = None,
                progress_seconds: float = 10.0) -> Iterator[Question | Answer]:
-    """Questions and answers of one Posts.xml, in file order; unusable rows are counted in `stats`.
+    """Questions and answers of one Posts.xml (or Posts.json), in file order; unusable rows are counted
+    in `stats`.
 
     Raises FileNotFoundError for a missing file and PostsFormatError for one that is empty, not XML,
-    truncated, or whose root element is not <posts>. `progress(stats)` is called every
-    `progress_seconds` while reading.
+    truncated, whose root element is not <posts>, or that holds no usable question or answer.
+    `progress(stats)` is called every `progress_seconds` while reading.
     """
     path = os.fspath(path)
     stats = stats if stats is not None else ParseStats()
@@ -225,6 +231,60 @@ def iter_posts(path: str | os.PathLike, stats: ParseStats | None = None,
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise PostsFormatError(f"{path} is empty; expected a StackExchange Posts.xml")
+    rows, usable = stats.rows, stats.questions + stats.answers
+    read = _json_posts if _is_json(path) else _xml_posts
+    yield from read(path, stats, progress, progress_seconds)
+    if stats.questions + stats.answers == usable:
+        rows = stats.rows - rows
+        if not rows:
+            raise PostsFormatError(f"{path} holds no rows; expected a StackExchange posts table")
+        reasons = collections.Counter(stats.skipped)
+        if stats.other_post_types:
+            reasons["neither questions nor answers (PostTypeId not 1 or 2)"] = stats.other_post_types
+        reason, n = reasons.most_common(1)[0]
+        raise PostsFormatError(f"{path}: none of its {rows:,} rows is a usable question or answer ({n:,} {reason}); "
+                               "is it a StackExchange Posts table?")
+
+
+def _is_json(path: str) -> bool:
+    """Whether the file's first character (after any byte-order mark and space) opens JSON, not XML."""
+    with open(path, "rb") as f:
+        head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] in (b"{", b"[")
+
+
+def _json_posts(path: str, stats: ParseStats, progress, progress_seconds: float) -> Iterator[Question | Answer]:
+    with open(path, "rb") as f:
+        text = "".join(_decoded_pieces(f, stats))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PostsFormatError(f"{path} is not a readable Posts.json: {e.msg} at line {e.lineno}, "
+                               f"column {e.colno}") from None
+    rows = data
+    if isinstance(rows, dict):
+        rows = rows.get("posts", rows)
+        rows = rows.get("row", rows) if isinstance(rows, dict) else rows
+    if not isinstance(rows, list):
+        raise PostsFormatError(f"{path} is JSON but not a posts table: expected {{\"posts\": {{\"row\": [...]}}}} "
+                               "or a list of rows")
+    seen, last_report = _SeenIds(), time.monotonic()
+    for row in rows:
+        stats.rows += 1
+        if not isinstance(row, dict):
+            stats.skip("row that is not a JSON object")
+            continue
+        # The XML's attribute values are text; JSON conversions turn some into numbers.
+        attrs = {k: v if isinstance(v, str) else json.dumps(v) for k, v in row.items() if v is not None}
+        record = _record(attrs, seen, stats)
+        if record is not None:
+            yield record
+        if progress is not None and time.monotonic() - last_report >= progress_seconds:
+            progress(stats)
+            last_report = time.monotonic()
+
+
+def _xml_posts(path: str, stats: ParseStats, progress, progress_seconds: float) -> Iterator[Question | Answer]:
     parser = ET.XMLPullParser(events=("start", "end"))
     seen = _SeenIds()
     root, depth, last_report = None, 0, time.monotonic()

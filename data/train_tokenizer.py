@@ -61,7 +61,7 @@ def corpus_texts(sources: Sequence[str]) -> Iterator[str]:
                     seen.add(hash(line))
                     yield line.rstrip("\n")
     if pair_sources:
-        table = read_pairs(pair_sources, columns=("question", "response_j", "response_k"))
+        table = read_pairs(pair_sources, columns=("question", "response_j", "response_k"), min_rows=1)
         for question, better, worse in zip(*(table[c].to_pylist() for c in table.column_names)):
             for text in (format_prompt(question, better), worse):
                 if hash(text) not in seen:
@@ -113,6 +113,8 @@ def run(cfg: TokenizerConfig) -> int:
     """`train.py tokenizer`: train on a seeded sample of the corpus and write the model."""
     started = time.monotonic()
     texts = sample_texts(corpus_texts(cfg.data), cfg.max_texts, cfg.seed)
+    if not any(texts):
+        raise ValueError(f"{', '.join(cfg.data)}: no text to train a tokenizer on")
     print(f"tokenizer: training a {cfg.vocab_size}-piece {cfg.model_type} model on {len(texts):,} texts "
           f"({sum(map(len, texts)) / 2 ** 20:.1f} MB)", file=sys.stderr, flush=True)
     out = train_tokenizer(texts, cfg.vocab_size, cfg.out, model_type=cfg.model_type,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
+import re
 import shutil
 from typing import Callable
 
@@ -201,11 +203,21 @@ def _read(f, fpath, name):
         raise CheckpointError(f"{fpath}: cannot read tensor {name} (truncated or corrupt?): {e}") from None
 
 
-def torch_load_weights(path: str) -> dict:
-    try:  # weights_only: the restricted unpickler that refuses arbitrary objects
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load as a weights-only torch file: {e}") from None
+def torch_load_weights(path: str, mmap: bool = True) -> dict:
+    """A torch file's tensors and plain Python values, read by torch's restricted unpickler: a file that
+    holds any other object is refused, naming the file, and never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (such as {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds objects that are not plain tensors{what}; it will not be loaded, "
+                              "since unpickling an object can run arbitrary code") from None
+    except Exception as e:  # torch's own message may be several lines, and may advise unsafe loading
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in first_line:
+            first_line = "not a torch file of plain tensors"
+        raise CheckpointError(f"{path}: cannot read as a torch file: {first_line}") from None
 
 
 def _pickle_tensors(files):

@@ -1,13 +1,16 @@
 """One small logger: TensorBoard scalars and text on rank 0, and one readable stdout line per log step.
 
 Scalars are namespaced (`train/loss`, `ppo/clipfrac`, `perf/tokens_per_s`, ...). Other ranks get a
-logger that does nothing, so training code calls it unconditionally. MFU follows nanoGPT / PaLM's
+logger that does nothing, so training code calls it unconditionally. A resumed run first drops what
+the steps it will redo had logged (metrics.jsonl rewritten atomically, TensorBoard's purge_step), so
+its logs read as one clean run. MFU follows nanoGPT / PaLM's
 estimate: 6·N FLOPs per token for forward+backward (plus attention), over the device's peak.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -40,15 +43,23 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Logger:
-    def __init__(self, out_dir: str | None, enabled: bool, config: dict | None = None):
+    """resume_step: the step this run starts at. Rows and TensorBoard events at or after it (left by the
+    run that is being resumed, or by an earlier run in the same folder when it is 0) are dropped, so the
+    logs read as one clean run. None appends to whatever is there."""
+
+    def __init__(self, out_dir: str | None, enabled: bool, config: dict | None = None,
+                 resume_step: int | None = None):
         self.enabled = enabled and out_dir is not None
         self.writer = None
         self.jsonl = None
         self.start = time.time()
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter  # only the writing rank pays for the import
-            self.writer = SummaryWriter(log_dir=f"{out_dir}/tb")
+            # purge_step: TensorBoard hides the events of steps >= it that earlier event files hold.
+            self.writer = SummaryWriter(log_dir=f"{out_dir}/tb", purge_step=resume_step)
             # The same scalars as JSON lines: easy to read back in scripts and tests.
+            if resume_step is not None:
+                drop_rows_from(f"{out_dir}/metrics.jsonl", resume_step)
             self.jsonl = open(f"{out_dir}/metrics.jsonl", "a")
             if config is not None:
                 text = "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```"
@@ -99,6 +110,28 @@ class Logger:
             self.writer.flush()
             self.writer.close()
             self.jsonl.close()
+
+
+def drop_rows_from(path: str, step: int) -> None:
+    """Keep only the rows of a metrics.jsonl logged before `step`; the file is replaced atomically, so a
+    kill meanwhile leaves the old file or the new one. A torn last line (a kill mid-write) is dropped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = []
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", step) < step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"  # the run holds its folder's lock: no one else writes here
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

@@ -28,8 +28,9 @@ from engine.lora import LoRAConfig
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from engine.precision import autocast, torch_dtype
 from engine.rlhf_math import last_token_index, pairwise_loss
-from engine.stage_config import ScheduledStageConfig, require_positive
-from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
+from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
+from engine.train_state import (lock_run_folder, resolve_resume, restore_training, save_stage_checkpoint,
+                                seed_everything)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class RMConfig(ScheduledStageConfig):
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (0 = only at the end)"})
-    eval_batches: int = field(default=0, metadata={"help": "micro-batches per evaluation (0 = all)"})
+    eval_batches: int = field(default=0, metadata={"help": "evaluate on eval_batches x batch_size pairs in all, "
+                                                           "shared out among the ranks (0 = every pair)"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (linear decay)"})
     lora: LoRAConfig | None = field(default=LoRAConfig(r=8, dropout=0.1), metadata={
         "help": "train LoRA adapters and the score head on a frozen base (--no-lora: full fine-tuning)",
@@ -55,6 +57,7 @@ class RMConfig(ScheduledStageConfig):
         if not self.data:
             raise ValueError("--data is required")
         require_positive(self, "max_length", "batch_size", "grad_accum")
+        require_non_negative(self, "max_steps", "eval_every", "eval_batches")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("need --epochs > 0 or --max-steps > 0")
 
@@ -79,22 +82,24 @@ def stack_pairs(chosen, chosen_mask, rejected, rejected_mask, pad_id):
 
 
 @torch.no_grad()
-def evaluate(cfg: RMConfig, scorer: nn.Module, pairs, tok, dist: Dist) -> dict:
-    """Accuracy, loss and margin of the model, and the accuracy of "the longer answer wins"."""
+def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist) -> dict:
+    """Accuracy, loss and margin of the model, and the accuracy of "the longer answer wins", on one global
+    set of held-out pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share."""
     scorer.eval()
-    loader = PairLoader(pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
-                        rank=dist.rank, world_size=dist.world_size, shuffle=False)
+    n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
+    first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size
     sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
             for name in ("pairs", "loss", "correct", "margin", "longer_wins")}
-    for i, b in enumerate(loader):
-        if cfg.eval_batches and i >= cfg.eval_batches:
-            break
-        tokens, mask = stack_pairs(*b, tok.pad_id)
+    for start in range(first, last, cfg.batch_size):
+        rows = range(start, min(start + cfg.batch_size, last))
+        chosen, rejected = [held.chosen[i] for i in rows], [held.rejected[i] for i in rows]
+        tokens, mask = pad(chosen + rejected, tok.pad_id)  # [2B, L], chosen rows first (as stack_pairs)
         with autocast(dist.device, cfg.dtype):
             scores = scorer(tokens.to(dist.device), mask.to(dist.device))
-        n = b.chosen_tokens.shape[0]
+        n = len(rows)
         loss, stats = pairwise_loss(scores[:n], scores[n:])
-        longer = (b.chosen_mask.sum(1) - b.rejected_mask.sum(1)).sign().double()  # +1 chosen longer
+        length_gap = torch.tensor([len(c) - len(r) for c, r in zip(chosen, rejected)])
+        longer = length_gap.sign().double()  # +1 chosen longer
         sums["pairs"] += n
         sums["loss"] += loss.item() * n
         sums["correct"] += stats.accuracy.item() * n
@@ -114,28 +119,34 @@ def held_out(table, every: int = 20):
 
 
 def train(cfg: RMConfig, dist: Dist) -> dict:
+    lock_run_folder(dist, cfg.out)  # this run's alone from here on; partial checkpoints of killed runs cleared
     seed_everything(cfg.seed)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     lora = cfg.lora
     model = build_model(cfg.model, tok, head="score", dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                         grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
-    log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
-    trainable, total = count_params(model)
-    log.info(f"rm: {total:,} parameters, {trainable:,} trainable ({'LoRA + score head' if lora else 'full'}), "
-             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+    if cfg.max_length > model.cfg.max_seq_len:
+        raise ValueError(f"--max-length {cfg.max_length} is longer than the model's max_seq_len "
+                         f"{model.cfg.max_seq_len} (--model {cfg.model})")
 
-    table = read_pairs(cfg.data)
-    train_pairs, eval_pairs = (table, read_pairs(cfg.eval_data)) if cfg.eval_data else held_out(table)
+    table = read_pairs(cfg.data, min_rows=1)
+    if cfg.eval_data:
+        train_pairs, eval_pairs = table, read_pairs(cfg.eval_data, min_rows=1)
+    else:
+        train_pairs, eval_pairs = held_out(table)
+        if eval_pairs.num_rows == 0:
+            raise ValueError(f"{cfg.data}: {table.num_rows} pairs, too few to hold every 20th out for evaluation; "
+                             "pass --eval-data")
     pairs_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
-    loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed)
+    loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed,
+                        source=cfg.data)
+    held = PairLoader(eval_pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
+                      source=cfg.eval_data or cfg.data)
     steps_per_epoch = loader.stats.rank_pairs // pairs_per_step
     if steps_per_epoch == 0:
         raise ValueError(f"{loader.stats.rank_pairs} usable pairs in {cfg.data} cannot fill one step of "
                          f"{pairs_per_step} pairs (world x grad_accum x batch_size)")
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
-             f"{cfg.max_length} tokens), {eval_pairs.num_rows:,} evaluation pairs; {pairs_per_step} pairs per "
-             f"step, {max_steps} steps")
 
     scorer = PairScores(model)
     ddp = DDP(scorer) if dist.enabled else scorer
@@ -148,7 +159,19 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
     if resume_from:
         state = restore_training(dist, resume_from, model, lora, optimizer, loader)
         start, guard.count = state["step"], state["bad_steps"]
+    # Built once the run is sure to go ahead: it drops the logged rows of the steps this run will redo.
+    log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=start)
+    trainable, total = count_params(model)
+    log.info(f"rm: {total:,} parameters, {trainable:,} trainable ({'LoRA + score head' if lora else 'full'}), "
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+    log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
+             f"{cfg.max_length} tokens), {len(held.chosen):,} evaluation pairs; {pairs_per_step} pairs per "
+             f"step, {max_steps} steps")
+    if resume_from:
         log.info(f"rm: resumed from {resume_from} at step {start}")
+    if cfg.warmup_steps > max_steps:
+        log.warn(f"rm: --warmup-steps {cfg.warmup_steps} is longer than the run ({max_steps} steps): the learning "
+                 f"rate peaks at {cfg.lr * max_steps / cfg.warmup_steps:.3g} instead of --lr {cfg.lr:g}")
 
     def save(step):
         path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
@@ -169,7 +192,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         lr = linear_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
         set_lr(optimizer, lr)
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
-            ev = evaluate(cfg, scorer, eval_pairs, tok, dist)
+            ev = evaluate(cfg, scorer, held, tok, dist)
             log.scalars(step, ev)
             log.info(f"rm: step {step} eval accuracy {ev['rm/accuracy']:.3f} (longer answer wins: "
                      f"{ev['rm/longer_wins_accuracy']:.3f})")
@@ -209,7 +232,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
             log.line(step + 1, max_steps, {"loss": loss, "acc": accuracy, "lr": lr,
                                            "tok/s": round(n_tokens / dt), "mfu": f"{metrics['perf/mfu']:.1%}"})
 
-    ev = evaluate(cfg, scorer, eval_pairs, tok, dist)
+    ev = evaluate(cfg, scorer, held, tok, dist)
     log.scalars(max_steps, ev)
     log.info(f"rm: final eval accuracy {ev['rm/accuracy']:.3f} on {ev['rm/eval_pairs']} pairs, loss "
              f"{ev['rm/eval_loss']:.4f}, margin {ev['rm/margin']:.3f}; the longer answer wins "

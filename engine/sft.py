@@ -4,7 +4,9 @@ The loop has nanoGPT's shape: lr, eval/save when due, micro-batches (gradient sy
 clip, step, log. Each step draws one *global* batch of world × grad_accum × batch_size packed rows
 from a single seeded stream, and rank r trains on its slice, so a run's loss curve does not depend
 on how the batch is split over ranks and accumulation steps. The loss is the sum of token losses
-divided by the global token count (times world size, undoing DDP's gradient averaging).
+divided by the global token count (times world size, undoing DDP's gradient averaging). Evaluation
+likewise reads one fixed global set of held-out rows that the ranks share out, so held-out loss and
+perplexity do not depend on the world size either.
 
 Defaults follow StackLLaMA's supervised_finetuning.py: seq 1024, LoRA r=16 α=32 dropout 0.05 on
 q_proj/v_proj, lr 1e-5 cosine with 100 warm-up steps, weight decay 0.05.
@@ -20,15 +22,16 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.packing import PackingLoader, document_causal_mask, make_documents, sft_documents
+from data.packing import PackedBatch, PackingLoader, document_causal_mask, make_documents, sft_documents
 from data.pairs_io import read_pairs
 from engine.builder import build_model, count_params, resolve_tokenizer
 from engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
 from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from engine.precision import autocast, torch_dtype
-from engine.stage_config import ScheduledStageConfig, require_positive
-from engine.train_state import resolve_resume, restore_training, save_stage_checkpoint, seed_everything
+from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
+from engine.train_state import (lock_run_folder, resolve_resume, restore_training, save_stage_checkpoint,
+                                seed_everything)
 from kernels.logprobs import hidden_token_logprobs
 
 
@@ -43,7 +46,8 @@ class SFTConfig(ScheduledStageConfig):
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=10000, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=1000, metadata={"help": "evaluate every N steps (0 = only at the end)"})
-    eval_batches: int = field(default=20, metadata={"help": "micro-batches per evaluation"})
+    eval_batches: int = field(default=20, metadata={"help": "evaluate on eval_batches x batch_size packed rows "
+                                                            "in all, shared out among the ranks"})
     document_mask: bool = field(default=False, metadata={"help": "keep attention inside each packed document "
                                                                  "(StackLLaMA let it cross)"})
     # StackLLaMA's SFT settings where they differ from the shared defaults.
@@ -55,6 +59,7 @@ class SFTConfig(ScheduledStageConfig):
         if not self.data:
             raise ValueError("--data is required")
         require_positive(self, "seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches")
+        require_non_negative(self, "eval_every")
 
 
 class CausalLMLoss(nn.Module):
@@ -80,17 +85,29 @@ def batch_inputs(batch, document_mask: bool, device):
     return tokens, targets, positions, mask
 
 
+def held_out_rows(cfg: SFTConfig, docs, source: str) -> PackedBatch:
+    """The evaluation set: the first eval_batches x batch_size packed rows of the held-out documents, in
+    order. It is one global set, whatever the world size: each rank evaluates its share of it."""
+    loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.eval_batches * cfg.batch_size, infinite=False,
+                           shuffle=False)
+    rows = next(iter(loader), None)
+    if rows is None:
+        raise ValueError(f"{source}: the held-out documents hold {len(docs.tokens)} tokens, fewer than one "
+                         f"packed row of --seq-len {cfg.seq_len} + 1")
+    return rows
+
+
 @torch.no_grad()
-def evaluate(cfg: SFTConfig, loss_fn: nn.Module, docs, dist: Dist) -> tuple[float, float]:
-    """(loss, perplexity) on held-out packed rows; ranks take disjoint shards and sum."""
+def evaluate(cfg: SFTConfig, loss_fn: nn.Module, rows: PackedBatch, dist: Dist) -> tuple[float, float]:
+    """(loss, perplexity) on the held-out rows: each rank takes a contiguous share, in micro-batches, and
+    the token-weighted sums are added up over ranks."""
     loss_fn.eval()
-    loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                           world_size=dist.world_size, infinite=False, shuffle=False)
+    n = rows.tokens.shape[0]
+    first, last = dist.rank * n // dist.world_size, (dist.rank + 1) * n // dist.world_size
     loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=dist.device), 0
-    for i, batch in enumerate(loader):
-        if i >= cfg.eval_batches:
-            break
-        tokens, targets, positions, mask = batch_inputs(batch, cfg.document_mask, dist.device)
+    for start in range(first, last, cfg.batch_size):
+        micro = PackedBatch(*(t[start:min(start + cfg.batch_size, last)] for t in rows))
+        tokens, targets, positions, mask = batch_inputs(micro, cfg.document_mask, dist.device)
         with autocast(dist.device, cfg.dtype):
             loss_sum += loss_fn(tokens, targets, positions, mask).double()
         n_tokens += targets.numel()
@@ -109,25 +126,27 @@ def split_documents(docs, every: int = 20):
 
 
 def train(cfg: SFTConfig, dist: Dist) -> dict:
+    lock_run_folder(dist, cfg.out)  # this run's alone from here on; partial checkpoints of killed runs cleared
     seed_everything(cfg.seed)  # same initial weights on every rank
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     lora = cfg.lora
     model = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                         grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed).train()
-    log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
-    trainable, total = count_params(model)
-    log.info(f"sft: {total:,} parameters, {trainable:,} trainable ({'LoRA' if lora else 'full'}), "
-             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len} "
+                         f"(--model {cfg.model})")
 
-    docs = sft_documents(read_pairs(cfg.data), tok)
+    docs = sft_documents(read_pairs(cfg.data, min_rows=1), tok)
     if cfg.eval_data:
-        train_docs, eval_docs = docs, sft_documents(read_pairs(cfg.eval_data), tok)
+        train_docs, eval_docs = docs, sft_documents(read_pairs(cfg.eval_data, min_rows=1), tok)
     else:
         train_docs, eval_docs = split_documents(docs)
+        if len(eval_docs.offsets) == 1:
+            raise ValueError(f"{cfg.data}: {len(docs.offsets) - 1} documents, too few to hold every 20th out for "
+                             "evaluation; pass --eval-data")
+    eval_rows = held_out_rows(cfg, eval_docs, cfg.eval_data or cfg.data)
     rows_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
     loader = PackingLoader(train_docs, seq_len=cfg.seq_len, batch_size=rows_per_step, seed=cfg.seed)
-    log.info(f"sft: {len(train_docs.offsets) - 1:,} training documents ({len(train_docs.tokens):,} tokens), "
-             f"{len(eval_docs.offsets) - 1:,} held out; {rows_per_step} x {cfg.seq_len} tokens per step")
 
     loss_fn = CausalLMLoss(model)
     ddp = DDP(loss_fn) if dist.enabled else loss_fn
@@ -140,7 +159,19 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
     if resume_from:
         state = restore_training(dist, resume_from, model, lora, optimizer, loader)
         start, guard.count = state["step"], state["bad_steps"]
+    # Built once the run is sure to go ahead: it drops the logged rows of the steps this run will redo.
+    log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=start)
+    trainable, total = count_params(model)
+    log.info(f"sft: {total:,} parameters, {trainable:,} trainable ({'LoRA' if lora else 'full'}), "
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+    log.info(f"sft: {len(train_docs.offsets) - 1:,} training documents ({len(train_docs.tokens):,} tokens), "
+             f"{len(eval_docs.offsets) - 1:,} held out ({eval_rows.tokens.shape[0]} rows evaluated); "
+             f"{rows_per_step} x {cfg.seq_len} tokens per step")
+    if resume_from:
         log.info(f"sft: resumed from {resume_from} at step {start}")
+    if cfg.warmup_steps > cfg.max_steps:
+        log.warn(f"sft: --warmup-steps {cfg.warmup_steps} is longer than the run (--max-steps {cfg.max_steps}): the "
+                 f"learning rate peaks at {cfg.lr * cfg.max_steps / cfg.warmup_steps:.3g} instead of --lr {cfg.lr:g}")
 
     def save(step):
         path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
@@ -155,7 +186,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         set_lr(optimizer, lr)
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
-            eval_loss, ppl = evaluate(cfg, loss_fn, eval_docs, dist)
+            eval_loss, ppl = evaluate(cfg, loss_fn, eval_rows, dist)
             log.scalars(step, {"eval/loss": eval_loss, "eval/ppl": ppl})
             log.info(f"sft: step {step} eval loss {eval_loss:.4f} ppl {ppl:.2f}")
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
@@ -192,7 +223,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
             log.line(step + 1, cfg.max_steps, {"loss": loss, "lr": lr, "tok/s": round(tokens_per_s),
                                                "mfu": f"{metrics['perf/mfu']:.1%}"})
 
-    eval_loss, ppl = evaluate(cfg, loss_fn, eval_docs, dist)
+    eval_loss, ppl = evaluate(cfg, loss_fn, eval_rows, dist)
     log.scalars(cfg.max_steps, {"eval/loss": eval_loss, "eval/ppl": ppl})
     log.info(f"sft: final eval loss {eval_loss:.4f} ppl {ppl:.2f}")
     if start < cfg.max_steps or not resume_from:

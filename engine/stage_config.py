@@ -42,6 +42,7 @@ class StageConfig:
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
         require_positive(self, "log_every", "keep", "max_bad_steps")
+        require_non_negative(self, "save_every", "grad_clip", "weight_decay")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
 
@@ -54,6 +55,7 @@ class ScheduledStageConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        require_non_negative(self, "warmup_steps")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr, got lr={self.lr}, min_lr={self.min_lr}")
 
@@ -62,3 +64,9 @@ def require_positive(cfg, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+
+
+def require_non_negative(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

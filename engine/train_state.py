@@ -4,29 +4,104 @@ A checkpoint is `OUT/checkpoint-000123/`: the model part (HF folder and/or PEFT 
 `trainer_state.pt` (optimizer, step, loader cursors, every rank's RNG states, stage extras). The whole
 folder is built under a hidden temp name and renamed into place, so `--resume auto` can trust any
 `checkpoint-*` folder it sees: a save killed midway (even by SIGKILL) leaves only a hidden temp folder.
+Rotation (`keep`) renames an old checkpoint to a hidden name before deleting it, for the same reason.
+
+One run per output folder: `lock_run_folder` takes an flock on OUT/.lock before anything is written
+(the kernel drops it when the process dies, however it dies, so no lock is ever stale) and clears the
+hidden folders that killed saves and rotations left behind.
 
 The trainer state holds only tensors and plain Python values, and is read back with
 torch.load(weights_only=True): resuming never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import random
 import re
 import shutil
+import tempfile
+import time
 from dataclasses import asdict
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 import torch
 
 from engine.adapter_files import load_adapter_weights, write_adapter
 from engine.atomic import atomic_dir
-from engine.checkpoint import TOKENIZER, load_checkpoint, write_model_files
-from engine.dist import Dist, all_gather_objects, barrier, broadcast_object
+from engine.checkpoint import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
+from engine.dist import Dist, all_gather_objects, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"
+LOCK = ".lock"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# What killed saves (atomic_dir's .tmp-/.old-) and killed rotations (.trash-) leave behind.
+_PARTIAL = re.compile(r"^\.checkpoint-\d+\.(tmp|old|trash)-")
+_HELD: dict[str, IO] = {}  # folder -> its open lock file, held until this process exits
+
+
+def lock_run_folder(dist: Dist, out_dir: str) -> IO | None:
+    """Collective: make `out_dir` this run's alone, before anything is written to it. Rank 0 creates the
+    folder and takes an exclusive flock on OUT/.lock (holding its pid), then removes partial checkpoints
+    left by killed runs. A second run on the folder fails at once, on every rank, with one line naming
+    the holder's pid. The lock lasts as long as this process (a later stage run by the same process on
+    the same folder keeps it); the kernel releases it when the process dies. Returns rank 0's lock file."""
+    error = None
+    if dist.is_main:
+        try:
+            _lock(out_dir)
+            remove_partial_checkpoints(out_dir)
+        except ValueError as e:
+            error = str(e)
+    error = broadcast_object(dist, error)
+    if error:
+        raise ValueError(error)
+    return _HELD.get(os.path.realpath(out_dir))
+
+
+def _lock(out_dir: str) -> None:
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, LOCK), "a+")
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its pid just after locking
+            f.seek(0)
+            holder = f.read().strip()
+            if holder:
+                break
+            time.sleep(0.05)
+        f.close()
+        raise ValueError(f"--out {out_dir} is in use by another run (pid {holder or 'unknown'}); wait for it to "
+                         "end or choose another --out") from None
+    except OSError as e:  # e.g. a network file system without locks
+        f.close()
+        raise ValueError(f"--out {out_dir}: cannot lock {LOCK} there ({e.strerror or e})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def remove_partial_checkpoints(out_dir: str) -> list[str]:
+    """Delete the hidden folders of saves and rotations that were killed midway; returns their names.
+    Call it only while holding the folder's lock: another run's save in progress looks the same."""
+    removed = sorted(name for name in os.listdir(out_dir) if _PARTIAL.match(name))
+    for name in removed:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return removed
 
 
 def rng_state() -> dict:
@@ -82,16 +157,50 @@ def save_training_checkpoint(dist: Dist, out_dir: str, step: int, write_model: C
     """Collective: every rank contributes its RNG state; rank 0 writes. Returns the folder."""
     rngs = all_gather_objects(dist, rng_state())
     path = checkpoint_path(out_dir, step)
+    failure = None
     if dist.is_main:
-        with atomic_dir(path) as tmp:
-            write_model(tmp)
-            torch.save({**state, "step": step, "world_size": dist.world_size, "rng": rngs},
-                       os.path.join(tmp, TRAINER_STATE))
-        if keep:
-            for _, old in list_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(dist)
+        try:
+            with atomic_dir(path) as tmp:
+                write_model(tmp)
+                # Through a Python file, so that a full disk surfaces as the OSError it is.
+                with open(os.path.join(tmp, TRAINER_STATE), "wb") as f:
+                    torch.save({**state, "step": step, "world_size": dist.world_size, "rng": rngs}, f)
+            if keep:
+                for _, old in list_checkpoints(out_dir)[:-keep]:
+                    _delete_checkpoint(old)
+        except Exception as e:
+            failure = e
+    # Every rank waits here for rank 0's save; a failure on the disk's side stops them all with one line.
+    message = broadcast_object(dist, None if failure is None else _save_error(out_dir, path, failure))
+    if message:
+        raise ValueError(message)
+    if failure is not None:
+        raise failure  # a bug, not the disk: keep its traceback
     return path
+
+
+def _save_error(out_dir: str, path: str, e: Exception) -> str | None:
+    """One line for a save that failed on the disk's side (None for anything else)."""
+    cause: BaseException | None = e
+    while cause is not None:  # torch and safetensors wrap the OSError in errors of their own
+        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+                f"os error {errno.ENOSPC}" in str(cause):
+            found = list_checkpoints(out_dir)
+            last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was completed yet"
+            return f"disk full while saving {path}: {last} (free some space, then resume with --resume auto)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(e, OSError):
+        return f"cannot save {path}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    return None
+
+
+def _delete_checkpoint(path: str) -> None:
+    """Rename to a hidden name, then delete: a kill in between leaves a hidden folder (cleared at the next
+    start), never a half-deleted checkpoint under a name `--resume auto` would take."""
+    parent, name = os.path.split(path)
+    trash = tempfile.mkdtemp(prefix=f".{name}.trash-", dir=parent)
+    os.rename(path, os.path.join(trash, name))
+    shutil.rmtree(trash)
 
 
 def resolve_resume(dist: Dist, resume: str | None, out_dir: str) -> str | None:
@@ -110,15 +219,22 @@ def resolve_resume(dist: Dist, resume: str | None, out_dir: str) -> str | None:
 
 def load_trainer_state(dist: Dist, path: str) -> dict:
     """The trainer state, with this rank's RNG states restored."""
+    state = _read_trainer_state(dist, path, mmap=False)
+    set_rng_state(state["rng"][dist.rank])
+    return state
+
+
+def resumed_step(dist: Dist, path: str | None) -> int:
+    """The step a run resuming from `path` starts at (0 for a fresh run): where its Logger cuts the logs."""
+    return _read_trainer_state(dist, path, mmap=True)["step"] if path else 0  # mmap: the tensors stay unread
+
+
+def _read_trainer_state(dist: Dist, path: str, mmap: bool) -> dict:
     file = os.path.join(path, TRAINER_STATE)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{file}: cannot read trainer state: {e}") from None
+    state = torch_load_weights(file, mmap=mmap)  # refuses pickled objects, naming the file
     if state["world_size"] != dist.world_size:
         raise ValueError(f"{file} was written by {state['world_size']} ranks; resume with the same "
                          f"--nproc_per_node (this run has {dist.world_size})")
-    set_rng_state(state["rng"][dist.rank])
     return state
 
 

@@ -102,7 +102,7 @@ def test_pair_resume_mid_epoch():
 
 
 def test_pair_loader_with_nothing_short_enough():
-    with pytest.raises(ValueError, match="0 of 1 pairs fit in max_length=10"):
+    with pytest.raises(ValueError, match="0 of 1 pairs fit in --max-length 10"):
         PairLoader(pairs_table([("a", "b", "c")]), TOK, batch_size=2, max_length=10)
 
 

@@ -81,7 +81,12 @@ def test_deeply_nested_html_keeps_its_text():
     (HEAD + Q.format(id=1) + '  <row Id="2" PostTypeId="2" Bo', "line 4, column 2 (the file ends early: truncated?)"),
     (HEAD + Q.format(id=1), "line 4, column 0 (the file ends early: truncated?)"),
     ('<?xml version="1.0"?>\n<users><row Id="1" /></users>', "root element is <users>, expected <posts>"),
-    ('{"posts": {"row": []}}', "not a readable Posts.xml: XML not well-formed (invalid token) at line 1, column 0"),
+    ('{"posts": {"row": []}}', "holds no rows"),
+    ('{"posts": {"row": [}}', "not a readable Posts.json: Expecting value at line 1, column 20"),
+    ('{"users": 3}', "is JSON but not a posts table"),
+    (HEAD + "</posts>", "holds no rows"),
+    (HEAD + '<row id="1" posttypeid="1" body="x" />' * 3 + "</posts>",
+     "none of its 3 rows is a usable question or answer (3 row without a valid Id)"),
     ("plain text", "not a readable Posts.xml: XML syntax error at line 1, column 0"),
     ("\x00\x01binary", "not a readable Posts.xml"),
     (HEAD + '<row Id="1" Body="a\x01b" />', "not a readable Posts.xml: XML not well-formed (invalid token) at line 3"),
@@ -92,6 +97,21 @@ def test_unreadable_files_name_the_file_and_position(tmp_path, content, message)
         parse(path)
     assert str(e.value).startswith(path) and message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_json_conversion_reads_like_the_xml(tmp_path):
+    import dataclasses
+    import json
+    rows = [dict(Id="1", PostTypeId="1", AcceptedAnswerId="3", CreationDate="2014-01-21T20:26:05.383", Score="18",
+                 Body="<p>q</p>", Title="What is a hop?", Tags="<hops>"),
+            dict(Id="2", PostTypeId="5", Body="<p>tag wiki</p>"),
+            dict(Id="3", PostTypeId="2", ParentId="1", Score="-4", Body="<p>An answer</p>")]
+    xml, xml_stats = parse(write(tmp_path, posts_xml(rows)))
+    as_numbers = [{k: int(v) if k == "Score" else v for k, v in r.items()} for r in rows]  # as converters write
+    for i, data in enumerate(({"posts": {"row": as_numbers}}, as_numbers)):
+        records, stats = parse(write(tmp_path, json.dumps(data, indent=2), name=f"Posts{i}.json"))
+        assert records == xml and dataclasses.replace(stats, bytes_read=0) == dataclasses.replace(xml_stats,
+                                                                                                   bytes_read=0)
 
 
 def test_missing_file(tmp_path):
@@ -151,5 +171,5 @@ def test_memory_is_bounded_by_one_read(tmp_path, monkeypatch):
     most = 0
     for _ in range(4000):
         next(gen)
-        most = max(most, len(gen.gi_frame.f_locals["root"]))
+        most = max(most, len(gen.gi_yieldfrom.gi_frame.f_locals["root"]))  # iter_posts -> _xml_posts
     assert most <= 3

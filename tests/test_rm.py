@@ -82,3 +82,29 @@ def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs,
         hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
         assert (hf(tokens).logits[:, 0] - want).abs().max().item() <= 1e-5
     assert adapted.score.weight.abs().sum() > 0 and not torch.equal(adapted.score.weight, base.lm_head.weight[:1])
+
+
+def test_evaluation_does_not_depend_on_the_world_size(separable_pairs, tiny_tokenizer_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_sft import free_port
+    common = ["rm", "--model", "tiny", "--tokenizer", tiny_tokenizer_path, "--data", separable_pairs, "--no-lora",
+              "--lr", "3e-3", "--max-steps", "3", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+              "--eval-batches", "3", "--max-length", "256"]
+    runs = {"2x2": (2, ["--batch-size", "2"]), "1x2x2": (1, ["--batch-size", "2", "--grad-accum", "2"])}
+    evals = {}
+    for name, (n, extra) in runs.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(free_port()), os.path.join(ROOT, "train.py"), *common, *extra,
+               "--out", str(tmp_path / name)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        evals[name] = {k: read_metrics(tmp_path / name, k)[3] for k in ("rm/eval_loss", "rm/accuracy", "rm/eval_pairs")}
+    # 3 micro-batches of 2 pairs in all: 6 pairs whatever the world size (per rank, 2 ranks saw 12 and 1 saw 6)
+    assert evals["2x2"]["rm/eval_pairs"] == evals["1x2x2"]["rm/eval_pairs"] == 6
+    assert evals["2x2"]["rm/accuracy"] == evals["1x2x2"]["rm/accuracy"]
+    assert abs(evals["2x2"]["rm/eval_loss"] - evals["1x2x2"]["rm/eval_loss"]) <= 1e-5 * evals["1x2x2"]["rm/eval_loss"]

@@ -79,9 +79,17 @@ def test_nan_steps_are_skipped_then_stop_the_run(synthetic_pairs, tmp_path, monk
     assert all(v == v for v in losses.values())  # no NaN ever reached the weights
 
 
+def free_port() -> int:
+    """A port no one listens on now (other test runs on this machine launch torchrun too)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(n, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(29500 + os.getpid() % 1000 + n), os.path.join(ROOT, "train.py"), *args]
+           str(free_port()), os.path.join(ROOT, "train.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -92,22 +100,25 @@ def test_world_size_and_accumulation_do_not_change_the_loss_curve(synthetic_pair
               "--eval-every", "0", "--save-every", "0", "--eval-batches", "1"]
     runs = {"2x2": (2, ["--batch-size", "2"]), "1x4": (1, ["--batch-size", "4"]),
             "1x2x2": (1, ["--batch-size", "2", "--grad-accum", "2"])}
-    curves = {}
+    curves, evals = {}, {}
     for name, (n, extra) in runs.items():
         out = torchrun(n, *common, *extra, "--out", str(tmp_path / name))
         assert out.returncode == 0, out.stderr[-3000:]
         curves[name] = read_metrics(tmp_path / name, "train/loss")
+        evals[name] = read_metrics(tmp_path / name, "eval/loss")[5]
     for name in ("2x2", "1x2x2"):
         for step, loss in curves["1x4"].items():
             assert abs(curves[name][step] - loss) <= 1e-5 * abs(loss), (name, step, curves[name][step], loss)
     assert curves["1x4"][4] < curves["1x4"][0]
+    # Held-out loss too: --eval-batches counts micro-batches of --batch-size over all ranks, not per rank.
+    assert abs(evals["2x2"] - evals["1x2x2"]) <= 1e-5 * evals["1x2x2"], evals
 
 
 def test_bad_flags_and_files_are_one_line_errors(synthetic_pairs, tmp_path):
     pairs, tok = synthetic_pairs
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "sft", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
-    base = ["--tokenizer", tok, "--out", str(tmp_path)]
+    base = ["--tokenizer", tok, "--out", str(tmp_path), "--seq-len", "64"]
     out = run("--model", "tiny", "--no-lora", "--data", str(tmp_path / "nope.parquet"), *base)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope.parquet" in out.stderr
     out = run("--model", "tiny", "--data", pairs + "/finetune", "--batch-size", "0", *base)
