@@ -22,6 +22,7 @@ setup(
         "tensorboard>=2.14",
         "bitsandbytes>=0.43",
         "markdownify>=0.11",
+        "matplotlib>=3.7",  # train.py eval's frontier plot
     ],
     extras_require={
         # transformers and peft are oracles for tests only; never imported by engine/, kernels/, data/.

@@ -74,9 +74,19 @@ def _ppo():
     return ppo.PPOConfig, on_dist(ppo.train)
 
 
+def _eval():
+    from engine import evaluate
+    return evaluate.EvalConfig, on_dist(evaluate.evaluate)
+
+
 def _generate():
     from engine import generate_text
     return generate_text.GenerateConfig, generate_text.run
+
+
+def _check():
+    from engine import check
+    return check.CheckConfig, check.run
 
 
 def _demo():
@@ -92,7 +102,9 @@ STAGES = {
     "rm": Stage("train a reward model on answer pairs", _rm),
     "merge": Stage("merge LoRA adapters into a full checkpoint", _merge),
     "ppo": Stage("PPO against a reward model with a per-token KL penalty", _ppo),
+    "eval": Stage("compare models' answers to held-out questions under reward-model judges", _eval),
     "generate": Stage("sample text from a checkpoint", _generate),
+    "check": Stage("run the engine's invariants on your checkpoint, data and device", _check),
 }
 
 

@@ -14,9 +14,11 @@ question has more than `max_pairs` such pairs, a uniform sample of them, drawn f
 (seed, site, question id) so the choice does not depend on file order or on the other questions.
 
 Splits are by question, never by pair, so no question's text is both trained on and evaluated on.
-Each question's split comes from a hash of (seed, site, question id) compared with the cumulative
+Each question's split comes from a hash of (seed, site, question text) compared with the cumulative
 fractions: reproducible, order-independent, and streaming (no global shuffle). The defaults follow
 stack-exchange-paired, whose finetune/reward/rl/evaluation parts hold about 3M/3M/3M/1.8M questions.
+An optional `judge` split holds questions for a second reward model that PPO never optimises: the
+held-out judge of `train.py eval` (a judge trained on the proxy's pairs would share its blind spots).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import hashlib
 import random
 from typing import Sequence
 
-SPLITS = ("finetune", "reward", "rl", "evaluation")
+SPLITS = ("finetune", "reward", "rl", "evaluation", "judge")  # judge: questions for a held-out judge RM
 DEFAULT_SPLITS = ("finetune=0.28", "reward=0.28", "rl=0.28", "evaluation=0.16")
 
 
@@ -75,9 +77,11 @@ def parse_splits(specs: Sequence[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def assign_split(splits: Sequence[tuple[str, float]], seed: int, site: str, question_id: int) -> str:
-    """The split that question `question_id` of `site` belongs to."""
-    u = stable_seed("split", seed, site, question_id) / 2.0 ** 64  # uniform in [0, 1)
+def assign_split(splits: Sequence[tuple[str, float]], seed: int, site: str, question: int | str) -> str:
+    """The split that `question` of `site` belongs to. prepare passes the question's text rather than its
+    id, so the same question posted twice (or a generated site's repeated questions) never straddles two
+    splits."""
+    u = stable_seed("split", seed, site, question) / 2.0 ** 64  # uniform in [0, 1)
     cumulative = 0.0
     for name, fraction in splits:
         cumulative += fraction

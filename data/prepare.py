@@ -39,11 +39,13 @@ DEFAULT_LICENSE = "CC BY-SA 3.0"  # dumps before 2018 carry no per-post license;
 @dataclass(frozen=True)
 class PrepareConfig:
     out: str = field(metadata={"help": "output folder: OUT/{split}/pairs.parquet and OUT/summary.json"})
-    posts: tuple[str, ...] = field(default=(), metadata={"help": "Posts.xml files, one per site"})
+    posts: tuple[str, ...] = field(default=(), metadata={"help": "Posts.xml files (or their JSON conversions), one "
+                                                                 "per site"})
     sites: tuple[str, ...] = field(default=(), metadata={
         "help": "site domain for each --posts file, for the metadata URLs; none given: each file's folder name"})
     splits: tuple[str, ...] = field(default=DEFAULT_SPLITS, metadata={
-        "help": "question-level splits as NAME=FRACTION; names from finetune, reward, rl, evaluation"})
+        "help": "question-level splits as NAME=FRACTION; names from finetune, reward, rl, evaluation, judge "
+                "(questions for a held-out judge RM)"})
     max_pairs_per_question: int = field(default=10, metadata={"help": "sample at most this many pairs per question"})
     seed: int = field(default=0, metadata={"help": "seed for the pair sample and the split of each question"})
     jsonl: bool = field(default=False, metadata={"help": "also write OUT/{split}/pairs.jsonl"})
@@ -177,10 +179,11 @@ def _pair_partition(cfg: PrepareConfig, path: str, sites: list[SiteSummary], wri
         pairs = make_pairs(scored, cfg.max_pairs_per_question, stable_seed("pairs", cfg.seed, site.site, question_id))
         if not pairs:
             continue
-        split = assign_split(splits, cfg.seed, site.site, question_id)
+        text = question_text(question.title, question_body)
+        split = assign_split(splits, cfg.seed, site.site, text)  # by text: a repost under a new id stays put
         site.paired_questions += 1
         site.pairs[split] += len(pairs)
-        common = dict(qid=question_id, question=question_text(question.title, question_body),
+        common = dict(qid=question_id, question=text,
                       date=question.date[:10].replace("-", "/"),
                       metadata=[f"https://{site.site}/questions/{question_id}", f"https://{site.site}",
                                 question.license or DEFAULT_LICENSE])
@@ -226,6 +229,9 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
                 last_report = time.monotonic()
         for writer in writers.values():
             writer.close()
+        if not any(site.pairs for site in sites):  # four empty splits would only fail later, further from the cause
+            raise ValueError(f"{', '.join(cfg.posts)}: no question has two usable answers of different scores, so "
+                             "there is no pair to write")
         summary = PrepareSummary(cfg.out, split_names, sites, [], time.monotonic() - started)
         _publish(cfg, tmp, summary)
     finally:

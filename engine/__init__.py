@@ -15,7 +15,10 @@ Read in this order (each file holds one idea; none is over 300 lines):
 | 9 | rollout.py | PPO steps 1-2: the Rollout, the forward the update differentiates, scoring |
 | 10 | ppo_roles.py | who is policy, reference, reward and value, and what each costs |
 | 11 | ppo_config.py | every PPO flag with StackLLaMA's defaults |
-| 12 | ppo_diagnostics.py | reward/length/negative-KL statistics, repetition, warnings |
+| 12 | ppo_diagnostics.py | reward/length/negative-KL and on-policy statistics, repetition, warnings |
+| 13 | estimators.py | critic-free advantages on the same loop: RLOO, GRPO, Dr. GRPO, REINFORCE++, ReMax |
+| 14 | evaluate.py | `train.py eval`: models answer held-out questions, reward-model judges score them |
+| 15 | eval_stats.py | bootstrap intervals over questions, win rates, length-controlled win rates |
 
 Around them: stage_config.py (fields the training stages share), flags.py (configs -> command-line
 flags), builder.py (the tokenizer and network a stage starts from), precision.py (dtypes, autocast),
@@ -23,5 +26,8 @@ int8.py (8-bit frozen linears; kernels in kernels/), dist.py (torchrun as explic
 all-reduces), optim.py (AdamW, schedules, the non-finite step guard), logging.py (TensorBoard,
 metrics.jsonl, one stdout line), train_state.py (resume), checkpoint.py (HF model folders),
 checkpoint_import.py (Meta and llama2.c formats), adapter_files.py (PEFT adapter folders),
-atomic.py (atomic writes), merge.py, generate_text.py and demo.py (the other train.py stages).
+atomic.py (atomic writes), merge.py, generate_text.py and demo.py (the other train.py stages),
+invariants.py and check.py (`train.py check`: what PPO assumes, measured on your checkpoint and device),
+ppo_checkpoint.py (what a PPO checkpoint holds), ppo_eval.py (evaluation during PPO), eval_report.py
+(eval's tables, report.md and frontier plot).
 """

@@ -1,8 +1,9 @@
 """`train.py demo`: the whole StackLLaMA pipeline on built-in synthetic data, on a CPU in minutes.
 
 prepare → tokenizer → SFT (a small LLaMA from scratch) → reward model (LoRA + score head on the SFT
-model) → merge → PPO (fresh LoRA on the SFT model against the merged reward model). Everything lands
-under one run folder, TensorBoard logs of every stage under RUN/*/tb:
+model) → a second, held-out judge RM on other questions → merge → PPO (fresh LoRA on the SFT model
+against the merged reward model) → eval (SFT against PPO on held-out questions, under the judge and
+the proxy). Everything lands under one run folder, TensorBoard logs of every stage under RUN/*/tb:
 
     tensorboard --logdir RUN
 
@@ -21,6 +22,8 @@ from data.synthetic import write_synthetic_posts
 from data.train_tokenizer import corpus_texts, train_tokenizer
 from engine import ppo, rm, sft
 from engine.dist import init_dist
+from engine.evaluate import EvalConfig, evaluate
+from engine.generate import SamplingConfig
 from engine.lora import LoRAConfig
 from engine.merge import merge
 
@@ -29,6 +32,8 @@ from engine.merge import merge
 # lr 3e-4 the KL climbs to the target over about 30 steps, and a short horizon (200 samples, about 6
 # steps of 32) lets β respond before it overshoots; StackLLaMA's horizon of 10000 is for 20k-step runs.
 KL_TARGET = 6.0
+# A judge split beside the usual four: the held-out judge RM learns from questions no other stage sees.
+SPLITS = ("finetune=0.26", "reward=0.26", "rl=0.2", "evaluation=0.14", "judge=0.14")
 
 
 def say(msg: str):
@@ -53,17 +58,18 @@ def run(cfg: DemoConfig) -> int:
     os.makedirs(out, exist_ok=True)
     dist = init_dist("cpu")
 
-    say("1/6 prepare: writing a synthetic StackExchange site (Posts.xml) and pairing its answers")
+    say("1/8 prepare: writing a synthetic StackExchange site (Posts.xml) and pairing its answers")
     posts = write_synthetic_posts(os.path.join(out, "site", "Posts.xml"), 1500, seed=seed)
-    summary = prepare(PrepareConfig(out=os.path.join(out, "pairs"), posts=(posts,), seed=seed, progress_seconds=1e9))
+    summary = prepare(PrepareConfig(out=os.path.join(out, "pairs"), posts=(posts,), seed=seed, progress_seconds=1e9,
+                                    splits=SPLITS))
     print(summary.table())
     pairs = os.path.join(out, "pairs")
 
-    say("2/6 tokenizer: training a 512-piece BPE sentencepiece model (LLaMA's special ids)")
+    say("2/8 tokenizer: training a 512-piece BPE sentencepiece model (LLaMA's special ids)")
     tok = train_tokenizer(corpus_texts([os.path.join(pairs, "finetune"), os.path.join(pairs, "reward")]), 512,
                           os.path.join(out, "tokenizer.model"))
 
-    say("3/6 SFT: a ~1M-parameter LLaMA from scratch on questions and their best answers")
+    say("3/8 SFT: a ~1M-parameter LLaMA from scratch on questions and their best answers")
     common = dict(tokenizer=tok, seed=seed, device="cpu", keep=1, log_every=50)
     sft_metrics = sft.train(sft.SFTConfig(
         model="demo", data=os.path.join(pairs, "finetune"), out=os.path.join(out, "sft"), lora=None,
@@ -71,22 +77,35 @@ def run(cfg: DemoConfig) -> int:
         save_every=0, **common), dist)
     sft_model = last_checkpoint(os.path.join(out, "sft"))
 
-    say("4/6 reward model: LoRA adapters + a scalar head on the SFT model, on (better, worse) answer pairs")
-    rm_metrics = rm.train(rm.RMConfig(
-        model=sft_model, data=os.path.join(pairs, "reward"), eval_data=os.path.join(pairs, "evaluation"),
-        out=os.path.join(out, "rm"), lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)),
-        lr=3e-3, batch_size=8, epochs=3, eval_every=0, save_every=0, **common), dist)
+    def reward_model(split: str, folder: str) -> dict:
+        return rm.train(rm.RMConfig(
+            model=sft_model, data=os.path.join(pairs, split), eval_data=os.path.join(pairs, "evaluation"),
+            out=os.path.join(out, folder), lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)),
+            lr=3e-3, batch_size=8, epochs=3, eval_every=0, save_every=0, **common), dist)
 
-    say("5/6 merge: folding the reward model's adapters into a full checkpoint (score head kept)")
+    say("4/8 reward model: LoRA adapters + a scalar head on the SFT model, on (better, worse) answer pairs")
+    rm_metrics = reward_model("reward", "rm")
+    say("5/8 held-out judge: the same recipe on the judge split's questions, which PPO never optimises")
+    judge_metrics = reward_model("judge", "judge")
+    judge = last_checkpoint(os.path.join(out, "judge"))
+
+    say("6/8 merge: folding the reward model's adapters into a full checkpoint (score head kept)")
     rm_model = merge(sft_model, last_checkpoint(os.path.join(out, "rm")), os.path.join(out, "rm-merged"))
 
-    say("6/6 PPO: fresh LoRA on the SFT model against the reward model, KL-penalised (k1, adaptive β)")
+    say("7/8 PPO: fresh LoRA on the SFT model against the reward model, KL-penalised (k1, adaptive β), "
+        "evaluated against its reference under the judge every 25 steps")
     ppo_result = ppo.train(ppo.PPOConfig(
         model=sft_model, reward_model=rm_model, data=os.path.join(pairs, "rl"), out=os.path.join(out, "ppo"),
         batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=ppo_steps, response_min_length=24,
         response_max_length=48, lr=3e-4, lora=LoRAConfig(r=16, dropout=0.0, targets=("all-linear",)),
-        kl_coef=0.3, kl_target=KL_TARGET, kl_horizon=200, save_every=0, sample_every=10,
-        **{**common, "log_every": 1}), dist)
+        kl_coef=0.3, kl_target=KL_TARGET, kl_horizon=200, save_every=0, sample_every=10, eval_every=25,
+        eval_data=os.path.join(pairs, "evaluation"), eval_prompts=32, judge=judge, **{**common, "log_every": 1}), dist)
+
+    say("8/8 eval: SFT and PPO answer every held-out question; the judge and the proxy RM score them")
+    verdict = evaluate(EvalConfig(
+        models=(f"SFT={sft_model}", f"PPO={last_checkpoint(os.path.join(out, 'ppo'))}"), judges=(f"judge={judge}",),
+        proxy=f"proxy={rm_model}", data=os.path.join(pairs, "evaluation"), out=os.path.join(out, "eval"),
+        sampling=SamplingConfig(max_new_tokens=48, seed=seed), device="cpu"), dist)
 
     history = ppo_result["history"]
     k = max(1, min(5, len(history) // 4))
@@ -94,11 +113,15 @@ def run(cfg: DemoConfig) -> int:
     end = sum(h["env/reward_mean"] for h in history[-k:]) / k
     say(f"done in {time.time() - t0:.0f}s. Everything is under {out} (tensorboard --logdir {out})")
     print(f"  SFT      held-out loss {sft_metrics['eval/loss']:.3f} (perplexity {sft_metrics['eval/ppl']:.1f})")
-    print(f"  RM       accuracy {rm_metrics['rm/accuracy']:.3f} on {rm_metrics['rm/eval_pairs']} held-out pairs "
-          f"(the longer answer wins {rm_metrics['rm/longer_wins_accuracy']:.3f})")
+    for name, m in (("RM", rm_metrics), ("judge", judge_metrics)):
+        print(f"  {name:<8} accuracy {m['rm/accuracy']:.3f} on {m['rm/eval_pairs']} held-out pairs "
+              f"(the longer answer wins {m['rm/longer_wins_accuracy']:.3f})")
     kl = sum(h["objective/kl"] for h in history[-k:]) / k
     kl_full = sum(h["objective/kl_full"] for h in history[-k:]) / k
     print(f"  PPO      reward {start:.3f} over the first {k} steps -> {end:.3f} over the last {k}; "
           f"KL {kl:.2f} nats per response over the last {k} (exact {kl_full:.2f}; target {KL_TARGET:g}), "
           f"β {history[-1]['objective/kl_coef']:.3f}")
+    for sentence in verdict["verdicts"]:
+        print(f"  eval     {sentence}")
+    print(f"  report   {os.path.join(out, 'eval', 'report.md')} and {os.path.join(out, 'eval', 'frontier.png')}")
     return 0

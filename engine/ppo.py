@@ -20,36 +20,41 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.loaders import PromptLoader
-from data.pairs_io import read_pairs
 from engine import ppo_checkpoint
 from engine.builder import build_model, resolve_tokenizer
+from engine.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
+                               rloo_advantages)
 from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
 from engine.generate import SamplingConfig
 from engine.logging import Logger, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step
 from engine.ppo_config import PPOConfig
-from engine.ppo_diagnostics import (first_minibatch_tolerance, length_metrics, negative_kl_metrics,
+from engine.ppo_diagnostics import (first_minibatch_tolerance, kl_per_response, length_metrics, negative_kl_metrics,
                                     onpolicy_metrics, onpolicy_warning, repeated_token_share, reward_metrics,
                                     sample_table, sampler_tolerance, warnings)
+from engine.ppo_eval import PPOEval
 from engine.ppo_roles import RewardFn, build_roles, mib
 from engine.precision import autocast
 from engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
-                              kl_penalized_rewards, masked_mean, masked_moments, masked_sum, masked_whiten,
+                              kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
                               moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
-from engine.rollout import PolicyAndValue, Rollout, build_rollout
-from engine.train_state import resolve_resume, seed_everything
+from engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_scores, prompt_loader
+from engine.train_state import lock_run_folder, resolve_resume, resumed_step, seed_everything
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
+    lock_run_folder(dist, cfg.out)  # one run per --out; also removes partial checkpoints of killed runs
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=cfg.lora, load_in_8bit=cfg.load_in_8bit,
                          grad_checkpointing=cfg.grad_checkpointing, device=dist.device, seed=cfg.seed)
-    log = Logger(cfg.out, dist.is_main, config=asdict(cfg))
+    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
+    # A resumed run's logs continue from its checkpoint: rows of steps it will redo are dropped.
+    log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=resumed_step(dist, resume_from))
     reference = None if cfg.lora else copy.deepcopy(policy).requires_grad_(False)  # full FT needs a frozen copy
     roles = build_roles(cfg, tok, policy, dist.device, reward_fn)
-    pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init)
+    pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init,
+                        critic=cfg.estimator == "ppo")
     pv.eval()  # for good: dropout off in rollout and update alike
     log.info(f"ppo layout: {roles.layout}; trainable {mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
     prompts = prompt_loader(cfg, dist, tok, policy.cfg.max_seq_len, log)
@@ -57,10 +62,16 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     optimizer = build_adamw(pv, cfg.lr, cfg.weight_decay)
     guard = BadStepGuard(cfg.max_bad_steps, "ppo")
     kl_coef, reward_moments, start = cfg.kl_coef, RunningMoments(), 0
-    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
     if resume_from:
         kl_coef, reward_moments, start = ppo_checkpoint.restore(dist, resume_from, pv, optimizer, prompts)
         log.info(f"ppo: resumed from {resume_from} at step {start}")
+    evaluator = PPOEval(cfg, dist, tok, policy, reference, roles.reward_fn) if cfg.eval_every else None
+
+    def evaluate(step):
+        metrics = evaluator()
+        log.scalars(step, metrics)
+        log.info(f"ppo: eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+
     exact = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
     log.info("ppo: the first minibatch's importance ratio must be " + (
         "exactly 1 (the update re-runs the rollout's deterministic kernels on the same rows)" if exact == 0 else
@@ -77,21 +88,24 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     for step in range(start, cfg.max_steps):
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             save(step)
+        if evaluator and step % cfg.eval_every == 0:
+            evaluate(step)
         t0 = time.time()
         # 1. Rollout: this rank's slice of the global query batch; sample a response to each, score every
         #    response token with the policy, the value function and the reference, and read the RM's score.
         batch = next(queries)
         mine = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
-        prompt_lists = [t[m].tolist() for t, m in zip(batch.tokens[mine], batch.attention_mask[mine])]
+        k = cfg.samples_per_prompt  # each query k times in a row: a group, never split over ranks
+        prompt_lists = [t[m].tolist() for t, m in zip(batch.tokens[mine], batch.attention_mask[mine]) for _ in range(k)]
         # One length cap per step, drawn from (seed, step) alone, so every rank draws the same cap.
         max_new = random.Random(cfg.seed * 100_003 + step).randint(cfg.response_min_length, cfg.response_max_length)
         sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature)
         # A row's sampler is seeded by (seed, the row's global index): its sample ignores the world size.
-        first_row = (step * dist.world_size + dist.rank) * cfg.batch_size
+        first_row = (step * dist.world_size + dist.rank) * len(prompt_lists)
         # Minibatch shuffles come from (seed, step, rank); epoch 0's order is also the order the rollout
         # scored the rows in, which is what makes the first minibatch's ratio exactly 1.
         shuffler = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + dist.rank)
-        order = torch.randperm(cfg.batch_size, generator=shuffler).to(dist.device)
+        order = torch.randperm(len(prompt_lists), generator=shuffler).to(dist.device)
         rollout = build_rollout(pv, reference, roles.reward_fn, prompt_lists, sampling=sampling,
                                 row_seeds=[cfg.seed * 1_000_003 + first_row + i for i in range(len(prompt_lists))],
                                 eos_id=tok.eos_id, pad_id=tok.pad_id, order=order, chunk=micro, dtype=cfg.dtype)
@@ -101,22 +115,32 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         if cfg.reward_norm:
             everyone = torch.cat([torch.as_tensor(x) for x in all_gather_objects(dist, rollout.raw_scores.cpu())])
             reward_moments = running_moments_update(*reward_moments, everyone)
-        scores = shape_scores(rollout.raw_scores, rollout.ended, cfg.reward_baseline,
-                              reward_moments[:2] if cfg.reward_norm else None, cfg.reward_clip, cfg.no_eos_penalty)
+        shape = lambda raw, ended: shape_scores(raw, ended, cfg.reward_baseline,  # noqa: E731
+                                                reward_moments[:2] if cfg.reward_norm else None, cfg.reward_clip,
+                                                cfg.no_eos_penalty)
+        scores = shape(rollout.raw_scores, rollout.ended)
 
-        # 3. KL-penalised rewards: −β·KL_t on every response token, plus the score at the last real one.
+        # 3. KL-penalised rewards: −β·KL_t on every response token, plus the score at the last real one
+        #    (GRPO and Dr. GRPO leave the KL out of the reward: it is a loss term in step 5).
         kl = (rollout.kl_full if cfg.kl_estimator == "full"
               else kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator))
-        rewards, _ = kl_penalized_rewards(scores, kl, response_mask, kl_coef)
+        rewards, penalty = kl_penalized_rewards(scores, kl, response_mask,
+                                                0.0 if cfg.estimator in KL_IN_LOSS else kl_coef)
 
-        # 4. Advantages: GAE, whitened with the statistics of the whole batch over all ranks.
-        advantages, returns = gae(rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten == "batch":
-            mean, var = moments_to_stats(all_reduce_sum(dist, masked_moments(advantages, response_mask)))
-            advantages = masked_whiten(advantages, response_mask, mean, var)
+        # 4. Advantages: GAE, whitened with the statistics of the whole batch over all ranks; or a
+        #    critic-free estimator (engine/estimators.py), whose returns are its advantages.
+        if cfg.estimator == "ppo":
+            advantages, returns = gae(rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
+            if cfg.whiten == "batch":
+                advantages = whiten_over_ranks(dist, advantages, response_mask)
+        else:
+            greedy = shape(*greedy_scores(pv, roles.reward_fn, prompt_lists[::k], sampling, tok, cfg.dtype)) \
+                if cfg.estimator == "remax" else None
+            advantages = returns = critic_free_advantages(cfg, dist, scores, rewards, response_mask, greedy)
 
         # 5. PPO epochs over shuffled minibatches (epoch 0 in the rollout's order).
-        update = ppo_epochs(cfg, dist, ddp, optimizer, guard, log, step, rollout, advantages, returns, shuffler, exact)
+        update = ppo_epochs(cfg, dist, ddp, optimizer, guard, log, step, rollout, advantages, returns, shuffler, exact,
+                            kl_coef)
         update_seconds, t_end = update.pop("seconds"), time.time()
 
         # 6. Log; then move β towards the KL target with this batch's mean KL per response.
@@ -124,6 +148,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         used_kl = kl_means[cfg.kl_estimator]
         metrics = {**update, **{f"objective/kl_{k}": v for k, v in kl_means.items()},
                    "objective/kl": used_kl, "objective/kl_coef": kl_coef,
+                   "objective/non_score_reward": all_reduce_sum(dist, penalty.non_score_reward.sum()).item()
+                   / (len(prompt_lists) * dist.world_size),  # −β·Σ_t KL_t per response: the penalty's share
                    "ppo/returns_mean": masked_mean(returns, response_mask).item(),
                    "ppo/advantages_mean": masked_mean(advantages, response_mask).item(),
                    **reward_metrics(dist, rollout.raw_scores, scores, rollout.ended),
@@ -137,7 +163,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                    "perf/tokens_per_s": all_reduce_sum(dist, rollout.attention_mask.sum()).item() / (t_end - t0),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, used_kl, cfg.batch_size * dist.world_size, cfg.kl_target,
+            kl_coef = adaptive_kl_coef(kl_coef, used_kl, len(prompt_lists) * dist.world_size, cfg.kl_target,
                                        cfg.kl_horizon)
         warnings(log, step, metrics, history)
         onpolicy_warning(log, step, metrics, history, sampler_tolerance(dist.device, cfg.dtype),
@@ -150,24 +176,48 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                                                "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2)})
         if cfg.sample_every and step % cfg.sample_every == 0:
             log.text(step, "samples", sample_table(tok, rollout, rollout.raw_scores))
+    if evaluator:
+        evaluate(cfg.max_steps)
     save(cfg.max_steps)
     log.close()
     return {"history": history, **history[-1]} if history else {"history": history}
 
 
 TOKEN_WEIGHTED = ("clipfrac", "value_clipfrac", "approx_kl", "ratio_mean", "explained_variance")
+KL_IN_LOSS = ("grpo", "dr_grpo")  # estimators whose KL penalty is a loss term (k3), not part of the reward
+
+
+def whiten_over_ranks(dist: Dist, x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    mean, var = moments_to_stats(all_reduce_sum(dist, masked_moments(x, response_mask)))
+    return masked_whiten(x, response_mask, mean, var)
+
+
+def critic_free_advantages(cfg: PPOConfig, dist: Dist, scores, rewards, response_mask, greedy_scores) -> torch.Tensor:
+    """Step 4 without a critic: one advantage per response on each of its tokens (REINFORCE++: per token).
+    Rows come in groups of k consecutive responses to one query."""
+    if cfg.estimator == "reinforce_pp":  # KL-penalised returns-to-go, whitened over the global batch
+        return whiten_over_ranks(dist, returns_to_go(rewards, response_mask, cfg.gamma), response_mask)
+    by_group = lambda x: x.reshape(-1, cfg.samples_per_prompt)  # noqa: E731
+    if cfg.estimator in KL_IN_LOSS:
+        per_response = grpo_advantages(by_group(scores), scale=cfg.estimator == "grpo")
+    else:  # RLOO and ReMax: each response's total reward, score − β·Σ KL_t
+        total = by_group(rewards.sum(1))
+        per_response = rloo_advantages(total) if cfg.estimator == "rloo" else remax_advantages(total, greedy_scores)
+    return per_response.reshape(-1, 1) * response_mask
 
 
 def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, log, step: int, rollout: Rollout,
-               advantages: torch.Tensor, returns: torch.Tensor, shuffler: torch.Generator, exact: float) -> dict:
+               advantages: torch.Tensor, returns: torch.Tensor, shuffler: torch.Generator, exact: float,
+               kl_coef: float) -> dict:
     """Step 5: `ppo_epochs` passes over the rollout in minibatches of `mini_batch_size` rows per rank. A
     minibatch is one optimizer step, its gradient accumulated over `grad_accum` micro-batches; its loss
-    is a mean over the global minibatch's real tokens. The first minibatch re-scores the rollout's rows
-    with the rollout's own function: its |log ratio| must not exceed `exact`. Returns the minibatch
-    statistics, averaged."""
+    is a mean over the global minibatch's real tokens (Dr. GRPO: a sum over tokens divided by rows x the
+    response length cap, so long and short responses weigh alike per token). The first minibatch
+    re-scores the rollout's rows with the rollout's own function: its |log ratio| must not exceed
+    `exact`. Returns the minibatch statistics, averaged."""
     t0 = time.time()
     pv = ddp.module if isinstance(ddp, DDP) else ddp
-    response_mask, B = rollout.response_mask, rollout.tokens.shape[0]
+    response_mask, (B, R) = rollout.response_mask, rollout.response_mask.shape
     mini, micro = cfg.mini_batch_size, cfg.mini_batch_size // cfg.grad_accum
     minibatches, skipped, stopped_early, ratio_max, drift = [], 0, False, 0.0, 0.0
     for epoch in range(cfg.ppo_epochs):
@@ -175,14 +225,15 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
         for k in range(0, B, mini):
             rows = perm[k:k + mini]
             n_tokens = all_reduce_sum(dist, response_mask[rows].sum())
+            loss_tokens = n_tokens if cfg.estimator != "dr_grpo" else n_tokens.new_tensor(mini * dist.world_size * R)
             minibatch_adv = advantages[rows]
-            if cfg.whiten == "minibatch":
+            if cfg.whiten == "minibatch" and cfg.estimator == "ppo":
                 minibatch_adv = masked_whiten(minibatch_adv, response_mask[rows])
             sums, local_ratio_max = {}, torch.zeros((), device=response_mask.device)
             for j in range(0, mini, micro):
                 with grad_sync(dist, ddp, sync=j + micro >= mini):  # gradients cross ranks once per minibatch
                     loss, stats = micro_batch_loss(cfg, ddp, rollout, rows[j:j + micro], minibatch_adv[j:j + micro],
-                                                   returns, n_tokens)
+                                                   returns, loss_tokens, kl_coef)
                     (loss * dist.world_size).backward()  # DDP averages over ranks; the loss is already global
                 sums = {name: sums.get(name, 0) + value for name, value in stats.items() if not name.endswith("max")}
                 local_ratio_max = torch.maximum(local_ratio_max, stats["ratio_max"])
@@ -201,7 +252,8 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
             else:
-                loss = total["policy_loss"] + cfg.vf_coef * total["value_loss"] - cfg.entropy_coef * total["entropy"]
+                loss = (total["policy_loss"] + cfg.vf_coef * total["value_loss"] + kl_coef * total["kl_loss"]
+                        - cfg.entropy_coef * total["entropy"])
                 clip_and_step(pv, optimizer, step, loss, cfg.grad_clip, guard, log)
             if cfg.early_stop_kl and total["approx_kl"] > cfg.early_stop_kl:
                 stopped_early = True
@@ -215,45 +267,28 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
             "seconds": time.time() - t0}
 
 
-def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, returns, n_tokens):
-    """The PPO loss of `rows` (clipped policy surrogate + vf_coef · clipped value loss − entropy bonus),
-    each a sum over their tokens divided by the global minibatch's `n_tokens`; and this micro-batch's
-    statistics as named sums (token-weighted ones multiplied by its local token count)."""
+def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, returns, n_tokens, kl_coef: float):
+    """The loss of `rows`: the clipped policy surrogate, + vf_coef · the clipped value loss (PPO's critic),
+    + β · the k3 KL to the reference (GRPO), − the entropy bonus; each a sum over their tokens divided by
+    the global minibatch's `n_tokens`. And this micro-batch's statistics as named sums (token-weighted
+    ones multiplied by its local token count)."""
     response_mask = rollout.response_mask[rows]
     with autocast(rollout.tokens.device, cfg.dtype):
         out = ddp(rollout.tokens[rows], rollout.attention_mask[rows], rollout.prompt_len, cfg.temperature)
     pg_loss, pg = ppo_policy_loss(out.logprobs, rollout.logprobs[rows], advantages, response_mask, cfg.cliprange,
                                   n_tokens)
+    zero = pg_loss.new_zeros(())
     vf_loss, vf = clipped_value_loss(out.values, rollout.values[rows], returns[rows], response_mask,
-                                     cfg.cliprange_value, n_tokens)
+                                     cfg.cliprange_value, n_tokens) if cfg.estimator == "ppo" else (zero, None)
+    kl_loss = (k3_kl_loss(out.logprobs, rollout.ref_logprobs[rows], response_mask, n_tokens)
+               if cfg.estimator in KL_IN_LOSS else zero)
     entropy = masked_mean(out.entropy, response_mask, n_tokens=n_tokens)
-    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss - cfg.entropy_coef * entropy
     n_local = response_mask.sum()
-    return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(),
-                  "clipfrac": pg.clipfrac * n_local, "value_clipfrac": vf.clipfrac * n_local,
+    return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "kl_loss": kl_loss.detach(),
+                  "entropy": entropy.detach(), "clipfrac": pg.clipfrac * n_local,
+                  "value_clipfrac": vf.clipfrac * n_local if vf else zero,
                   "approx_kl": pg.approx_kl * n_local, "ratio_mean": pg.ratio_mean * n_local,
-                  "explained_variance": vf.explained_variance * n_local, "ratio_max": pg.ratio_max.detach(),
+                  "explained_variance": vf.explained_variance * n_local if vf else zero,
+                  "ratio_max": pg.ratio_max.detach(),
                   "log_ratio_abs_max": ((out.logprobs.detach() - rollout.logprobs[rows]) * response_mask).abs().max()}
-
-
-def kl_per_response(dist: Dist, rollout: Rollout) -> dict[str, float]:
-    """Mean KL per response over the global batch, by every estimator (the one in use drives β)."""
-    per_row = {name: masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, name), rollout.response_mask, 1)
-               for name in ("k1", "k2", "k3")}
-    per_row["full"] = masked_sum(rollout.kl_full, rollout.response_mask, 1)
-    total = all_reduce_named(dist, {name: kl.mean() for name, kl in per_row.items()})
-    return {name: value / dist.world_size for name, value in total.items()}
-
-
-def prompt_loader(cfg: PPOConfig, dist: Dist, tok, max_seq_len: int, log) -> PromptLoader:
-    """One global batch of queries per step (rank r takes its slice, so rollouts do not depend on the
-    world size); a query must leave room for the longest response within the model's context."""
-    max_prompt = min(cfg.max_prompt_length, max_seq_len - cfg.response_max_length)
-    if max_prompt < 2:
-        raise ValueError(f"--response-max-length {cfg.response_max_length} leaves no room for a prompt in the "
-                         f"model's max_seq_len {max_seq_len}")
-    prompts = PromptLoader(read_pairs(cfg.data), tok, batch_size=cfg.batch_size * dist.world_size,
-                           max_length=max_prompt, seed=cfg.seed)
-    log.info(f"ppo: {len(prompts.queries):,} queries shorter than {max_prompt} tokens "
-             f"({prompts.too_long:,} longer ones left out)")
-    return prompts

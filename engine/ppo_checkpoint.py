@@ -21,7 +21,8 @@ def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts
          reward_moments: RunningMoments) -> None:
     """Collective: checkpoint-<step> with the policy adapter (PEFT layout) and the trainer state."""
     state = {"optimizer": optimizer.state_dict(), "prompts": prompts.state_dict(), "kl_coef": kl_coef,
-             "reward_moments": list(reward_moments), "value_head": pv.value_head.state_dict(), "config": asdict(cfg),
+             "reward_moments": list(reward_moments), "config": asdict(cfg),
+             "value_head": pv.value_head.state_dict() if pv.value_head is not None else {},
              "value_adapter": lora_state_dict(pv.value_net, VALUE) if pv.value_net is not None else {}}
     save_training_checkpoint(dist, cfg.out, step,
                              lambda folder: write_stage_model(folder, pv.policy, cfg.lora, tok.path, cfg.model),
@@ -32,7 +33,8 @@ def restore(dist: Dist, path: str, pv: PolicyAndValue, optimizer, prompts) -> tu
     """Load a PPO checkpoint in place; returns (β, reward moments, step) to continue from."""
     state = load_trainer_state(dist, path)
     load_adapter_weights(pv.policy, path)
-    pv.value_head.load_state_dict(state["value_head"])
+    if pv.value_head is not None:
+        pv.value_head.load_state_dict(state["value_head"])
     if pv.value_net is not None:
         with torch.no_grad():
             for name, t in state["value_adapter"].items():

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.estimators import CRITIC_FREE, ESTIMATORS
 from engine.stage_config import StageConfig, require_positive
 
 
 @dataclass(frozen=True)
 class PPOConfig(StageConfig):
+    estimator: str = field(default="ppo", metadata={
+        "help": "advantage estimator: ppo (GAE with a learned critic) or a critic-free one (engine/estimators.py)",
+        "choices": list(ESTIMATORS)})
+    samples_per_prompt: int = field(default=1, metadata={"help": "responses sampled per query (a group); rloo, "
+                                                                 "grpo and dr_grpo need >= 2"})
     reward_model: str = field(default=None, metadata={"help": "reward model: a merged RM folder (its own network), or "
                                                                "an RM adapter folder (a train.py rm checkpoint) put "
                                                                "on the policy's frozen base"})
@@ -22,7 +28,7 @@ class PPOConfig(StageConfig):
     data: str = field(default=None, metadata={"help": "pairs data whose questions are the prompts (the rl split)"})
     max_steps: int = field(default=100, metadata={"help": "PPO steps (rollout + update)"})
     batch_size: int = field(default=16, metadata={"help": "queries per rank per PPO step"})
-    mini_batch_size: int = field(default=4, metadata={"help": "rows per rank per optimizer step"})
+    mini_batch_size: int = field(default=4, metadata={"help": "responses per rank per optimizer step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per minibatch (gradient accumulation)"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
     max_prompt_length: int = field(default=512, metadata={"help": "keep queries shorter than this (tokens)"})
@@ -33,7 +39,8 @@ class PPOConfig(StageConfig):
     # sampling from a truncated one would make the ratio and the KL describe another policy (docs/ON_POLICY.md).
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature, applied alike when the "
                                                                 "update and the KL score the samples"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL in the reward",
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL in the reward (grpo and dr_grpo put "
+                                                              "k3 in the loss instead)",
                                                       "choices": ["k1", "k2", "k3", "full"]})
     kl_coef: float = field(default=0.2, metadata={"help": "initial KL coefficient β"})
     adaptive_kl: bool = field(default=True, metadata={"help": "adapt β towards --kl-target (else fixed)"})
@@ -62,6 +69,15 @@ class PPOConfig(StageConfig):
                                                                       "warning every N steps while it lasts"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (and cuBLAS "
                                                                  "workspace): two runs give identical metrics"})
+    eval_every: int = field(default=0, metadata={"help": "every N steps and at the end, the policy and the "
+                                                          "reference answer --eval-prompts held-out questions "
+                                                          "(0 = off; see engine/ppo_eval.py)"})
+    eval_data: str | None = field(default=None, metadata={"help": "pairs whose questions --eval-every asks (the "
+                                                                   "evaluation split)"})
+    eval_prompts: int = field(default=64, metadata={"help": "questions per evaluation"})
+    judge: str | None = field(default=None, metadata={"help": "a held-out reward model (not the one PPO "
+                                                              "optimises) for --eval-every's judge score and win "
+                                                              "rate"})
     sample_every: int = field(default=10, metadata={"help": "log a table of samples every N steps"})
     lr: float = field(default=1.4e-5, metadata={"help": "learning rate"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
@@ -72,14 +88,27 @@ class PPOConfig(StageConfig):
         if not self.data:
             raise ValueError("--data is required")
         require_positive(self, "max_steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
-                         "max_prompt_length", "response_min_length")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
-                             f"{self.mini_batch_size}")
+                         "max_prompt_length", "response_min_length", "samples_per_prompt")
+        if self.batch_size * self.samples_per_prompt % self.mini_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} x --samples-per-prompt {self.samples_per_prompt} "
+                             f"responses must be a multiple of --mini-batch-size {self.mini_batch_size}")
+        if self.estimator in ("rloo", "grpo", "dr_grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"--estimator {self.estimator} compares the responses to one prompt: it needs "
+                             f"--samples-per-prompt >= 2, got {self.samples_per_prompt}")
+        if self.estimator in CRITIC_FREE and self.value_model != "head":
+            raise ValueError(f"--estimator {self.estimator} trains no value function: --value-model "
+                             f"{self.value_model} does not apply")
         if self.mini_batch_size % self.grad_accum:
             raise ValueError(f"--mini-batch-size {self.mini_batch_size} must be a multiple of --grad-accum "
                              f"{self.grad_accum}")
         if self.response_max_length < self.response_min_length:
             raise ValueError("--response-max-length must be >= --response-min-length")
+        if self.eval_every and not self.eval_data:
+            raise ValueError("--eval-every needs --eval-data (the evaluation split)")
+        if self.eval_every < 0 or self.eval_prompts < 1:
+            raise ValueError(f"--eval-every must be >= 0 and --eval-prompts >= 1, got {self.eval_every} and "
+                             f"{self.eval_prompts}")
+        if self.kl_coef < 0:
+            raise ValueError(f"--kl-coef must be >= 0 (it weighs a penalty), got {self.kl_coef}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 for PPO sampling, got {self.temperature}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
+from engine.rlhf_math import kl_estimate, masked_sum
 
 KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
 
@@ -155,3 +156,12 @@ def sample_table(tok, rollout, scores: torch.Tensor, n: int = 4) -> str:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
         rows.append(f"| {cell(query)} | {cell(response)} | {scores[i].item():.3f} |")
     return "\n".join(rows)
+
+
+def kl_per_response(dist: Dist, rollout) -> dict[str, float]:
+    """Mean KL per response over the global batch, by every estimator (the one in use drives β)."""
+    per_row = {name: masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, name), rollout.response_mask, 1)
+               for name in ("k1", "k2", "k3")}
+    per_row["full"] = masked_sum(rollout.kl_full, rollout.response_mask, 1)
+    total = all_reduce_named(dist, {name: kl.mean() for name, kl in per_row.items()})
+    return {name: value / dist.world_size for name, value in total.items()}

@@ -76,6 +76,8 @@ def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: Reward
     if reward_fn is None:
         reward_fn = reward_model_fn(reward_net, score, reward_adapter)
 
+    if cfg.estimator != "ppo":
+        return Roles(reward_fn, None, None, None, "; ".join([base_line, reward_line, "value = none (critic-free)"]))
     if cfg.value_model == "head":
         return Roles(reward_fn, None, None, None, "; ".join(
             [base_line, reward_line, "value = a head on the policy's hidden states"]))
@@ -134,6 +136,8 @@ def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Li
 def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | None = None) -> RewardFn:
     """Scores from a reward network at the last real token of each row: `net`'s own score head, or
     `head` on its hidden states with adapter `adapter` active (a reward adapter on the policy's base).
+    `adapter` None scores with every adapter off: right for a merged RM (which may carry a value
+    adapter), wrong for an RM loaded as an adapter, whose adapter must be named.
 
     Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
     each row's real tokens are packed to the left first.

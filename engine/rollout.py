@@ -11,6 +11,7 @@ exactly 1 (ppo.py asserts it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.loaders import PromptLoader
+from data.pairs_io import read_pairs
 from engine.generate import SamplingConfig, generate
 from engine.lora import disable_lora, use_adapter
 from engine.model import LLaMA
@@ -61,14 +64,18 @@ class PolicyAndValue(nn.Module):
     Value: a scalar head on the policy's last hidden states (StackLLaMA), or, when `value_net` is
     given, a head on `value_net`'s hidden states with adapter `value_adapter` active (PPO's
     `--value-model reward`: the reward network plus a trainable adapter, which may be the very
-    network the policy runs on, with another adapter).
+    network the policy runs on, with another adapter). With `critic` False (the critic-free estimators)
+    there is no value function at all: no parameters, and values are 0.
     """
 
     def __init__(self, policy: LLaMA, value_net: LLaMA | None = None, value_adapter: str | None = None,
-                 value_head_init: torch.Tensor | None = None):
+                 value_head_init: torch.Tensor | None = None, critic: bool = True):
         super().__init__()
         self.policy = policy
         self.value_net, self.value_adapter = value_net, value_adapter
+        self.value_head = None
+        if not critic:
+            return
         self.value_head = nn.Linear(policy.cfg.dim, 1, bias=True, device=policy.lm_head.weight.device)
         nn.init.zeros_(self.value_head.bias)
         with torch.no_grad():
@@ -88,7 +95,8 @@ class PolicyAndValue(nn.Module):
         if self.value_net is not None:
             with use_adapter(self.value_net, self.value_adapter):
                 value_hidden = self.value_net.model(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]
-        values = self.value_head(value_hidden.float()).squeeze(-1).float()
+        values = (self.value_head(value_hidden.float()).squeeze(-1).float() if self.value_head is not None
+                  else logprobs.new_zeros(logprobs.shape, dtype=torch.float32))
         log_softmax = response_log_softmax(self.policy, hidden, temperature) if full_dist else None
         return PolicyOutput(logprobs, values, entropy, log_softmax)
 
@@ -142,13 +150,14 @@ def build_rollout(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Reward
     """Sample a response to each prompt, score every response token with the policy, the value
     function and the reference, and read the reward model's score of each whole row."""
     t0 = time.time()
-    gen = generate(pv.policy, prompts, sampling, eos_id, pad_id, row_seeds=row_seeds)
+    device = pv.policy.lm_head.weight.device
+    with autocast(device, dtype):  # the sampler computes exactly as the update will (float32 adapters on a bf16 base)
+        gen = generate(pv.policy, prompts, sampling, eos_id, pad_id, row_seeds=row_seeds)
     t_generate = time.time() - t0
     P = gen.prompt_tokens.shape[1]
     tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
     attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
     response_mask = gen.response_mask.float()
-    device = tokens.device
     with autocast(device, dtype):
         scored = score_responses(pv, reference, tokens, attention_mask, P, sampling.temperature, order, chunk)
     t1 = time.time()
@@ -160,3 +169,29 @@ def build_rollout(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Reward
         kl_full=scored.kl_full * response_mask, raw_scores=raw_scores, ended=gen.ended, order=order,
         seconds={"generate": t_generate, "policy_forward": scored.policy_seconds,
                  "reference_forward": scored.reference_seconds, "reward": time.time() - t1})
+
+
+@torch.no_grad()
+def greedy_scores(pv: PolicyAndValue, reward_fn: RewardFn, prompts: list[list[int]], sampling: SamplingConfig, tok,
+                  dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw RM score [G], ended [G]) of the policy's greedy response to each prompt: ReMax's baseline."""
+    device = pv.policy.lm_head.weight.device
+    with autocast(device, dtype):
+        gen = generate(pv.policy, prompts, dataclasses.replace(sampling, temperature=0.0), tok.eos_id, tok.pad_id)
+    tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
+    attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    return reward_fn(tokens, attention_mask).to(device).float(), gen.ended
+
+
+def prompt_loader(cfg, dist, tok, max_seq_len: int, log) -> PromptLoader:
+    """One global batch of queries per step (rank r takes its slice, so rollouts do not depend on the
+    world size); a query must leave room for the longest response within the model's context."""
+    max_prompt = min(cfg.max_prompt_length, max_seq_len - cfg.response_max_length)
+    if max_prompt < 2:
+        raise ValueError(f"--response-max-length {cfg.response_max_length} leaves no room for a prompt in the "
+                         f"model's max_seq_len {max_seq_len}")
+    prompts = PromptLoader(read_pairs(cfg.data), tok, batch_size=cfg.batch_size * dist.world_size,
+                           max_length=max_prompt, seed=cfg.seed)
+    log.info(f"ppo: {len(prompts.queries):,} queries shorter than {max_prompt} tokens "
+             f"({prompts.too_long:,} longer ones left out)")
+    return prompts

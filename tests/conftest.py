@@ -72,6 +72,16 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
     return str(folder), os.path.join(pairs, "rl")
 
 
+@pytest.fixture(scope="session")
+def random_rm(ppo_base, synthetic_pairs, tmp_path_factory):
+    """A reward model made from the PPO base with a random score head (a merged RM folder)."""
+    from engine.checkpoint import load_checkpoint, save_model_folder
+    folder = str(tmp_path_factory.mktemp("random_rm") / "rm")
+    save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer_path=synthetic_pairs[1],
+                      pad_token_id=0)
+    return folder
+
+
 def read_metrics(out_dir, key):
     """{step: value} of one scalar from a run's metrics.jsonl."""
     import json

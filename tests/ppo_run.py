@@ -1,6 +1,8 @@
 """Run a short PPO job with the scripted reward (used by test_ppo.py, also under torchrun).
 
-    python tests/ppo_run.py BASE DATA OUT BATCH MINI EPOCHS STEPS
+    python tests/ppo_run.py BASE DATA OUT BATCH MINI EPOCHS STEPS [FIELD=VALUE ...]
+
+FIELD=VALUE sets a further PPOConfig field (an int if VALUE is one, else the string).
 """
 import os
 import sys
@@ -28,8 +30,9 @@ def config(base, data, out, *, batch_size=8, mini_batch_size=4, ppo_epochs=1, ma
 
 if __name__ == "__main__":
     base, data, out, batch, mini, epochs, steps = sys.argv[1:8]
+    extra = dict(arg.split("=", 1) for arg in sys.argv[8:])
+    extra = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in extra.items()}
     dist = init_dist("cpu")
     train(config(base, data, out, batch_size=int(batch), mini_batch_size=int(mini), ppo_epochs=int(epochs),
-                 max_steps=int(steps)), dist,
-          reward_fn=reward_multiple_of_4)
+                 max_steps=int(steps), **extra), dist, reward_fn=reward_multiple_of_4)
     close_dist(dist)

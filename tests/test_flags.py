@@ -12,6 +12,7 @@ import pytest
 
 import train
 from engine.flags import config_from_args, config_parser
+from engine.generate import SamplingConfig
 from engine.lora import LoRAConfig
 
 
@@ -88,11 +89,11 @@ def candidates(kind, default, choices):
         return [v for v in (2 * default, default / 2, 0.5, 1e-9) if v != default] if default is not None else [0.5]
     if typing.get_origin(kind) is tuple:
         return [("q_proj",), ("finetune=1.0",), ("x", "y")]
-    return ["some/path"]
+    return ["some/path", "m"]  # "m": a --models name, for --baseline
 
 
 REQUIRED = {"model": "m", "out": "o", "data": "d", "reward_model": "r", "base": "b", "adapter": "a",
-            "posts": ("p.xml",)}
+            "posts": ("p.xml",), "models": ("m",), "judges": ("j",), "eval_data": "e"}
 
 
 @pytest.mark.parametrize("stage", list(train.STAGES))
@@ -169,7 +170,7 @@ def stage_configs(tiny_base, tmp_path):
     pairs, tok, base, rm = tiny_base
     posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 60, seed=0)
     lora = LoRAConfig(r=2, targets=("all-linear",))
-    save_adapter(apply_lora(load_checkpoint(base), lora), lora, str(tmp_path / "adapter"))
+    save_adapter(apply_lora(load_checkpoint(base), lora), lora, str(tmp_path / "adapter"), base_model=base)
     common = dict(seed=1, log_every=1, save_every=1, keep=1, device="cpu")
     return {
         "prepare": dict(out=str(tmp_path / "pairs"), posts=(str(posts),), progress_seconds=1e9, workers=1),
@@ -182,12 +183,19 @@ def stage_configs(tiny_base, tmp_path):
         "merge": dict(base=base, adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged")),
         "ppo": dict(model=base, reward_model=rm, data=os.path.join(pairs, "rl"), out=str(tmp_path / "ppo"),
                     batch_size=2, mini_batch_size=2, ppo_epochs=1, max_steps=2, response_min_length=2,
-                    response_max_length=3, sample_every=1, **common),
+                    response_max_length=3, sample_every=1, eval_every=1, eval_data=os.path.join(pairs, "evaluation"),
+                    eval_prompts=2, judge=rm, **common),
+        "eval": dict(models=(f"base={base}", f"tuned={tmp_path / 'adapter'}"), judges=(rm,), proxy=rm, baseline="base",
+                     data=os.path.join(pairs, "evaluation"), out=str(tmp_path / "eval"), num_prompts=3, bootstrap=20,
+                     examples=1, device="cpu", sampling=SamplingConfig(max_new_tokens=3)),
         "generate": dict(model=base, prompt=("how do i",)),
+        # One split only: the synthetic site repeats question texts under other ids, across splits.
+        "check": dict(model=base, adapter=str(tmp_path / "adapter"), reward_model=rm, data=os.path.join(pairs, "rl"),
+                      device="cpu", seed=1, prompts=2, max_new_tokens=4),
     }
 
 
-@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "sft", "rm", "merge", "ppo", "generate"])
+@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "sft", "rm", "merge", "ppo", "eval", "generate", "check"])
 def test_every_config_field_is_read_by_its_stage(stage, tiny_base, tmp_path, capsys):
     config_cls, run = train.STAGES[stage].load()
     recorder = Recorder(config_cls(**stage_configs(tiny_base, tmp_path)[stage]))

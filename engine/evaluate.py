@@ -1,0 +1,298 @@
+"""`train.py eval`: did PPO make the model better? Every arm (a checkpoint, or an adapter on its base)
+answers the same held-out questions; reward models score every answer; the statistics say by how much
+one arm beats another, with intervals (engine/eval_stats.py), and the report shows it
+(engine/eval_report.py).
+
+The reward model PPO optimised is the *proxy*; a reward model trained on other questions (prepare's
+`judge` split) is a *held-out judge*. The proxy's verdict is the number RLHF is known to fool (Gao et
+al. 2022, arXiv 2210.10760), so the judge's comes first and the gap between them is reported. The
+data's two human answers of each question are extra arms, scored by the same judges: they anchor what
+a good score is. Every sample is drawn with a seed made of (seed, question index, sample index), so a
+model's answers do not depend on the batch or the world size, and a rerun reproduces them. Under
+torchrun, rank r answers questions r, r + W, ...; rank 0 gathers and writes.
+
+Lengths are in tokens; KL(π_arm ‖ π_baseline) is exact over the vocabulary, summed over the arm's
+response tokens (0 for the baseline itself; not defined for human answers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from data.pairs_io import read_pairs
+from data.tokenizer import format_prompt
+from engine.adapter_files import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from engine.builder import resolve_tokenizer
+from engine.checkpoint import CONFIG, load_checkpoint
+from engine.dist import Dist, all_gather_objects
+from engine.generate import SamplingConfig, generate, left_pad
+from engine.int8 import quantize_on_load
+from engine.lora import DEFAULT
+from engine.ppo_roles import RewardFn, reward_model_fn
+from engine.precision import DTYPES, autocast, torch_dtype
+from engine.rlhf_math import full_kl_from_log_softmax
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: tuple[str, ...] = field(default=None, metadata={
+        "help": "arms to compare, each NAME=PATH or PATH: a checkpoint folder, or an adapter folder (its base is "
+                "the one its adapter_config.json names)"})
+    judges: tuple[str, ...] = field(default=None, metadata={
+        "help": "held-out reward models, each NAME=PATH or PATH (a merged RM folder or an RM adapter folder)"})
+    data: str = field(default=None, metadata={"help": "pairs whose questions are asked (the evaluation split)"})
+    out: str = field(default=None, metadata={"help": "output folder: report.md, results.json, samples.jsonl, "
+                                                     "frontier.png, tb/"})
+    proxy: str | None = field(default=None, metadata={
+        "help": "the reward model PPO optimised (NAME=PATH or PATH): scored beside the judges, with the "
+                "proxy-minus-judge gap"})
+    baseline: str | None = field(default=None, metadata={"help": "the arm the others are compared with "
+                                                                 "(default: the first of --models)"})
+    num_prompts: int | None = field(default=None, metadata={"help": "questions asked (default: all)"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per question and model"})
+    batch_size: int = field(default=16, metadata={"help": "rows per generation and scoring batch"})
+    kl: bool = field(default=True, metadata={"help": "exact KL(arm ‖ baseline) per response (one tokenizer)"})
+    human: bool = field(default=True, metadata={"help": "score the data's two human answers as arms"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over questions) per interval"})
+    examples: int = field(default=5, metadata={"help": "questions shown side by side in report.md"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside the first "
+                                                                  "model)"})
+    dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": sorted(DTYPES)})
+    load_in_8bit: bool = field(default=False, metadata={"help": "store every network in 8 bits"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+    sampling: SamplingConfig = field(default=SamplingConfig(), metadata={"prefix": ""})
+
+    def __post_init__(self):
+        for name in ("models", "judges", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        for name in ("num_prompts", "samples_per_prompt", "batch_size", "bootstrap"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        names = [named(m)[0] for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--models names must differ, got {names}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"--baseline {self.baseline} is not one of the --models names {names}")
+
+
+def named(spec: str) -> tuple[str, str]:
+    """NAME=PATH -> (NAME, PATH); a bare PATH is named after its last two path components."""
+    name, sep, path = spec.partition("=")
+    if sep and name and os.sep not in name:
+        return name, path
+    parts = os.path.normpath(spec).split(os.sep)
+    return "/".join(parts[-2:]), spec
+
+
+class Question(NamedTuple):
+    index: int  # position in the evaluation set: seeds and sharding derive from it
+    text: str
+    better: str  # response_j: the human answer voted better
+    worse: str  # response_k
+
+
+class Response(NamedTuple):
+    question: int
+    arm: str
+    sample: int
+    tokens: list[int]  # the response alone (ends with EOS when the model ended it)
+    kl: float  # exact KL(arm ‖ baseline) summed over the response; nan for human answers
+
+
+def load_questions(path: str, limit: int | None) -> list[Question]:
+    """One entry per distinct question (its first pair's two answers), in file order."""
+    table = read_pairs(path, columns=("question", "response_j", "response_k"))
+    seen, out = set(), []
+    for q, j, k in zip(*(table[c].to_pylist() for c in ("question", "response_j", "response_k"))):
+        if q not in seen:
+            seen.add(q)
+            out.append(Question(len(out), q, j, k))
+    if not out:
+        raise ValueError(f"{path} has no questions to evaluate on")
+    return out[:limit] if limit else out
+
+
+def load_policy(path: str, tok, dtype: str, device, load_in_8bit: bool):
+    """A checkpoint, or an adapter folder applied to the base its config names, ready to sample."""
+    base, adapter = (read_adapter_base(path), path) if is_adapter_folder(path) else (path, None)
+    if adapter is not None and not (base and os.path.exists(base)):
+        raise ValueError(f"{path}: the adapter's base {base!r} (adapter_config.json) is not a folder here")
+    model = load_checkpoint(base, dtype=torch_dtype(dtype), device=device,
+                            transform=quantize_on_load if load_in_8bit else None)
+    tok.check_model_vocab(model.cfg.vocab_size, base)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval()
+
+
+def is_reward_model(path: str) -> bool:
+    """A train.py rm adapter (PEFT task SEQ_CLS, score head beside it) or a merged RM folder (transformers'
+    LlamaForSequenceClassification); anything else has no trained score head."""
+    if is_adapter_folder(path):
+        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+            return json.load(f).get("task_type") == "SEQ_CLS"
+    config = os.path.join(path, CONFIG)
+    if not os.path.exists(config):
+        return False
+    with open(config) as f:
+        return "LlamaForSequenceClassification" in json.load(f).get("architectures", [])
+
+
+def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
+    """A merged RM folder, or an RM adapter folder (with its score head) on its base. A network without a
+    trained score head is refused: its scores would be random."""
+    if not is_reward_model(path):
+        raise ValueError(f"{path} is not a reward model (no trained score head: expected a train.py rm checkpoint "
+                         "or a merged RM)")
+    base = read_adapter_base(path) if is_adapter_folder(path) else path
+    net = load_checkpoint(base, head="score", dtype=torch_dtype(dtype), device=device,
+                          transform=quantize_on_load if load_in_8bit else None)
+    tok.check_model_vocab(net.cfg.vocab_size, base)
+    adapter = None  # reward_model_fn switches to this adapter while scoring; None = the network as it is
+    if is_adapter_folder(path):
+        load_adapter(net, path)
+        adapter = DEFAULT
+    return reward_model_fn(net.eval(), adapter=adapter)
+
+
+def sample_responses(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,
+                     sampling: SamplingConfig, batch_size: int, tok, log) -> list[list[int]]:
+    """k responses per question, row (question i, sample j) seeded by (seed, i, j): independent of the batch."""
+    rows = [(q.index, j) for q in questions for j in range(k)]
+    out, started = [], time.time()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        gen = generate(model, [prompts[i] for i, _ in batch], sampling, tok.eos_id, tok.pad_id,
+                       row_seeds=[sampling.seed * 1_000_003 + i * 1009 + j for i, j in batch])
+        out += [gen.response_tokens[r][gen.response_mask[r].bool()].tolist() for r in range(len(batch))]
+        done, elapsed = start + len(batch), time.time() - started
+        log(f"eval: {arm}: {done}/{len(rows)} answers, {done / elapsed:.1f}/s, "
+            f"eta {elapsed / done * (len(rows) - done):.0f}s")
+    return out
+
+
+@torch.no_grad()
+def sequence_kl(model, baseline, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                dtype: str) -> list[float]:
+    """Exact KL(π_model ‖ π_baseline) over the vocabulary at each response token, summed per response."""
+    prompt_tokens, prompt_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
+    width = max(len(r) for r in responses)
+    response = torch.full((len(responses), width), pad_id, dtype=torch.long, device=prompt_tokens.device)
+    response_mask = torch.zeros_like(response)
+    for i, r in enumerate(responses):
+        response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+    tokens, mask = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, response_mask], 1)
+    P = prompt_tokens.shape[1]
+    with autocast(tokens.device, dtype):  # baseline: any callable (tokens, attention_mask=) -> logits
+        logp = F.log_softmax(model(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
+        ref_logp = F.log_softmax(baseline(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
+    return (full_kl_from_log_softmax(logp, ref_logp) * response_mask).sum(1).tolist()
+
+
+@torch.no_grad()
+def score_responses(reward_fn: RewardFn, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    device, dtype: str, batch_size: int) -> list[float]:
+    """The reward model's score of each prompt + response, read at the last real token as in PPO."""
+    scores = []
+    for start in range(0, len(responses), batch_size):
+        rows = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        width = max(map(len, rows))
+        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(tokens)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        with autocast(tokens.device, dtype):
+            scores += reward_fn(tokens, mask).float().tolist()
+    return scores
+
+
+def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dict[str, list[list[int]]]:
+    """The two human answers of each question as token responses, EOS-terminated like a model's (cut to
+    the room the model's context leaves after the prompt)."""
+    arms = {"human (better)": [], "human (other)": []}
+    for q in questions:
+        for arm, text in (("human (better)", q.better), ("human (other)", q.worse)):
+            arms[arm].append((tok.encode(text) + [tok.eos_id])[:room[q.index]])
+    return arms
+
+
+def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
+    from engine.eval_report import write_outputs
+    log = print if dist.is_main else (lambda *a, **k: None)
+    arms = [named(m) for m in cfg.models]
+    baseline = cfg.baseline or arms[0][0]
+    arms.sort(key=lambda arm: arm[0] != baseline)  # the baseline first: its model scores the others' KL
+    judges = [named(j) for j in cfg.judges] + ([("proxy:" + named(cfg.proxy)[0], named(cfg.proxy)[1])]
+                                               if cfg.proxy else [])
+    tok = resolve_tokenizer(read_adapter_base(arms[0][1]) if is_adapter_folder(arms[0][1]) else arms[0][1],
+                            cfg.tokenizer)
+    questions = load_questions(cfg.data, cfg.num_prompts)
+    mine = questions[dist.rank::dist.world_size]
+    prompts = {q.index: tok.encode(format_prompt(q.text), bos=True) for q in mine}
+    k = cfg.samples_per_prompt
+    log(f"eval: {len(questions)} questions x {k} samples, {len(arms)} models, {len(judges)} reward models, "
+        f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+
+    responses: list[Response] = []
+    baseline_model, max_seq_len = None, None
+    seconds = {"sampling": 0.0, "kl": 0.0, "scoring": 0.0}  # this rank's wall time per phase
+    for arm, path in arms:
+        model = load_policy(path, tok, cfg.dtype, dist.device, cfg.load_in_8bit)
+        max_seq_len = max_seq_len or model.cfg.max_seq_len
+        room = model.cfg.max_seq_len - max([len(p) for p in prompts.values()] or [0])
+        sampling = dataclasses.replace(cfg.sampling, max_new_tokens=min(cfg.sampling.max_new_tokens, max(room, 1)))
+        t0 = time.time()
+        answers = sample_responses(model, arm, mine, prompts, k, sampling, cfg.batch_size, tok, log)
+        seconds["sampling"] += time.time() - t0
+        t0 = time.time()
+        rows = [(q.index, j) for q in mine for j in range(k)]
+        if cfg.kl and baseline_model is not None and model.cfg.vocab_size != baseline_model.cfg.vocab_size:
+            raise ValueError(f"{arm} and {baseline} have different vocabularies ({model.cfg.vocab_size} vs "
+                             f"{baseline_model.cfg.vocab_size}): the KL needs one; pass --no-kl")
+        kls = [0.0] * len(rows)
+        if cfg.kl and baseline_model is not None:
+            kls = []
+            for start in range(0, len(rows), cfg.batch_size):
+                batch = slice(start, start + cfg.batch_size)
+                kls += sequence_kl(model, baseline_model, [prompts[i] for i, _ in rows[batch]], answers[batch],
+                                   tok.pad_id, cfg.dtype)
+        responses += [Response(i, arm, j, a, kl if cfg.kl else float("nan"))
+                      for (i, j), a, kl in zip(rows, answers, kls)]
+        seconds["kl"] += time.time() - t0
+        if baseline_model is None and cfg.kl:
+            baseline_model = model
+        else:
+            del model
+    if cfg.human:
+        room = {q.index: max_seq_len - len(prompts[q.index]) for q in mine}
+        for arm, answers in human_responses(mine, tok, room).items():
+            responses += [Response(q.index, arm, 0, a, float("nan")) for q, a in zip(mine, answers)]
+    del baseline_model
+
+    scores: dict[str, list[float]] = {}
+    for judge, path in judges:
+        reward_fn = load_reward_model(path, tok, cfg.dtype, dist.device, cfg.load_in_8bit)
+        t0 = time.time()
+        scores[judge] = score_responses(reward_fn, [prompts[r.question] for r in responses],
+                                        [r.tokens for r in responses], tok.pad_id, dist.device, cfg.dtype,
+                                        cfg.batch_size)
+        seconds["scoring"] += time.time() - t0
+        log(f"eval: scored {len(responses)} answers with {judge} in {time.time() - t0:.1f}s")
+    records = [dict(question=r.question, arm=r.arm, sample=r.sample, length=len(r.tokens), kl=r.kl,
+                    response=tok.decode([t for t in r.tokens if t != tok.eos_id]),
+                    scores={judge: s[n] for judge, s in scores.items()}) for n, r in enumerate(responses)]
+    gathered = [rec for part in all_gather_objects(dist, records) for rec in part]
+    if not dist.is_main:
+        return {}
+    gathered.sort(key=lambda rec: (rec["question"], rec["arm"], rec["sample"]))
+    log("eval: " + ", ".join(f"{phase} {s:.1f}s" for phase, s in seconds.items()))
+    results = write_outputs(cfg, questions, gathered, [a for a, _ in arms], baseline, [j for j, _ in judges])
+    return {**results, "seconds": seconds}

@@ -1,0 +1,81 @@
+"""Evaluation during PPO (`--eval-every N`): every N steps, and at the end, the policy answers a fixed set
+of held-out questions with fixed seeds, and so does the reference (the same network with its adapters
+off). Logged: eval/proxy_score (the RM being optimised), eval/judge_score (a held-out RM, --judge),
+eval/win_rate_vs_reference (under the judge, or the proxy without one; ties count ½),
+eval/kl_to_reference (exact, summed over each response) and eval/length_mean. A proxy that keeps
+rising while the judge turns down is reward over-optimisation (Gao et al. 2022), visible in TensorBoard.
+
+Questions are split over ranks (rank r takes every W-th); the sums are reduced, so the figures do not
+depend on the world size. The reference's answers never change, so they are sampled and scored once.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from data.tokenizer import format_prompt
+from engine.dist import Dist, all_reduce_named
+from engine.evaluate import load_questions, load_reward_model, score_responses, sequence_kl
+from engine.generate import SamplingConfig, generate
+from engine.lora import disable_lora
+from engine.ppo_roles import RewardFn
+
+
+class PPOEval:
+    def __init__(self, cfg, dist: Dist, tok, policy, reference, proxy: RewardFn):
+        questions = load_questions(cfg.eval_data, cfg.eval_prompts)[dist.rank::dist.world_size]
+        self.prompts = [tok.encode(format_prompt(q.text), bos=True) for q in questions]
+        # Fixed seeds, one per question (by its index in the evaluation set), at the training temperature.
+        self.seeds = [cfg.seed * 1_000_003 + 7 + q.index * 1009 for q in questions]
+        self.sampling = SamplingConfig(max_new_tokens=cfg.response_max_length, temperature=cfg.temperature)
+        self.cfg, self.dist, self.tok, self.policy, self.proxy = cfg, dist, tok, policy, proxy
+        self.judge = load_reward_model(cfg.judge, tok, cfg.dtype, dist.device, cfg.load_in_8bit) if cfg.judge else None
+        self.reference = reference  # None: the policy's own base with adapters disabled
+        self.reference_answers, self.reference_scores = None, None
+
+    def reference_context(self):
+        return disable_lora(self.policy) if self.reference is None else contextlib.nullcontext()
+
+    def reference_logits(self, tokens, attention_mask):
+        with self.reference_context():
+            return (self.reference or self.policy)(tokens, attention_mask=attention_mask)
+
+    def answers(self, model) -> list[list[int]]:
+        out = []
+        for start in range(0, len(self.prompts), 16):
+            gen = generate(model, self.prompts[start:start + 16], self.sampling, self.tok.eos_id, self.tok.pad_id,
+                           row_seeds=self.seeds[start:start + 16])
+            out += [gen.response_tokens[r][gen.response_mask[r].bool()].tolist() for r in range(gen.ended.shape[0])]
+        return out
+
+    def score(self, reward_fn: RewardFn, answers) -> list[float]:
+        return score_responses(reward_fn, self.prompts, answers, self.tok.pad_id, self.dist.device, self.cfg.dtype, 16)
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        t0 = time.time()
+        judge = self.judge or self.proxy
+        if self.reference_answers is None:
+            with self.reference_context():
+                self.reference_answers = self.answers(self.reference or self.policy)
+            self.reference_scores = self.score(judge, self.reference_answers)
+        answers = self.answers(self.policy)
+        proxy, judged = self.score(self.proxy, answers), self.score(judge, answers)
+        kl = []
+        for start in range(0, len(answers), 16):
+            kl += sequence_kl(self.policy, self.reference_logits, self.prompts[start:start + 16],
+                              answers[start:start + 16], self.tok.pad_id, self.cfg.dtype)
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(judged, self.reference_scores))
+        device, f64 = self.dist.device, torch.float64
+        s = all_reduce_named(self.dist, {name: torch.tensor(float(v), dtype=f64, device=device) for name, v in dict(
+            n=len(answers), proxy=sum(proxy), judge=sum(judged), wins=wins, kl=sum(kl),
+            length=sum(map(len, answers))).items()})
+        n = max(s["n"], 1.0)
+        out = {"eval/proxy_score": s["proxy"] / n, "eval/win_rate_vs_reference": s["wins"] / n,
+               "eval/kl_to_reference": s["kl"] / n, "eval/length_mean": s["length"] / n,
+               "eval/seconds": time.time() - t0}
+        if self.judge is not None:
+            out["eval/judge_score"] = s["judge"] / n
+        return out

@@ -1,0 +1,201 @@
+"""`train.py check`: a healthy tiny model passes every invariant (exit 0); each invariant, broken on
+purpose (a pad leak, a forgetful KV cache, a stale sampler adapter, a reference that keeps its adapter,
+the score read at the last column, splits that share a question, a wrong 8-bit kernel), turns its own
+row to FAIL and the exit code to 1."""
+import contextlib
+import copy
+import os
+
+import pytest
+import torch
+
+import train
+from data.pairs_io import PairWriter
+from engine import check
+from engine.adapter_files import save_adapter
+from engine.checkpoint import load_checkpoint, save_model_folder
+from engine.config import ModelConfig
+from engine.lora import LoRAConfig, apply_lora, lora_layers
+from engine.merge import merge
+from engine.model import LLaMA
+
+
+def write_splits(folder, questions_by_split):
+    """A `prepare`-style folder: {split: [(qid, question), ...]} -> folder/split/pairs.parquet."""
+    for split, questions in questions_by_split.items():
+        os.makedirs(folder / split)
+        writer = PairWriter(str(folder / split / "pairs.parquet"))
+        for qid, question in questions:
+            writer.write(dict(qid=qid, question=question, date="2024/01/01", metadata=["q", "https://site", "cc"],
+                              response_j="keep them in an airtight container", response_k="why"))
+        writer.close()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_tokenizer_path, tmp_path_factory):
+    """A tiny base, a LoRA adapter on it with non-zero lora_b, an RM adapter (score head beside it)
+    and the same RM merged, and four disjoint splits."""
+    from engine.train_state import write_stage_model
+    folder = tmp_path_factory.mktemp("check")
+    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})
+    torch.manual_seed(0)
+    base = str(folder / "base")
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tiny_tokenizer_path)
+    lora = LoRAConfig(r=4, targets=("q_proj", "v_proj", "down_proj"), dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    for head, name in (("lm", "adapter"), ("score", "rm")):
+        net = apply_lora(load_checkpoint(base, head=head), lora)
+        with torch.no_grad():
+            for p in [layer.lora_b for _, layer in lora_layers(net)] + ([net.score.weight] if head == "score" else []):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if head == "lm":
+            save_adapter(net, lora, str(folder / name), base_model=base)
+        else:
+            os.makedirs(folder / name)
+            write_stage_model(str(folder / name), net, lora, tiny_tokenizer_path, base_model=base)
+    merged = merge(base, str(folder / "rm"), str(folder / "rm-merged"))
+    questions = ["how do i store coffee beans", "why does my bike chain skip gears", "what is a good tokenizer",
+                 "how do i keep them away from light", "is byte pair encoding good for small models",
+                 "why does the derailleur cable need tension", "what is the best way to store beans",
+                 "question about the answer", "thanks for the answer"]
+    data = write_splits(folder / "pairs", {"finetune": [(1, questions[0]), (2, questions[1])],
+                                           "reward": [(3, questions[2]), (4, questions[3])],
+                                           "rl": [(5, questions[4]), (6, questions[5]), (9, questions[8])],
+                                           "evaluation": [(7, questions[6]), (8, questions[7])]})
+    return dict(base=base, adapter=str(folder / "adapter"), rm_adapter=str(folder / "rm"), rm=merged, data=data)
+
+
+def check_table(capsys, run_dir, *extra, rm="rm"):
+    """(exit code, {invariant: (measured, PASS/FAIL)}, first line) of `train.py check` on run_dir."""
+    code = train.main(["check", "--model", run_dir["base"], "--adapter", run_dir["adapter"], "--reward-model",
+                       run_dir[rm], "--data", run_dir["data"], "--device", "cpu", "--prompts", "3", *extra])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {}
+    for line in lines[3:]:
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 4:
+            rows[cells[0]] = (float(cells[1]), cells[3])
+    return code, rows, lines[0]
+
+
+SPLITS_ROW = "splits share no question id (evaluation, finetune, reward, rl)"
+EVERY_ROW = {"left padding changes no log-prob", "batch composition changes no row", "KV-cache decode = full forward",
+             "sampler log-probs = trainer's (adapter on)", "sampler log-probs = trainer's (adapters off)",
+             "disable_lora = base checkpoint", "sampler runs the trainer's adapter",
+             "reward read at the last real token", "RM score: padded batch = rows alone",
+             "pairwise loss unchanged by padding", SPLITS_ROW, "splits share no question text"}
+INT8_ROW = "8-bit linear = dequantised reference (14 layers)"  # 2 blocks x 7 linears; the LM head stays float
+
+
+@pytest.mark.parametrize("rm", ["rm", "rm_adapter"])
+def test_a_healthy_model_passes_every_invariant(run_dir, capsys, rm):
+    code, rows, mode = check_table(capsys, run_dir, rm=rm)
+    assert mode.startswith("check: device cpu, dtype fp32, 8-bit off; 3 prompts from ")
+    assert set(rows) == EVERY_ROW
+    assert all(result == "PASS" for _, result in rows.values()), rows
+    assert code == 0
+    assert rows[SPLITS_ROW][0] == 0 and rows["sampler runs the trainer's adapter"][0] == 0
+
+
+def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
+    code, rows, mode = check_table(capsys, run_dir, "--load-in-8bit")
+    assert "8-bit on (kernel " in mode
+    assert rows[INT8_ROW][1] == "PASS"
+    assert rows[INT8_ROW][0] < 3e-2  # 0 where the kernel is the reference itself (no AVX-512)
+    assert code == 0, rows
+
+
+def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
+    """Attention that lets real tokens see the padding (the mask built as if every slot were real)."""
+    import engine.model
+    honest = engine.model.attention_mask_for
+    monkeypatch.setattr(engine.model, "attention_mask_for", lambda padding, T: honest(torch.ones_like(padding), T))
+    code, rows, _ = check_table(capsys, run_dir)
+    assert rows["left padding changes no log-prob"][1] == "FAIL"
+    assert rows["left padding changes no log-prob"][0] > 1e-2
+    assert code == 1
+
+
+def test_a_forgetful_cache_fails_decode(run_dir, capsys, monkeypatch):
+    """Decode steps (one token against the cache) store zeros instead of their own keys and values."""
+    from engine.model import KVCache
+    honest = KVCache.update
+
+    def forgetful(self, layer, k, v):
+        if k.shape[2] == 1:
+            k, v = torch.zeros_like(k), torch.zeros_like(v)
+        return honest(self, layer, k, v)
+    monkeypatch.setattr(KVCache, "update", forgetful)
+    code, rows, _ = check_table(capsys, run_dir)
+    assert rows["KV-cache decode = full forward"][1] == "FAIL"
+    assert rows["left padding changes no log-prob"][1] == "PASS"  # no cache there: the bug is located
+    assert code == 1
+
+
+def test_a_stale_sampler_adapter_fails(run_dir, capsys, monkeypatch):
+    """verl#7495: the sampler is a copy the trained adapter never reached (it still holds lora_b = 0)."""
+    def stale_copy(policy):
+        sampler = copy.deepcopy(policy)
+        with torch.no_grad():
+            for _, layer in lora_layers(sampler):
+                layer.lora_b.zero_()
+        return sampler
+    monkeypatch.setattr(check, "sampler_model", stale_copy)
+    code, rows, _ = check_table(capsys, run_dir)
+    assert rows["sampler runs the trainer's adapter"][1] == "FAIL"
+    assert rows["sampler log-probs = trainer's (adapter on)"][1] == "FAIL"
+    assert code == 1
+
+
+def test_a_reference_that_keeps_its_adapter_fails(run_dir, capsys, monkeypatch):
+    """disable_lora that disables nothing: PPO's reference would be the policy, and the KL always 0."""
+    monkeypatch.setattr(check, "disable_lora", lambda model: contextlib.nullcontext(model))
+    code, rows, _ = check_table(capsys, run_dir)
+    assert rows["disable_lora = base checkpoint"][1] == "FAIL"
+    assert code == 1
+
+
+@pytest.mark.parametrize("module, row", [("engine.ppo_roles", "reward read at the last real token"),
+                                         ("engine.rm", "RM score: padded batch = rows alone")])
+def test_a_score_read_at_the_last_column_fails(run_dir, capsys, monkeypatch, module, row):
+    """The reward read at the last column (a padding slot for every shorter row), in PPO's reward
+    function or in the RM trainer's scorer."""
+    import importlib
+    def last_column(mask):
+        return torch.full((mask.shape[0],), mask.shape[1] - 1, device=mask.device)
+    monkeypatch.setattr(importlib.import_module(module), "last_token_index", last_column)
+    code, rows, _ = check_table(capsys, run_dir)
+    assert rows[row][1] == "FAIL"
+    assert code == 1
+
+
+def test_splits_that_share_a_question_fail(run_dir, capsys, tmp_path):
+    """rl and evaluation hold question 5 (same id and text), reward repeats a question's text under
+    another id: one shared id, two shared texts."""
+    data = write_splits(tmp_path / "pairs", {"finetune": [(1, "how do i store coffee beans")],
+                                             "reward": [(3, "what is a good tokenizer"), (4, "how do i store coffee beans")],
+                                             "rl": [(5, "why does my bike chain skip gears")],
+                                             "evaluation": [(5, "why does my bike chain skip gears")]})
+    code, rows, _ = check_table(capsys, {**run_dir, "data": data})
+    assert rows[SPLITS_ROW] == (1.0, "FAIL")
+    assert rows["splits share no question text"] == (2.0, "FAIL")
+    assert code == 1
+
+
+def test_a_wrong_8bit_kernel_fails(run_dir, capsys, monkeypatch):
+    """Every 8-bit kernel returns 1.1 x the right output."""
+    from kernels import int8_matmul
+    for impl in int8_matmul.IMPLS:
+        monkeypatch.setitem(int8_matmul._FORWARD, impl,
+                            lambda x, q, scale, threshold: int8_matmul.reference(x, q, scale).float() * 1.1)
+    code, rows, _ = check_table(capsys, run_dir, "--load-in-8bit")
+    assert rows[INT8_ROW][1] == "FAIL"
+    assert rows[INT8_ROW][0] == pytest.approx(0.1, rel=1e-2)
+    assert code == 1
+
+
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
+    assert train.main(["check", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --model ") and "no such file or folder" in err

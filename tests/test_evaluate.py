@@ -1,0 +1,161 @@
+"""`train.py eval`: identical samples whatever the batch or world size, a model against itself at exactly
+0.5 and KL 0, the per-response KL against a separate forward, the judge split, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train
+from engine.dist import init_dist
+from engine.evaluate import EvalConfig, evaluate, load_policy, sequence_kl
+from engine.generate import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def arms(ppo_base, synthetic_pairs, tmp_path_factory):
+    """(base checkpoint, an adapter on it that changes its answers, the evaluation split)."""
+    from engine.adapter_files import save_adapter
+    from engine.checkpoint import load_checkpoint
+    from engine.lora import LoRAConfig, apply_lora
+    lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
+    model = apply_lora(load_checkpoint(ppo_base[0]), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    adapter = str(tmp_path_factory.mktemp("eval") / "tuned")
+    save_adapter(model, lora, adapter, base_model=ppo_base[0])
+    return ppo_base[0], adapter, os.path.join(synthetic_pairs[0], "evaluation")
+
+
+def run(arms, random_rm, out, **kw):
+    base, adapter, data = arms
+    cfg = EvalConfig(**{**dict(models=(f"base={base}", f"tuned={adapter}"), judges=(f"judge={random_rm}",),
+                               data=data, out=str(out), num_prompts=10, bootstrap=200, device="cpu",
+                               sampling=SamplingConfig(max_new_tokens=6, seed=3)), **kw})
+    return evaluate(cfg, init_dist("cpu"))
+
+
+def samples(out):
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_model_against_itself_wins_half_with_kl_zero(arms, random_rm, tmp_path):
+    base = arms[0]
+    result = run(arms, random_rm, tmp_path, models=(f"a={base}", f"b={base}"), samples_per_prompt=2, human=False)
+    b = result["arms"]["b"]
+    assert b["judges"]["judge"]["win_rate"]["rate"] == 0.5 and b["kl"]["mean"] == 0.0
+    assert b["judges"]["judge"]["lc_win_rate"]["rate"] == pytest.approx(0.5, abs=1e-9)
+    for name in ("report.md", "results.json", "samples.jsonl", "frontier.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_samples_do_not_depend_on_the_batch_size(arms, random_rm, tmp_path):
+    run(arms, random_rm, tmp_path / "a", batch_size=3)
+    run(arms, random_rm, tmp_path / "b", batch_size=8)
+    a, b = samples(tmp_path / "a"), samples(tmp_path / "b")
+    assert [r["response"] for r in a] == [r["response"] for r in b] and len(a) == 10 * 4  # 2 models + 2 human
+    assert all(abs(x["scores"]["judge"] - y["scores"]["judge"]) <= 1e-5 for x, y in zip(a, b))
+    assert any(r["response"] for r in a if r["arm"] == "tuned")
+
+
+def test_samples_do_not_depend_on_the_world_size(arms, random_rm, tmp_path):
+    base, adapter, data = arms
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29400 + os.getpid() % 500 + n), os.path.join(ROOT, "train.py"), "eval", "--models", f"base={base}",
+               f"tuned={adapter}", "--judges", f"judge={random_rm}", "--data", data, "--out", str(tmp_path / str(n)),
+               "--num-prompts", "9", "--bootstrap", "100", "--max-new-tokens", "5", "--device", "cpu"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+    one, two = samples(tmp_path / "1"), samples(tmp_path / "2")
+    assert [(r["question"], r["arm"], r["response"]) for r in one] == [(r["question"], r["arm"], r["response"])
+                                                                        for r in two]
+    assert all(abs(x["kl"] - y["kl"]) <= 1e-4 for x, y in zip(one, two) if x["kl"] is not None)
+
+
+def test_kl_equals_a_separate_full_forward(arms):
+    from data.tokenizer import Tokenizer
+    base_dir, adapter, _ = arms
+    tok = Tokenizer(os.path.join(base_dir, "tokenizer.model"))
+    base, tuned = (load_policy(p, tok, "fp32", torch.device("cpu"), False) for p in (base_dir, adapter))
+    prompts, responses = [[1, 40, 41, 42], [1, 50]], [[7, 8, 9, 2], [10, 11]]
+    got = sequence_kl(tuned, base, prompts, responses, tok.pad_id, "fp32")
+    for p, r, kl in zip(prompts, responses, got):  # each row alone, no padding
+        row = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(tuned(row)[0, len(p) - 1:-1], -1)
+            ref = torch.log_softmax(base(row)[0, len(p) - 1:-1], -1)
+        assert kl == pytest.approx((logp.exp() * (logp - ref)).sum().item(), rel=1e-4, abs=1e-5)
+    assert min(got) > 0
+
+
+def test_the_judge_split_shares_no_question(tmp_path):
+    from data.pairs_io import read_pairs
+    from data.prepare import PrepareConfig, prepare
+    from data.synthetic import write_synthetic_posts
+    posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 300, seed=1)
+    prepare(PrepareConfig(out=str(tmp_path / "pairs"), posts=(str(posts),), progress_seconds=1e9,
+                          splits=("finetune=0.3", "reward=0.3", "rl=0.2", "evaluation=0.1", "judge=0.1")))
+    questions = {s: set(read_pairs(str(tmp_path / "pairs" / s), columns=("question",))["question"].to_pylist())
+                 for s in ("finetune", "reward", "rl", "evaluation", "judge")}
+    assert len(questions["judge"]) > 5
+    assert all(not (questions["judge"] & q) for s, q in questions.items() if s != "judge")
+
+
+def one_line_error(capsys, *argv):
+    assert train.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    return err[0]
+
+
+def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
+    base, adapter, data = arms
+    common = ["--data", data, "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert "is not a reward model" in one_line_error(capsys, "--models", base, "--judges", base, *common)
+    assert "--num-prompts must be >= 1" in one_line_error(capsys, "--models", base, "--judges", random_rm,
+                                                          "--num-prompts", "0", *common)
+    from data.pairs_io import PairWriter
+    os.makedirs(tmp_path / "empty")
+    PairWriter(str(tmp_path / "empty" / "pairs.parquet")).close()
+    assert "has no questions" in one_line_error(capsys, "--models", base, "--judges", random_rm, "--data",
+                                                str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    from engine.checkpoint import save_model_folder
+    from engine.config import ModelConfig
+    from engine.model import LLaMA
+    other = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 600})).init_weights()
+    save_model_folder(other, str(tmp_path / "other"))
+    assert "vocab" in one_line_error(capsys, "--models", base, str(tmp_path / "other"), "--judges", random_rm,
+                                     *common)
+
+
+def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
+    """A judge given as an RM adapter folder is scored with its adapter active (not the bare base)."""
+    from data.tokenizer import Tokenizer
+    from engine.adapter_files import save_adapter
+    from engine.checkpoint import load_checkpoint
+    from engine.evaluate import load_reward_model
+    from engine.lora import LoRAConfig, apply_lora
+    from engine.merge import merge
+    lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
+    rm = apply_lora(load_checkpoint(ppo_base[0], head="score"), lora)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(rm, lora, str(tmp_path / "rm"), base_model=ppo_base[0], task_type="SEQ_CLS",
+                 modules_to_save={"score.weight": rm.score.weight})
+    merge(ppo_base[0], str(tmp_path / "rm"), str(tmp_path / "merged"))
+    tok = Tokenizer(os.path.join(ppo_base[0], "tokenizer.model"))
+    adapter_fn, merged_fn = (load_reward_model(str(tmp_path / p), tok, "fp32", torch.device("cpu"), False)
+                             for p in ("rm", "merged"))
+    tokens = torch.tensor([[1, 40, 41, 42, 43], [1, 50, 51, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert torch.allclose(adapter_fn(tokens, mask), merged_fn(tokens, mask), atol=1e-5)

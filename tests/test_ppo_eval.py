@@ -1,0 +1,51 @@
+"""Evaluation during PPO: fixed held-out questions, the policy against its reference, under a held-out
+judge; it logs every N steps and at the end, and never changes the training run it watches."""
+import json
+import os
+
+import pytest
+from ppo_run import config, reward_multiple_of_4
+
+from engine.dist import init_dist
+from engine.ppo import train
+
+
+@pytest.fixture(scope="module")
+def judge(random_rm):
+    return random_rm  # a judge the policy never trained against
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_during_ppo_logs_and_leaves_training_unchanged(ppo_base, synthetic_pairs, judge, tmp_path):
+    settings = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_steps=4, response_min_length=4,
+                    response_max_length=4, lr=5e-2)
+    evaluation = os.path.join(synthetic_pairs[0], "evaluation")
+    train(config(*ppo_base, str(tmp_path / "plain"), **settings), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    train(config(*ppo_base, str(tmp_path / "eval"), eval_every=2, eval_data=evaluation, eval_prompts=12, judge=judge,
+                 **settings), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    evals = {r["step"]: r for r in rows(tmp_path / "eval") if "eval/win_rate_vs_reference" in r}
+    assert sorted(evals) == [0, 2, 4]  # every 2 steps and at the end
+    # Step 0: fresh adapters, so the policy is its reference: same answers, all ties, KL exactly 0.
+    assert evals[0]["eval/win_rate_vs_reference"] == 0.5 and evals[0]["eval/kl_to_reference"] == 0.0
+    assert evals[4]["eval/kl_to_reference"] > 0.0 and evals[4]["eval/length_mean"] > 0
+    assert all(0.0 <= e["eval/proxy_score"] <= 1.0 for e in evals.values())  # the scripted proxy's range
+    assert "eval/judge_score" in evals[4]
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/", "eval/"))}  # noqa: E731
+                        for r in rs if "eval/win_rate_vs_reference" not in r]
+    assert strip(rows(tmp_path / "plain")) == strip(rows(tmp_path / "eval"))  # evaluation does not disturb training
+
+
+def test_eval_every_needs_eval_data(ppo_base, tmp_path):
+    with pytest.raises(ValueError, match="--eval-every needs --eval-data"):
+        config(*ppo_base, str(tmp_path), eval_every=2)
+
+
+def test_a_judge_that_is_not_a_reward_model_is_refused(ppo_base, synthetic_pairs, tmp_path):
+    with pytest.raises(ValueError, match="is not a reward model"):
+        train(config(*ppo_base, str(tmp_path), eval_every=1, judge=ppo_base[0],
+                     eval_data=os.path.join(synthetic_pairs[0], "evaluation")), init_dist("cpu"),
+              reward_fn=reward_multiple_of_4)
