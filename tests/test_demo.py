@@ -26,8 +26,16 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     steps = sorted(kl)
     first = sum(reward[s] for s in steps[:10]) / 10
     last = sum(reward[s] for s in steps[-10:]) / 10
-    assert last > first + 0.5, reward  # seed 0: -0.90 -> 0.63 (seed 1: 1.48 -> 2.28)
-    # The adaptive controller holds the KL near its target of 6 over the last ten steps (seed 0: 6.8,
-    # seed 1: 3.6; before tuning it ran to 14-19).
+    assert last > first + 0.5, reward  # seed 0: -0.01 -> 0.72
+    # The adaptive controller holds the KL near its target of 6 over the last ten steps (seed 0: 3.8;
+    # before tuning it ran to 14-19).
     tail_kl = sum(kl[s] for s in steps[-10:]) / 10
     assert 3.0 <= tail_kl <= 12.0, kl
+    # The verdict under the held-out judge and the proxy, with intervals, and the report beside it
+    # (seed 0: PPO beats SFT on 68% of 139 questions under the judge, CI 60-75%; the proxy says 78%).
+    verdicts = [line for line in lines if line.strip().startswith("eval ")]
+    assert len(verdicts) == 2 and all("95% CI" in v and "length-controlled" in v for v in verdicts)
+    judge_rate = float(verdicts[0].split("PPO beats SFT on ")[1].split("%")[0])
+    assert judge_rate > 55, verdicts[0]
+    for name in ("report.md", "frontier.png", "results.json"):
+        assert os.path.getsize(tmp_path / "run" / "eval" / name) > 0
