@@ -30,7 +30,7 @@ from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from engine.precision import autocast, torch_dtype
 from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
-from engine.train_state import (lock_run_folder, resolve_resume, restore_training, save_stage_checkpoint,
+from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
 from kernels.logprobs import hidden_token_logprobs
 
@@ -154,11 +154,8 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         ddp = torch.compile(ddp)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
 
-    start, guard = 0, BadStepGuard(cfg.max_bad_steps, "sft")
-    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
-    if resume_from:
-        state = restore_training(dist, resume_from, model, lora, optimizer, loader)
-        start, guard.count = state["step"], state["bad_steps"]
+    guard = BadStepGuard(cfg.max_bad_steps, "sft")
+    start, resume_from = resume_if_asked(dist, cfg, model, lora, optimizer, loader, guard)
     # Built once the run is sure to go ahead: it drops the logged rows of the steps this run will redo.
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=start)
     trainable, total = count_params(model)

@@ -265,6 +265,17 @@ def restore_training(dist: Dist, path: str, model, lora, optimizer, loader) -> d
     return state
 
 
+def resume_if_asked(dist: Dist, cfg, model, lora, optimizer, loader, guard) -> tuple[int, str | None]:
+    """SFT's and RM's --resume: (the step to start at, the checkpoint resumed from, or None), with the
+    weights, optimizer, loader cursor, RNG and the non-finite-step count restored in place."""
+    resume_from = resolve_resume(dist, cfg.resume, cfg.out)
+    if not resume_from:
+        return 0, None
+    state = restore_training(dist, resume_from, model, lora, optimizer, loader)
+    guard.count = state["bad_steps"]
+    return state["step"], resume_from
+
+
 def save_stage_checkpoint(dist: Dist, cfg, step: int, model, lora, tokenizer_path: str, optimizer, loader,
                           bad_steps: int) -> str:
     """SFT's and RM's checkpoint: their model files plus optimizer, loader cursor and config."""
