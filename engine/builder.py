@@ -20,8 +20,16 @@ from engine.model import LLaMA
 from engine.precision import torch_dtype
 
 
+def check_model_name(model: str) -> None:
+    """A --model that is neither a path nor a preset is a typo: say what exists instead of "no checkpoint"."""
+    if model not in PRESETS and not os.path.exists(model):
+        raise FileNotFoundError(f"--model {model} is not a checkpoint folder or file, nor a preset; presets: "
+                                f"{', '.join(PRESETS)}")
+
+
 def resolve_tokenizer(model: str, tokenizer: str | None) -> Tokenizer:
     """--tokenizer if given, else tokenizer.model beside the checkpoint."""
+    check_model_name(model)
     if tokenizer:
         return Tokenizer(tokenizer)
     folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))

@@ -14,6 +14,7 @@ the PPO stage logs sample answers with their rewards every 10 steps (TensorBoard
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from engine.dist import init_dist
 from engine.evaluate import EvalConfig, evaluate
 from engine.generate import SamplingConfig
 from engine.lora import LoRAConfig
+from engine.ppo_diagnostics import kl_verdict
 from engine.merge import merge
 
 # PPO settings, tuned on this from-scratch model (seeds 0-2): it is far more peaked than a real LLM
@@ -111,7 +113,9 @@ def run(cfg: DemoConfig) -> int:
     k = max(1, min(5, len(history) // 4))
     start = sum(h["env/reward_mean"] for h in history[:k]) / k
     end = sum(h["env/reward_mean"] for h in history[-k:]) / k
-    say(f"done in {time.time() - t0:.0f}s. Everything is under {out} (tensorboard --logdir {out})")
+    tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")  # in the venv, maybe not on PATH
+    tensorboard = tensorboard if os.path.exists(tensorboard) else "tensorboard"
+    say(f"done in {time.time() - t0:.0f}s. Everything is under {out}; the curves: {tensorboard} --logdir {out}")
     print(f"  SFT      held-out loss {sft_metrics['eval/loss']:.3f} (perplexity {sft_metrics['eval/ppl']:.1f})")
     for name, m in (("RM", rm_metrics), ("judge", judge_metrics)):
         print(f"  {name:<8} accuracy {m['rm/accuracy']:.3f} on {m['rm/eval_pairs']} held-out pairs "
@@ -119,9 +123,12 @@ def run(cfg: DemoConfig) -> int:
     kl = sum(h["objective/kl"] for h in history[-k:]) / k
     kl_full = sum(h["objective/kl_full"] for h in history[-k:]) / k
     print(f"  PPO      reward {start:.3f} over the first {k} steps -> {end:.3f} over the last {k}; "
-          f"KL {kl:.2f} nats per response over the last {k} (exact {kl_full:.2f}; target {KL_TARGET:g}), "
+          f"KL {kl:.2f} nats per response over the last {k} (exact {kl_full:.2f}), {kl_verdict(kl, KL_TARGET)}; "
           f"β {history[-1]['objective/kl_coef']:.3f}")
     for sentence in verdict["verdicts"]:
         print(f"  eval     {sentence}")
     print(f"  report   {os.path.join(out, 'eval', 'report.md')} and {os.path.join(out, 'eval', 'frontier.png')}")
+    print(f"  try it   {sys.executable} train.py generate --model {sft_model} --adapter "
+          f"{last_checkpoint(os.path.join(out, 'ppo'))} --prompt 'Question: how do I store coffee beans?' "
+          "--max-new-tokens 48")
     return 0

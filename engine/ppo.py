@@ -29,9 +29,9 @@ from engine.generate import SamplingConfig
 from engine.logging import Logger, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step
 from engine.ppo_config import PPOConfig
-from engine.ppo_diagnostics import (first_minibatch_tolerance, kl_per_response, length_metrics, negative_kl_metrics,
-                                    onpolicy_metrics, onpolicy_warning, repeated_token_share, reward_metrics,
-                                    sample_table, sampler_tolerance, warnings)
+from engine.ppo_diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
+                                    negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
+                                    reward_metrics, sample_table, sampler_tolerance, warnings)
 from engine.ppo_eval import PPOEval
 from engine.ppo_roles import RewardFn, build_roles, mib
 from engine.precision import autocast
@@ -39,7 +39,7 @@ from engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_lo
                               kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
                               moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
 from engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_scores, prompt_loader
-from engine.train_state import lock_run_folder, resolve_resume, resumed_step, seed_everything
+from engine.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
@@ -179,6 +179,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     if evaluator:
         evaluate(cfg.max_steps)
     save(cfg.max_steps)
+    for line in closing_summary(cfg, history, kl_coef, checkpoint_path(cfg.out, cfg.max_steps) if cfg.lora else None):
+        log.info(line)
     log.close()
     return {"history": history, **history[-1]} if history else {"history": history}
 

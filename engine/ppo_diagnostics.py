@@ -130,13 +130,17 @@ def onpolicy_warning(log, step: int, metrics: dict, history: list[dict], toleran
                  "docs/ON_POLICY.md and run train.py check")
 
 
-def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2) -> None:
-    """Warn about the known failure modes. `tolerance` (nats per response) keeps the rounding noise of
-    a policy still equal to its reference (k1 ≈ ±1e-7) from raising the negative-KL alarm."""
-    if metrics["objective/kl_k1"] < -tolerance:
-        log.warn(f"ppo: step {step}: mean k1 KL is negative ({metrics['objective/kl_k1']:.3f}); the policy may be "
-                 "exploiting the estimator (sampling tricks?); the exact KL is "
-                 f"{metrics['objective/kl_full']:.3f}")
+def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2,
+             z: float = 3.0) -> None:
+    """Warn about the known failure modes. k1 is unbiased but noisy, so a slightly negative batch mean is
+    sampling noise: the negative-KL alarm needs the mean `z` standard errors below 0, and beyond the
+    rounding `tolerance` (nats per response) of a policy still equal to its reference."""
+    k1, stderr = metrics["objective/kl_k1"], metrics["objective/kl_k1_stderr"]
+    if k1 < -tolerance and k1 < -z * stderr:
+        log.warn(f"ppo: step {step}: mean k1 KL is negative ({k1:.3f}, {-k1 / max(stderr, 1e-12):.1f} standard "
+                 f"errors below 0) while the exact KL is {metrics['objective/kl_full']:.3f}: the policy may be "
+                 "exploiting k1's negative samples; check the reference (adapters off) and consider "
+                 "--kl-estimator k3 or full")
     if len(history) >= window:
         past = history[-window]
         rising = metrics["env/reward_mean"] > past["env/reward_mean"]
@@ -164,4 +168,37 @@ def kl_per_response(dist: Dist, rollout) -> dict[str, float]:
                for name in ("k1", "k2", "k3")}
     per_row["full"] = masked_sum(rollout.kl_full, rollout.response_mask, 1)
     total = all_reduce_named(dist, {name: kl.mean() for name, kl in per_row.items()})
-    return {name: value / dist.world_size for name, value in total.items()}
+    k1 = per_row["k1"].double()  # its spread over responses: is a negative mean more than noise?
+    spread = all_reduce_named(dist, {"sq": (k1 * k1).sum(), "n": k1.new_tensor(k1.numel())})
+    mean = total["k1"] / dist.world_size
+    var = max(spread["sq"] / max(spread["n"], 1.0) - mean ** 2, 0.0)
+    return {**{name: value / dist.world_size for name, value in total.items()},
+            "k1_stderr": (var / max(spread["n"], 1.0)) ** 0.5}
+
+
+def kl_verdict(kl: float, target: float) -> str:
+    """A word on a KL against the controller's target: within a factor 1.5 is near it."""
+    if kl > 1.5 * target:
+        return f"above its target of {target:g}: β is rising to pull it back"
+    if kl < target / 1.5:
+        return f"below its target of {target:g}: β is falling, the policy may move further"
+    return f"near its target of {target:g}"
+
+
+def closing_summary(cfg, history: list[dict], kl_coef: float, saved: str | None) -> list[str]:
+    """What a PPO run did and what to do next: reward, KL against its target, β, where the adapter is,
+    how to try it and how to go on."""
+    if not history:
+        return []
+    k = max(1, min(5, len(history) // 4))
+    mean = lambda key, rows: sum(h[key] for h in rows) / len(rows)  # noqa: E731
+    kl = mean("objective/kl", history[-k:])
+    lines = [f"ppo: reward {mean('env/reward_mean', history[:k]):.3f} over the first {k} steps -> "
+             f"{mean('env/reward_mean', history[-k:]):.3f} over the last {k}; KL {kl:.2f} nats per response, "
+             f"{kl_verdict(kl, cfg.kl_target)}; β {kl_coef:.3f}"]
+    if saved:
+        lines += [f"ppo: saved the policy's adapter in {saved} (on the base {cfg.model})",
+                  f"ppo: try it: python train.py generate --model {cfg.model} --adapter {saved} --prompt "
+                  "'Question: ...' --max-new-tokens 128",
+                  f"ppo: go on: the same command with --resume auto --max-steps {cfg.max_steps * 2}"]
+    return lines

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.config import PRESETS
 from engine.lora import LoRAConfig
 
 
 @dataclass(frozen=True)
 class StageConfig:
     model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, llama2.c .bin) or a "
-                                                       "preset name for a random init (e.g. tiny)"})
+                                                       "preset for a random init: " + ", ".join(PRESETS)})
     out: str = field(default=None, metadata={"help": "output folder (checkpoints, tb logs, metrics.jsonl)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout, sampling)"})

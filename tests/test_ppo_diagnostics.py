@@ -74,17 +74,31 @@ def test_repeated_token_share():
     assert repeated_token_share(tokens, mask) == pytest.approx(3 / 5)
 
 
-def metrics(kl_k1=1.0, reward=0.0, repeated=0.05):
-    return {"objective/kl_k1": kl_k1, "objective/kl_full": 0.5, "env/reward_mean": reward,
-            "env/repeated_token_share": repeated}
+def metrics(kl_k1=1.0, stderr=0.1, reward=0.0, repeated=0.05):
+    return {"objective/kl_k1": kl_k1, "objective/kl_k1_stderr": stderr, "objective/kl_full": 0.5,
+            "env/reward_mean": reward, "env/repeated_token_share": repeated}
 
 
-def test_negative_kl_warning_fires_beyond_rounding_noise_only():
+def test_negative_kl_warning_fires_beyond_rounding_and_sampling_noise_only():
     log = Log()
-    warnings(log, 0, metrics(kl_k1=-1e-7), [])
-    assert log.warnings == []  # policy still equal to its reference
-    warnings(log, 3, metrics(kl_k1=-0.8), [])
-    assert len(log.warnings) == 1 and "mean k1 KL is negative (-0.800)" in log.warnings[0]
+    warnings(log, 0, metrics(kl_k1=-1e-7, stderr=1e-9), [])
+    assert log.warnings == []  # policy still equal to its reference: rounding
+    warnings(log, 1, metrics(kl_k1=-0.2, stderr=0.1), [])
+    assert log.warnings == []  # 2 standard errors below 0: sampling noise of an unbiased estimator
+    warnings(log, 3, metrics(kl_k1=-0.8, stderr=0.1), [])
+    assert len(log.warnings) == 1 and "mean k1 KL is negative (-0.800, 8.0 standard errors" in log.warnings[0]
+
+
+def test_kl_per_response_reports_the_k1_standard_error():
+    from types import SimpleNamespace
+
+    from engine.ppo_diagnostics import kl_per_response
+    # Per-response k1 sums 1, 3, -1, 5: mean 2, population variance (1+1+9+9)/4 = 5, stderr sqrt(5/4).
+    logprobs = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [3.0, 2.0]])
+    rollout = SimpleNamespace(logprobs=logprobs, ref_logprobs=torch.zeros(4, 2), kl_full=torch.zeros(4, 2),
+                              response_mask=torch.ones(4, 2))
+    out = kl_per_response(init_dist("cpu"), rollout)
+    assert out["k1"] == pytest.approx(2.0) and out["k1_stderr"] == pytest.approx((5 / 4) ** 0.5)
 
 
 def test_reward_hacking_warning_needs_rising_reward_and_collapsing_diversity():
@@ -95,3 +109,17 @@ def test_reward_hacking_warning_needs_rising_reward_and_collapsing_diversity():
         assert bool(log.warnings) == fires, (reward, repeated)
         if fires:
             assert "likely reward hacking by degenerate repetition" in log.warnings[0]
+
+
+def test_closing_summary_says_what_happened_and_what_to_do_next():
+    from types import SimpleNamespace
+
+    from engine.ppo_diagnostics import closing_summary, kl_verdict
+    cfg = SimpleNamespace(kl_target=6.0, model="runs/sft", max_steps=20)
+    history = [{"env/reward_mean": float(i), "objective/kl": 2.0} for i in range(20)]
+    lines = closing_summary(cfg, history, 0.05, "runs/ppo/checkpoint-000020")
+    # k = 5: rewards 0..4 average 2, rewards 15..19 average 17; KL 2 is below 6 / 1.5.
+    assert lines[0].startswith("ppo: reward 2.000 over the first 5 steps -> 17.000 over the last 5; KL 2.00")
+    assert "below its target of 6: β is falling" in lines[0]
+    assert "--adapter runs/ppo/checkpoint-000020" in lines[2] and "--resume auto --max-steps 40" in lines[3]
+    assert kl_verdict(7.0, 6.0) == "near its target of 6" and kl_verdict(10.0, 6.0).startswith("above")
