@@ -176,12 +176,14 @@ def kl_per_response(dist: Dist, rollout) -> dict[str, float]:
             "k1_stderr": (var / max(spread["n"], 1.0)) ** 0.5}
 
 
-def kl_verdict(kl: float, target: float) -> str:
+def kl_verdict(kl: float, target: float, adaptive: bool = True) -> str:
     """A word on a KL against the controller's target: within a factor 1.5 is near it."""
     if kl > 1.5 * target:
-        return f"above its target of {target:g}: β is rising to pull it back"
+        return f"above its target of {target:g}: " + ("β is rising to pull it back" if adaptive else
+                                                       "β is fixed (--no-adaptive-kl), so nothing pulls it back")
     if kl < target / 1.5:
-        return f"below its target of {target:g}: β is falling, the policy may move further"
+        return f"below its target of {target:g}: " + ("β is falling, the policy may move further" if adaptive else
+                                                       "β is fixed (--no-adaptive-kl)")
     return f"near its target of {target:g}"
 
 
@@ -195,7 +197,7 @@ def closing_summary(cfg, history: list[dict], kl_coef: float, saved: str | None)
     kl = mean("objective/kl", history[-k:])
     lines = [f"ppo: reward {mean('env/reward_mean', history[:k]):.3f} over the first {k} steps -> "
              f"{mean('env/reward_mean', history[-k:]):.3f} over the last {k}; KL {kl:.2f} nats per response, "
-             f"{kl_verdict(kl, cfg.kl_target)}; β {kl_coef:.3f}"]
+             f"{kl_verdict(kl, cfg.kl_target, cfg.adaptive_kl)}; β {kl_coef:.3f}"]
     if saved:
         lines += [f"ppo: saved the policy's adapter in {saved} (on the base {cfg.model})",
                   f"ppo: try it: python train.py generate --model {cfg.model} --adapter {saved} --prompt "

@@ -115,7 +115,7 @@ def test_closing_summary_says_what_happened_and_what_to_do_next():
     from types import SimpleNamespace
 
     from engine.ppo_diagnostics import closing_summary, kl_verdict
-    cfg = SimpleNamespace(kl_target=6.0, model="runs/sft", max_steps=20)
+    cfg = SimpleNamespace(kl_target=6.0, model="runs/sft", max_steps=20, adaptive_kl=True)
     history = [{"env/reward_mean": float(i), "objective/kl": 2.0} for i in range(20)]
     lines = closing_summary(cfg, history, 0.05, "runs/ppo/checkpoint-000020")
     # k = 5: rewards 0..4 average 2, rewards 15..19 average 17; KL 2 is below 6 / 1.5.
@@ -123,3 +123,4 @@ def test_closing_summary_says_what_happened_and_what_to_do_next():
     assert "below its target of 6: β is falling" in lines[0]
     assert "--adapter runs/ppo/checkpoint-000020" in lines[2] and "--resume auto --max-steps 40" in lines[3]
     assert kl_verdict(7.0, 6.0) == "near its target of 6" and kl_verdict(10.0, 6.0).startswith("above")
+    assert "nothing pulls it back" in kl_verdict(10.0, 6.0, adaptive=False)
