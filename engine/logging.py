@@ -53,6 +53,7 @@ class Logger:
         self.writer = None
         self.jsonl = None
         self.start = time.time()
+        self.last_line, self.first_line = 0.0, None  # when the last stdout line went out; (step, time) of the first
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter  # only the writing rank pays for the import
             # purge_step: TensorBoard hides the events of steps >= it that earlier event files hold.
@@ -84,17 +85,26 @@ class Logger:
         if self.writer is not None:
             self.writer.add_text(name, text, step)
 
-    def line(self, step: int, max_steps: int | None, parts: dict[str, float | str]) -> None:
-        """One stdout line: `step 12/100 | loss 2.3456 | lr 1.0e-05 | ... | elapsed 1m02s | eta 8m30s`."""
-        if not self.enabled:
+    def line(self, step: int, max_steps: int | None, parts: dict[str, float | str], due: bool = True,
+             every_s: float = 30.0) -> None:
+        """One stdout line: `step 12/100 | loss 2.3456 | lr 1.0e-05 | ... | elapsed 1m02s | eta 8m30s`, when
+        `due` (the stage's --log-every) or when `every_s` seconds have passed without one, so a slow machine
+        is never silent for minutes. The ETA is the pace since the first line, which leaves out start-up
+        (loading, the first step's allocations) that would otherwise inflate it many times."""
+        now = time.time()
+        if not self.enabled or not (due or now - self.last_line >= every_s):
             return
-        elapsed = time.time() - self.start
+        self.last_line = now
+        if self.first_line is None:
+            self.first_line = (step, now)
+        elapsed = now - self.start
         fields = [f"step {step}" + (f"/{max_steps}" if max_steps else "")]
         for k, v in parts.items():
             fields.append(f"{k} {_fmt(v)}")
         fields.append(f"elapsed {_duration(elapsed)}")
-        if max_steps and step > 0:
-            fields.append(f"eta {_duration(elapsed / step * (max_steps - step))}")
+        first_step, first_time = self.first_line
+        if max_steps and step > first_step:
+            fields.append(f"eta {_duration((now - first_time) / (step - first_step) * (max_steps - step))}")
         print(" | ".join(fields), flush=True)
 
     def info(self, msg: str) -> None:

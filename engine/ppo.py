@@ -169,11 +169,13 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         onpolicy_warning(log, step, metrics, history, sampler_tolerance(dist.device, cfg.dtype),
                          cfg.onpolicy_warn_every)
         history.append({k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)})
-        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+        due = step % cfg.log_every == 0 or step == cfg.max_steps - 1
+        if due:
             log.scalars(step, metrics)
-            log.line(step + 1, cfg.max_steps, {"reward": metrics["env/reward_mean"], "kl": used_kl, "beta": kl_coef,
-                                               "len": metrics["env/response_length_mean"],
-                                               "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2)})
+        log.line(step + 1, cfg.max_steps, {"reward": metrics["env/reward_mean"], "kl": used_kl, "beta": kl_coef,
+                                           "len": metrics["env/response_length_mean"],
+                                           "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2)},
+                 due=due)
         if cfg.sample_every and step % cfg.sample_every == 0:
             log.text(step, "samples", sample_table(tok, rollout, rollout.raw_scores))
     if evaluator:

@@ -224,10 +224,11 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                    "perf/mfu": mfu(n_tokens / dt / dist.world_size, flops_token, dist.device,
                                    torch_dtype(cfg.dtype)),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
-        if step % cfg.log_every == 0 or step == max_steps - 1:
+        due = step % cfg.log_every == 0 or step == max_steps - 1
+        if due:
             log.scalars(step, metrics)
-            log.line(step + 1, max_steps, {"loss": loss, "acc": accuracy, "lr": lr,
-                                           "tok/s": round(n_tokens / dt), "mfu": f"{metrics['perf/mfu']:.1%}"})
+        log.line(step + 1, max_steps, {"loss": loss, "acc": accuracy, "lr": lr, "tok/s": round(n_tokens / dt),
+                                       "mfu": f"{metrics['perf/mfu']:.1%}"}, due=due)
 
     ev = evaluate(cfg, scorer, held, tok, dist)
     log.scalars(max_steps, ev)

@@ -215,10 +215,11 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
                    "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device,
                                    torch_dtype(cfg.dtype)),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
-        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+        due = step % cfg.log_every == 0 or step == cfg.max_steps - 1
+        if due:
             log.scalars(step, metrics)
-            log.line(step + 1, cfg.max_steps, {"loss": loss, "lr": lr, "tok/s": round(tokens_per_s),
-                                               "mfu": f"{metrics['perf/mfu']:.1%}"})
+        log.line(step + 1, cfg.max_steps, {"loss": loss, "lr": lr, "tok/s": round(tokens_per_s),
+                                           "mfu": f"{metrics['perf/mfu']:.1%}"}, due=due)
 
     eval_loss, ppl = evaluate(cfg, loss_fn, eval_rows, dist)
     log.scalars(cfg.max_steps, {"eval/loss": eval_loss, "eval/ppl": ppl})

@@ -1,0 +1,22 @@
+"""The stdout line: printed on the step interval and, on a slow machine, at least every 30 s; its ETA is
+the pace since the first line, not since start-up."""
+import engine.logging as logging_module
+from engine.logging import Logger
+
+
+def test_lines_come_on_time_and_the_eta_ignores_start_up(tmp_path, capsys, monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(logging_module.time, "time", lambda: clock["now"])
+    log = Logger(str(tmp_path), True)
+    printed = []
+    for step, now, due in ((1, 100.0, True), (2, 101.0, False), (3, 140.0, False), (4, 141.0, True)):
+        clock["now"] = now
+        log.line(step, 10, {"loss": 1.0}, due=due)
+        printed.append(capsys.readouterr().out)
+    log.close()
+    assert printed[0].startswith("step 1/10 | loss 1.0000 | elapsed 1m40s") and "eta" not in printed[0]
+    assert printed[1] == ""  # not due, and only 1 s since the last line
+    # 40 s without a line: printed although not due. Pace since the first line: 40 s for 2 steps = 20 s
+    # per step, 7 steps left: 2m20s (since start-up it would have said 140/3 x 7 = 5m26s).
+    assert printed[2].startswith("step 3/10") and printed[2].rstrip().endswith("eta 2m20s")
+    assert printed[3].startswith("step 4/10")
