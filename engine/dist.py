@@ -58,11 +58,21 @@ def init_dist(device: str | None = None, timeout_s: float = 600.0) -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
+    set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                       timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0)
+
+
+def set_threads(local_world_size: int) -> int:
+    """CPU threads per rank: OMP_NUM_THREADS when set (torchrun sets 1 for more than one rank unless you
+    set it), else the cores shared out among this machine's ranks. Ranks that together ask for more
+    threads than there are cores slow each other down many times over."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:

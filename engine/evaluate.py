@@ -239,7 +239,8 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
     prompts = {q.index: tok.encode(format_prompt(q.text), bos=True) for q in mine}
     k = cfg.samples_per_prompt
     log(f"eval: {len(questions)} questions x {k} samples, {len(arms)} models, {len(judges)} reward models, "
-        f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+        f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} threads "
+        "per rank (OMP_NUM_THREADS)")
 
     responses: list[Response] = []
     baseline_model, max_seq_len = None, None

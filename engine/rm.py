@@ -160,7 +160,8 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=start)
     trainable, total = count_params(model)
     log.info(f"rm: {total:,} parameters, {trainable:,} trainable ({'LoRA + score head' if lora else 'full'}), "
-             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} threads "
+             "per rank (OMP_NUM_THREADS)")
     log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
              f"{cfg.max_length} tokens), {len(held.chosen):,} evaluation pairs; {pairs_per_step} pairs per "
              f"step, {max_steps} steps")

@@ -160,7 +160,8 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
     log = Logger(cfg.out, dist.is_main, config=asdict(cfg), resume_step=start)
     trainable, total = count_params(model)
     log.info(f"sft: {total:,} parameters, {trainable:,} trainable ({'LoRA' if lora else 'full'}), "
-             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}")
+             f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} threads "
+             "per rank (OMP_NUM_THREADS)")
     log.info(f"sft: {len(train_docs.offsets) - 1:,} training documents ({len(train_docs.tokens):,} tokens), "
              f"{len(eval_docs.offsets) - 1:,} held out ({eval_rows.tokens.shape[0]} rows evaluated); "
              f"{rows_per_step} x {cfg.seq_len} tokens per step")
