@@ -1,0 +1,35 @@
+"""The README's own-data recipe, run as written on two small shared dumps (slow: about ten minutes; skipped
+when ../shared/data is absent)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, shared_file
+
+
+def readme_recipe() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    match = re.search(r"<!-- recipe: own data -->\n```bash\n(.*?)```", text, re.S)
+    assert match, "README.md lost its own-data recipe block"
+    return match.group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_runs_on_small_shared_dumps(tmp_path):
+    dumps = " ".join(shared_file(site, "Posts.xml") for site in ("se-beer", "se-matheducators"))
+    script = readme_recipe()
+    for line, replacement in ((r'^DUMPS=.*$', f'DUMPS="{dumps}"'), (r"^RUN=.*$", f"RUN={tmp_path}"),
+                              (r'^PY=.*$', f'PY="{sys.executable}"')):
+        script, n = re.subn(line, replacement, script, count=1, flags=re.M)
+        assert n == 1, line
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=3000, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    verdicts = [line for line in out.stdout.splitlines() if "held-out questions under judge" in line]
+    assert verdicts and "95% CI" in verdicts[0]
+    for path in ("eval/report.md", "eval/frontier.png", "ppo/checkpoint-000040/adapter_model.safetensors"):
+        assert os.path.exists(tmp_path / path), path
+    assert out.stdout.strip().splitlines()[-1].strip()  # generate printed an answer
