@@ -17,7 +17,7 @@ Read in this order (each file holds one idea; none is over 300 lines):
 | 11 | ppo_config.py | every PPO flag with StackLLaMA's defaults |
 | 12 | ppo_diagnostics.py | reward/length/negative-KL and on-policy statistics, repetition, warnings |
 | 13 | estimators.py | critic-free advantages on the same loop: RLOO, GRPO, Dr. GRPO, REINFORCE++, ReMax |
-| 14 | evaluate.py | `train.py eval`: models answer held-out questions, reward-model judges score them |
+| 14 | evaluate.py | `train.py eval`: models answer held-out questions, reward-model judges score them (answer_scores.py: KL and RM scores of answers) |
 | 15 | eval_stats.py | bootstrap intervals over questions, win rates, length-controlled win rates |
 
 Around them: stage_config.py (fields the training stages share), flags.py (configs -> command-line

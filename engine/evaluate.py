@@ -24,20 +24,20 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from data.pairs_io import read_pairs
 from data.tokenizer import format_prompt
 from engine.adapter_files import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
 from engine.builder import resolve_tokenizer
 from engine.checkpoint import CONFIG, load_checkpoint
+from engine.config import ModelConfig
 from engine.dist import Dist, all_gather_objects
-from engine.generate import SamplingConfig, generate, left_pad
+from engine.generate import SamplingConfig, generate
 from engine.int8 import quantize_on_load
 from engine.lora import DEFAULT
 from engine.ppo_roles import RewardFn, reward_model_fn
-from engine.precision import DTYPES, autocast, torch_dtype
-from engine.rlhf_math import full_kl_from_log_softmax
+from engine.precision import DTYPES, torch_dtype
+from engine.answer_scores import score_responses, sequence_kl
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,10 @@ class Response(NamedTuple):
     kl: float  # exact KL(arm ‖ baseline) summed over the response; nan for human answers
 
 
-def load_questions(path: str, limit: int | None) -> list[Question]:
-    """One entry per distinct question (its first pair's two answers), in file order."""
+def load_questions(path: str, limit: int | None, tok=None, max_prompt_tokens: int | None = None) -> list[Question]:
+    """One entry per distinct question (its first pair's two answers), in file order; with `tok`, only the
+    questions whose prompt fits in `max_prompt_tokens` (an answer must fit in the context after it).
+    The first `limit` of those."""
     table = read_pairs(path, columns=("question", "response_j", "response_k"))
     seen, out = set(), []
     for q, j, k in zip(*(table[c].to_pylist() for c in ("question", "response_j", "response_k"))):
@@ -117,6 +119,12 @@ def load_questions(path: str, limit: int | None) -> list[Question]:
             out.append(Question(len(out), q, j, k))
     if not out:
         raise ValueError(f"{path} has no questions to evaluate on")
+    if tok is not None and max_prompt_tokens is not None:
+        lengths = [len(ids) for ids in tok.encode_batch([format_prompt(q.text) for q in out], bos=True)]
+        out = [q for q, n in zip(out, lengths) if n <= max_prompt_tokens]
+        if not out:
+            raise ValueError(f"{path}: no question's prompt fits in {max_prompt_tokens} tokens (the model's context "
+                             "less the answer's length)")
     return out[:limit] if limit else out
 
 
@@ -179,41 +187,6 @@ def sample_responses(model, arm: str, questions: list[Question], prompts: dict[i
     return out
 
 
-@torch.no_grad()
-def sequence_kl(model, baseline, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                dtype: str) -> list[float]:
-    """Exact KL(π_model ‖ π_baseline) over the vocabulary at each response token, summed per response."""
-    prompt_tokens, prompt_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
-    width = max(len(r) for r in responses)
-    response = torch.full((len(responses), width), pad_id, dtype=torch.long, device=prompt_tokens.device)
-    response_mask = torch.zeros_like(response)
-    for i, r in enumerate(responses):
-        response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
-    tokens, mask = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, response_mask], 1)
-    P = prompt_tokens.shape[1]
-    with autocast(tokens.device, dtype):  # baseline: any callable (tokens, attention_mask=) -> logits
-        logp = F.log_softmax(model(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
-        ref_logp = F.log_softmax(baseline(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
-    return (full_kl_from_log_softmax(logp, ref_logp) * response_mask).sum(1).tolist()
-
-
-@torch.no_grad()
-def score_responses(reward_fn: RewardFn, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                    device, dtype: str, batch_size: int) -> list[float]:
-    """The reward model's score of each prompt + response, read at the last real token as in PPO."""
-    scores = []
-    for start in range(0, len(responses), batch_size):
-        rows = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(map(len, rows))
-        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(tokens)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-        with autocast(tokens.device, dtype):
-            scores += reward_fn(tokens, mask).float().tolist()
-    return scores
-
-
 def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dict[str, list[list[int]]]:
     """The two human answers of each question as token responses, EOS-terminated like a model's (cut to
     the room the model's context leaves after the prompt)."""
@@ -234,7 +207,10 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
                                                if cfg.proxy else [])
     tok = resolve_tokenizer(read_adapter_base(arms[0][1]) if is_adapter_folder(arms[0][1]) else arms[0][1],
                             cfg.tokenizer)
-    questions = load_questions(cfg.data, cfg.num_prompts)
+    first = read_adapter_base(arms[0][1]) if is_adapter_folder(arms[0][1]) else arms[0][1]
+    context = ModelConfig.from_hf(os.path.join(first, CONFIG)).max_seq_len if os.path.isdir(first) else None
+    questions = load_questions(cfg.data, cfg.num_prompts, tok,
+                               context - cfg.sampling.max_new_tokens if context else None)
     mine = questions[dist.rank::dist.world_size]
     prompts = {q.index: tok.encode(format_prompt(q.text), bos=True) for q in mine}
     k = cfg.samples_per_prompt

@@ -17,7 +17,8 @@ import torch
 
 from data.tokenizer import format_prompt
 from engine.dist import Dist, all_reduce_named
-from engine.evaluate import load_questions, load_reward_model, score_responses, sequence_kl
+from engine.answer_scores import score_responses, sequence_kl
+from engine.evaluate import load_questions, load_reward_model
 from engine.generate import SamplingConfig, generate
 from engine.lora import disable_lora
 from engine.ppo_roles import RewardFn
@@ -25,7 +26,8 @@ from engine.ppo_roles import RewardFn
 
 class PPOEval:
     def __init__(self, cfg, dist: Dist, tok, policy, reference, proxy: RewardFn):
-        questions = load_questions(cfg.eval_data, cfg.eval_prompts)[dist.rank::dist.world_size]
+        fits = min(cfg.max_prompt_length, policy.cfg.max_seq_len - cfg.response_max_length)  # as the rl prompts
+        questions = load_questions(cfg.eval_data, cfg.eval_prompts, tok, fits)[dist.rank::dist.world_size]
         self.prompts = [tok.encode(format_prompt(q.text), bos=True) for q in questions]
         # Fixed seeds, one per question (by its index in the evaluation set), at the training temperature.
         self.seeds = [cfg.seed * 1_000_003 + 7 + q.index * 1009 for q in questions]

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 import train
 from engine.dist import init_dist
-from engine.evaluate import EvalConfig, evaluate, load_policy, sequence_kl
+from engine.answer_scores import sequence_kl
+from engine.evaluate import EvalConfig, evaluate, load_policy
 from engine.generate import SamplingConfig
 
 
@@ -159,3 +160,19 @@ def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
     tokens = torch.tensor([[1, 40, 41, 42, 43], [1, 50, 51, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert torch.allclose(adapter_fn(tokens, mask), merged_fn(tokens, mask), atol=1e-5)
+
+
+def test_questions_whose_prompt_leaves_no_room_for_an_answer_are_left_out(arms):
+    from data.tokenizer import Tokenizer, format_prompt
+    from engine.evaluate import load_questions
+    base, _, data = arms
+    tok = Tokenizer(os.path.join(base, "tokenizer.model"))
+    everything = load_questions(data, None)
+    lengths = sorted(len(tok.encode(format_prompt(q.text), bos=True)) for q in everything)
+    limit = lengths[len(lengths) // 2]  # about half fit
+    kept = load_questions(data, None, tok, limit)
+    assert 0 < len(kept) < len(everything)
+    assert all(len(tok.encode(format_prompt(q.text), bos=True)) <= limit for q in kept)
+    assert [q.index for q in kept] == sorted(q.index for q in kept)  # original indices: the seeds do not move
+    with pytest.raises(ValueError, match="no question's prompt fits in 3 tokens"):
+        load_questions(data, None, tok, 3)
