@@ -82,3 +82,14 @@ def test_generate_with_an_adapter_differs_from_the_base(tmp_path, tiny_tokenizer
     base_out, adapted = train_py(*args), train_py(*args, "--adapter", str(tmp_path / "adapter"))
     assert base_out.returncode == 0 and adapted.returncode == 0, adapted.stderr
     assert base_out.stdout != adapted.stdout
+
+
+def test_an_unknown_model_names_the_presets_and_the_stage_list_imports_no_torch(tmp_path):
+    out = train_py("sft", "--model", "llama-tiny", "--out", str(tmp_path / "o"), "--data", str(tmp_path),
+                   "--tokenizer", str(tmp_path / "t.model"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "--model llama-tiny is not a checkpoint folder or file, nor a preset; presets: tiny, demo," in out.stderr
+    # `train.py --help` took 2.5 s, nearly all importing torch; the stage list now needs no stage module.
+    code = "import sys, train; train.build_parser(None).format_help(); print('torch' in sys.modules)"
+    listed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "False", listed.stderr
