@@ -1,17 +1,32 @@
-"""Two measurements of answers to prompts that evaluation needs, during PPO and after it: the exact
-KL between two policies over the vocabulary, summed over each answer, and a reward model's score of each
-prompt + answer read at the last real token (as PPO reads it). Prompts are token lists; answers are
-token lists that end with EOS when the model ended them.
+"""Answers to prompts as evaluation needs them, during PPO and after it: sampled in batches with one
+seed per row (so an answer does not depend on its batch), the exact KL between two policies over the
+vocabulary summed over each answer, and a reward model's score of each prompt + answer read at the last
+real token (as PPO reads it). Prompts are token lists; answers are token lists that end with EOS when
+the model ended them.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.generate import left_pad
+from engine.generate import SamplingConfig, generate, left_pad
 from engine.ppo_roles import RewardFn
 from engine.precision import autocast
 from engine.rlhf_math import full_kl_from_log_softmax
+
+
+def sample_answers(model, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig, eos_id: int,
+                   pad_id: int, batch_size: int, progress=None) -> list[list[int]]:
+    """One answer per prompt, row i drawn with its own generator seeded by seeds[i]; `progress(done)` after
+    each batch."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        gen = generate(model, prompts[start:start + batch_size], sampling, eos_id, pad_id,
+                       row_seeds=seeds[start:start + batch_size])
+        out += [gen.response_tokens[r][gen.response_mask[r].bool()].tolist() for r in range(gen.ended.shape[0])]
+        if progress is not None:
+            progress(len(out))
+    return out
 
 
 @torch.no_grad()

@@ -32,12 +32,12 @@ from engine.builder import resolve_tokenizer
 from engine.checkpoint import CONFIG, load_checkpoint
 from engine.config import ModelConfig
 from engine.dist import Dist, all_gather_objects
-from engine.generate import SamplingConfig, generate
+from engine.generate import SamplingConfig
 from engine.int8 import quantize_on_load
 from engine.lora import DEFAULT
 from engine.ppo_roles import RewardFn, reward_model_fn
 from engine.precision import DTYPES, torch_dtype
-from engine.answer_scores import score_responses, sequence_kl
+from engine.answer_scores import sample_answers, score_responses, sequence_kl
 
 
 @dataclass(frozen=True)
@@ -174,17 +174,15 @@ def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) ->
 def sample_responses(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,
                      sampling: SamplingConfig, batch_size: int, tok, log) -> list[list[int]]:
     """k responses per question, row (question i, sample j) seeded by (seed, i, j): independent of the batch."""
-    rows = [(q.index, j) for q in questions for j in range(k)]
-    out, started = [], time.time()
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        gen = generate(model, [prompts[i] for i, _ in batch], sampling, tok.eos_id, tok.pad_id,
-                       row_seeds=[sampling.seed * 1_000_003 + i * 1009 + j for i, j in batch])
-        out += [gen.response_tokens[r][gen.response_mask[r].bool()].tolist() for r in range(len(batch))]
-        done, elapsed = start + len(batch), time.time() - started
+    rows, started = [(q.index, j) for q in questions for j in range(k)], time.time()
+
+    def progress(done):
+        elapsed = time.time() - started
         log(f"eval: {arm}: {done}/{len(rows)} answers, {done / elapsed:.1f}/s, "
             f"eta {elapsed / done * (len(rows) - done):.0f}s")
-    return out
+    return sample_answers(model, [prompts[i] for i, _ in rows], [sampling.seed * 1_000_003 + i * 1009 + j
+                                                                for i, j in rows],
+                          sampling, tok.eos_id, tok.pad_id, batch_size, progress)
 
 
 def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dict[str, list[list[int]]]:

@@ -17,9 +17,9 @@ import torch
 
 from data.tokenizer import format_prompt
 from engine.dist import Dist, all_reduce_named
-from engine.answer_scores import score_responses, sequence_kl
+from engine.answer_scores import sample_answers, score_responses, sequence_kl
 from engine.evaluate import load_questions, load_reward_model
-from engine.generate import SamplingConfig, generate
+from engine.generate import SamplingConfig
 from engine.lora import disable_lora
 from engine.ppo_roles import RewardFn
 
@@ -45,12 +45,7 @@ class PPOEval:
             return (self.reference or self.policy)(tokens, attention_mask=attention_mask)
 
     def answers(self, model) -> list[list[int]]:
-        out = []
-        for start in range(0, len(self.prompts), 16):
-            gen = generate(model, self.prompts[start:start + 16], self.sampling, self.tok.eos_id, self.tok.pad_id,
-                           row_seeds=self.seeds[start:start + 16])
-            out += [gen.response_tokens[r][gen.response_mask[r].bool()].tolist() for r in range(gen.ended.shape[0])]
-        return out
+        return sample_answers(model, self.prompts, self.seeds, self.sampling, self.tok.eos_id, self.tok.pad_id, 16)
 
     def score(self, reward_fn: RewardFn, answers) -> list[float]:
         return score_responses(reward_fn, self.prompts, answers, self.tok.pad_id, self.dist.device, self.cfg.dtype, 16)
