@@ -67,23 +67,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | list | None = None):
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor | None = None):
     """(tokens [B], logprobs [B]) from last-position logits [B, V].
 
-    `generator`: one for the batch, or a list with one per row (then a row's samples do not depend
-    on which other rows share its batch). Greedy has no sampling distribution to speak of; it
-    reports the model's plain log-softmax.
+    `uniforms` [B] in [0, 1), one per row, pick each row's token by inverse CDF: the first token whose
+    cumulative probability exceeds u. The draws come from the caller (one generator per row, drawn
+    once per generation), so a row's sample does not depend on which rows share its batch, and the
+    whole batch is picked by one cumsum and one searchsorted. Greedy has no sampling distribution to
+    speak of; it reports the model's plain log-softmax.
     """
     logits = logits.float()
     if cfg.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
     logprobs = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
-    probs = logprobs.exp()
-    if isinstance(generator, list):
-        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
-    else:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = logprobs.exp().cumsum_(-1)  # [B, V], non-decreasing: every increment is >= 0
+    tokens = torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).squeeze(1)
+    # u * total can round up to total itself (u within 2^-24 of 1): then take the last token with mass.
+    last = (cdf < cdf[:, -1:]).sum(-1)  # the first token whose cumulative mass reaches the total
+    tokens = torch.minimum(tokens, last)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(1)
 
 
@@ -98,8 +100,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
 @torch.no_grad()
 def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int, pad_id: int,
              row_seeds: list[int] | None = None) -> Generation:
-    """Sample up to cfg.max_new_tokens for each prompt. With `row_seeds` each row has its own
-    generator, so its sample is the same whichever rows it is batched with (e.g. across ranks)."""
+    """Sample up to cfg.max_new_tokens for each prompt. With `row_seeds` each row draws its uniforms from
+    its own generator, so its sample is the same whichever rows it is batched with (e.g. across ranks)."""
     device = model.lm_head.weight.device
     dtype = model.model.norm.weight.dtype
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
@@ -107,13 +109,15 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     if P + cfg.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
                          f"max_seq_len {model.cfg.max_seq_len}")
-    if row_seeds is not None:
-        if len(row_seeds) != len(prompts):
-            raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
-        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
-    else:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     R = cfg.max_new_tokens
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+    uniforms = None  # [B, R]: row b's draw for its t-th token
+    if cfg.temperature > 0 and row_seeds is not None:
+        uniforms = torch.stack([torch.rand(R, generator=torch.Generator(device=device).manual_seed(s), device=device)
+                                for s in row_seeds])
+    elif cfg.temperature > 0:
+        uniforms = torch.rand(B, R, generator=torch.Generator(device=device).manual_seed(cfg.seed), device=device)
     response_tokens = torch.full((B, R), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, R), dtype=torch.long, device=device)
     response_logprobs = torch.zeros((B, R), dtype=torch.float32, device=device)
@@ -121,23 +125,25 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     cache = KVCache(model.cfg, B, P + R, device=device, dtype=dtype)
     hidden = model.model(prompt_tokens, attention_mask=prompt_mask, cache=cache)  # prefill: [B, P, dim]
     logits = model.lm_head(hidden[:, -1])  # only the last position is needed: [B, V]
-    rows = torch.arange(B, device=device)  # original indices of the rows still generating
+    rows = torch.arange(B, device=device)  # original index of each row in the batch
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating (finished ones may linger)
     attn = prompt_mask
     for step in range(R):
-        if row_seeds is not None:
-            generator = [generators[r] for r in rows.tolist()]
-        tokens, logprobs = sample_next(logits, cfg, generator)
-        response_tokens[rows, step] = tokens
-        response_logprobs[rows, step] = logprobs
-        response_mask[rows, step] = 1
+        tokens, logprobs = sample_next(logits, cfg, None if uniforms is None else uniforms[rows, step])
+        response_tokens[rows, step] = torch.where(alive, tokens, pad_id)
+        response_logprobs[rows, step] = torch.where(alive, logprobs, 0.0)
+        response_mask[rows, step] = alive.long()
         if step == R - 1:
             break
-        running = tokens != eos_id
-        if not bool(running.all()):
-            keep = running.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            rows, tokens, attn = rows[keep], tokens[keep], attn[keep]
+        alive &= tokens != eos_id
+        n_alive = int(alive.sum())
+        if n_alive == 0:
+            break
+        # A finished row lingers (its tokens are not recorded) until a quarter of the batch has finished:
+        # dropping rows copies the whole KV cache, which pays only when it removes enough rows.
+        if n_alive <= len(rows) * 3 // 4:
+            keep = alive.nonzero().squeeze(1)
+            rows, tokens, attn, alive = rows[keep], tokens[keep], attn[keep], alive[keep]
             cache.keep_rows(keep)
         attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
         hidden = model.model(tokens[:, None], attention_mask=attn, cache=cache)  # [b, 1, dim]

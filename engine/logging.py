@@ -3,8 +3,7 @@
 Scalars are namespaced (`train/loss`, `ppo/clipfrac`, `perf/tokens_per_s`, ...). Other ranks get a
 logger that does nothing, so training code calls it unconditionally. A resumed run first drops what
 the steps it will redo had logged (metrics.jsonl rewritten atomically, TensorBoard's purge_step), so
-its logs read as one clean run. MFU follows nanoGPT / PaLM's
-estimate: 6·N FLOPs per token for forward+backward (plus attention), over the device's peak.
+its logs read as one clean run. MFU and the step report against measured peaks are engine/roofline.py's.
 """
 from __future__ import annotations
 
@@ -16,25 +15,6 @@ import sys
 import time
 
 import torch
-
-# Peak dense FLOP/s used for MFU. CPU figures are the best large-matmul throughput measured on the
-# 2-core development machine with nothing else running (fp32 ~210, bf16 ~900 GFLOP/s with AVX512-BF16;
-# docs/BENCHMARKS.md); GPU figures are vendor dense peaks (H100/H200 SXM).
-PEAK_FLOPS = {"cpu": {torch.float32: 210e9, torch.bfloat16: 900e9},
-              "cuda": {torch.float32: 67e12, torch.bfloat16: 989e12}}
-
-
-def flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int, trainable_fraction: float = 1.0) -> float:
-    """Training FLOPs per token: forward 2N + attention, backward 2N (activations) + 2N·(trainable share)
-    for weight gradients — a frozen base (LoRA) skips most weight gradients."""
-    attention = 12 * n_layers * dim * seq_len  # QK^T and AV, forward+backward, per token (PaLM appendix B)
-    return 2 * n_params + 2 * n_params + 2 * n_params * trainable_fraction + attention
-
-
-def mfu(tokens_per_s: float, flops_token: float, device: torch.device, dtype: torch.dtype) -> float:
-    peak = PEAK_FLOPS.get(device.type, {}).get(dtype)
-    return tokens_per_s * flops_token / peak if peak else float("nan")
-
 
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":

@@ -31,7 +31,7 @@ from engine.optim import BadStepGuard, build_adamw, clip_and_step
 from engine.ppo_config import PPOConfig
 from engine.ppo_diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
                                     negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
-                                    reward_metrics, sample_table, sampler_tolerance, warnings)
+                                    reward_metrics, sample_table, sampler_tolerance, step_report, warnings)
 from engine.ppo_eval import PPOEval
 from engine.ppo_roles import RewardFn, build_roles, mib
 from engine.precision import autocast
@@ -145,7 +145,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                             kl_coef)
         update_seconds, t_end = update.pop("seconds"), time.time()
 
-        # 6. Log; then move β towards the KL target with this batch's mean KL per response.
+        # 6. Log (with how far each phase ran from this machine's limit); then move β towards the KL target.
+        report = step_report(cfg, policy, rollout, update_seconds, update["ppo/minibatches"])
         kl_means = kl_per_response(dist, rollout)
         used_kl = kl_means[cfg.kl_estimator]
         metrics = {**update, **{f"objective/kl_{k}": v for k, v in kl_means.items()},
@@ -163,7 +164,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                    **{f"time/{phase}": seconds for phase, seconds in rollout.seconds.items()},
                    "time/update": update_seconds,
                    "perf/tokens_per_s": all_reduce_sum(dist, rollout.attention_mask.sum()).item() / (t_end - t0),
-                   "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
+                   "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30, **report.metrics}
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, used_kl, len(prompt_lists) * dist.world_size, cfg.kl_target,
                                        cfg.kl_horizon)
@@ -176,7 +177,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             log.scalars(step, metrics)
         log.line(step + 1, cfg.max_steps, {"reward": metrics["env/reward_mean"], "kl": used_kl, "beta": kl_coef,
                                            "len": metrics["env/response_length_mean"],
-                                           "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2)},
+                                           "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2),
+                                           "limit": report.line},
                  due=due)
         if cfg.sample_every and step % cfg.sample_every == 0:
             log.text(step, "samples", sample_table(tok, rollout, rollout.raw_scores))
@@ -269,7 +271,8 @@ def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, 
     mean = {name: sum(m[name] for m in minibatches) / len(minibatches) for name in minibatches[0]}
     return {**{f"ppo/{name}": value for name, value in mean.items() if name != "entropy"},
             "objective/entropy": mean["entropy"], "ppo/ratio_max": ratio_max, "ppo/skipped_minibatches": skipped,
-            "ppo/early_stopped": float(stopped_early), "onpolicy/first_minibatch_drift": drift,
+            "ppo/early_stopped": float(stopped_early), "ppo/minibatches": len(minibatches),
+            "onpolicy/first_minibatch_drift": drift,
             "seconds": time.time() - t0}
 
 

@@ -7,8 +7,11 @@ All statistics are over the global batch (ranks reduce their named sums); only r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from engine import roofline
 from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
 from engine.rlhf_math import kl_estimate, masked_sum
 
@@ -204,3 +207,19 @@ def closing_summary(cfg, history: list[dict], kl_coef: float, saved: str | None)
                   "'Question: ...' --max-new-tokens 128",
                   f"ppo: go on: the same command with --resume auto --max-steps {cfg.max_steps * 2}"]
     return lines
+
+
+def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: int) -> roofline.StepReport:
+    """This rank's step against the machine's measured limits (engine/roofline.py): generate against memory
+    bandwidth, the scoring forwards and the update against the matmul peak of the base's dtype."""
+    peaks = roofline.measured_peaks(rollout.tokens.device.type)
+    B = rollout.tokens.shape[0]
+    per_epoch = -(-B // cfg.mini_batch_size)
+    peak_name = "int8" if cfg.load_in_8bit and math.isfinite(peaks.int8) else cfg.dtype
+    return roofline.ppo_step_report(
+        policy.cfg, rollout.attention_mask[:, :rollout.prompt_len].sum(1).tolist(),
+        rollout.response_mask.sum(1).tolist(), {**rollout.seconds, "update": update_seconds},
+        update_passes=minibatches_run / per_epoch, full=cfg.lora is None,
+        peak=roofline.matmul_peak(peaks, cfg.dtype, cfg.load_in_8bit), peak_name=peak_name,
+        bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
+        kv_element_bytes=policy.model.norm.weight.element_size())

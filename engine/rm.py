@@ -23,11 +23,12 @@ from data.loaders import PairLoader, pad
 from data.pairs_io import read_pairs
 from engine.builder import build_model, count_params, resolve_tokenizer
 from engine.dist import Dist, all_reduce_named, grad_sync
-from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
+from engine.logging import Logger, peak_memory_bytes
 from engine.lora import LoRAConfig
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
-from engine.precision import autocast, torch_dtype
+from engine.precision import autocast
 from engine.rlhf_math import last_token_index, pairwise_loss
+from engine.roofline import mfu, training_flops_per_token
 from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
@@ -182,8 +183,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                     return b
 
     # Attention FLOPs at a typical pair length; the 6N-style terms dominate at RM sequence lengths.
-    flops_token = flops_per_token(model.cfg.matmul_params(), model.cfg.n_layers, model.cfg.dim, cfg.max_length // 2,
-                                  trainable / total)
+    flops_token = training_flops_per_token(model.cfg, cfg.max_length // 2, full=lora is None, lm_head=False)
     metrics = {}
     for step in range(start, max_steps):
         t0 = time.time()
@@ -222,8 +222,8 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "rm/train_accuracy": accuracy, "rm/train_margin": margin,
                    "perf/pairs_per_s": pairs_per_step / dt, "perf/tokens_per_s": n_tokens / dt,
-                   "perf/mfu": mfu(n_tokens / dt / dist.world_size, flops_token, dist.device,
-                                   torch_dtype(cfg.dtype)),
+                   "perf/mfu": mfu(n_tokens / dt / dist.world_size, flops_token, dist.device, cfg.dtype,
+                                   cfg.load_in_8bit),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         due = step % cfg.log_every == 0 or step == max_steps - 1
         if due:

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data.loaders import PromptLoader
 from data.pairs_io import read_pairs
@@ -26,8 +25,7 @@ from engine.lora import disable_lora, use_adapter
 from engine.model import LLaMA
 from engine.ppo_roles import RewardFn
 from engine.precision import autocast
-from engine.rlhf_math import full_kl_from_log_softmax
-from kernels.logprobs import hidden_token_logprobs
+from kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
 
 
 class Rollout(NamedTuple):
@@ -50,11 +48,17 @@ class Rollout(NamedTuple):
         return self.tokens[:, self.prompt_len:]
 
 
+class ReferenceHidden(NamedTuple):
+    hidden: torch.Tensor  # [B, R, dim] the reference's last hidden states at the response positions
+    lm_head_weight: torch.Tensor  # [V, dim]
+
+
 class PolicyOutput(NamedTuple):
     logprobs: torch.Tensor  # [B, R] of the response tokens, at the sampling temperature
     values: torch.Tensor  # [B, R]
     entropy: torch.Tensor  # [B, R] of the policy's distribution at each response position
-    log_softmax: torch.Tensor | None  # [B, R, V], only when asked (the rollout's exact KL, no grad)
+    ref_logprobs: torch.Tensor | None  # [B, R] under the reference, when its hidden states are given (no grad)
+    kl_full: torch.Tensor | None  # [B, R] exact KL(π‖π_ref) over the vocabulary, likewise
 
 
 class PolicyAndValue(nn.Module):
@@ -85,25 +89,27 @@ class PolicyAndValue(nn.Module):
                 self.value_head.weight.copy_(value_head_init.reshape(1, -1))  # e.g. the RM's score head
 
     def forward(self, tokens, attention_mask, prompt_len: int, temperature: float = 1.0,
-                full_dist: bool = False) -> PolicyOutput:
+                reference: ReferenceHidden | None = None) -> PolicyOutput:
         """Log-probs and entropy go through the chunked kernel (no [B, R, V] float32 tensor kept for
-        backward); the full log-softmax is built only when asked."""
+        backward). Given the reference's response hidden states (the rollout), the same pass over the
+        vocabulary also yields the reference's log-probs and the exact KL, bit-identical log-probs included."""
         hidden = self.policy.model(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]  # [B, R, dim]
-        logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],
-                                                  temperature, with_entropy=True)
+        ref_logprobs = kl_full = None
+        if reference is None:
+            logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],
+                                                      temperature, with_entropy=True)
+        else:
+            logprobs, entropy, ref_logprobs, kl_full = hidden_logprobs_with_reference(
+                hidden, self.policy.lm_head.weight, reference.hidden, reference.lm_head_weight,
+                tokens[:, prompt_len:], temperature)
         value_hidden = hidden
         if self.value_net is not None:
             with use_adapter(self.value_net, self.value_adapter):
                 value_hidden = self.value_net.model(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]
         values = (self.value_head(value_hidden.float()).squeeze(-1).float() if self.value_head is not None
                   else logprobs.new_zeros(logprobs.shape, dtype=torch.float32))
-        log_softmax = response_log_softmax(self.policy, hidden, temperature) if full_dist else None
-        return PolicyOutput(logprobs, values, entropy, log_softmax)
+        return PolicyOutput(logprobs, values, entropy, ref_logprobs, kl_full)
 
-
-def response_log_softmax(model: LLaMA, hidden, temperature: float):
-    """log π(· | state) [B, R, V] at temperature T from response-position hidden states [B, R, dim]."""
-    return F.log_softmax(model.lm_head(hidden).float() / temperature, -1)
 
 
 class ScoredResponses(NamedTuple):
@@ -130,16 +136,16 @@ def score_responses(pv: PolicyAndValue, reference: LLaMA | None, tokens, attenti
     for k in range(0, B, chunk):
         rows = order[k:k + chunk]
         t0 = time.time()
-        out = pv(tokens[rows], attention_mask[rows], prompt_len, temperature, full_dist=True)
-        t1 = time.time()
         ref = reference if reference is not None else pv.policy
         with (disable_lora(pv.policy) if reference is None else contextlib.nullcontext()):
             hidden = ref.model(tokens[rows], attention_mask=attention_mask[rows])[:, prompt_len - 1:-1]
-            ref_all = response_log_softmax(ref, hidden, temperature)
-        policy_seconds, reference_seconds = policy_seconds + t1 - t0, reference_seconds + time.time() - t1
+        t1 = time.time()
+        # The policy's forward reads the vocabulary once for its own log-probs, the reference's and the KL.
+        out = pv(tokens[rows], attention_mask[rows], prompt_len, temperature,
+                 reference=ReferenceHidden(hidden, ref.lm_head.weight))
+        reference_seconds, policy_seconds = reference_seconds + t1 - t0, policy_seconds + time.time() - t1
         logprobs[rows], values[rows] = out.logprobs.float(), out.values.float()  # autocast may hand back bf16
-        ref_logprobs[rows] = ref_all.gather(-1, tokens[rows, prompt_len:, None]).squeeze(-1)
-        kl_full[rows] = full_kl_from_log_softmax(out.log_softmax, ref_all)
+        ref_logprobs[rows], kl_full[rows] = out.ref_logprobs, out.kl_full
     return ScoredResponses(logprobs, values, ref_logprobs, kl_full, policy_seconds, reference_seconds)
 
 

@@ -26,9 +26,10 @@ from data.packing import PackedBatch, PackingLoader, document_causal_mask, make_
 from data.pairs_io import read_pairs
 from engine.builder import build_model, count_params, resolve_tokenizer
 from engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
-from engine.logging import Logger, flops_per_token, mfu, peak_memory_bytes
+from engine.logging import Logger, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
-from engine.precision import autocast, torch_dtype
+from engine.precision import autocast
+from engine.roofline import mfu, training_flops_per_token
 from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
@@ -175,8 +176,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
         log.info(f"sft: saved {path}")
 
-    flops_token = flops_per_token(model.cfg.matmul_params(), model.cfg.n_layers, model.cfg.dim, cfg.seq_len,
-                                  trainable / total)
+    flops_token = training_flops_per_token(model.cfg, cfg.seq_len, full=lora is None)
     batches = iter(loader)
     metrics = {}
     for step in range(start, cfg.max_steps):
@@ -213,8 +213,8 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         tokens_per_s = n_tokens / dt
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": tokens_per_s,
-                   "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device,
-                                   torch_dtype(cfg.dtype)),
+                   "perf/mfu": mfu(tokens_per_s / dist.world_size, flops_token, dist.device, cfg.dtype,
+                                   cfg.load_in_8bit),
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30}
         due = step % cfg.log_every == 0 or step == cfg.max_steps - 1
         if due:

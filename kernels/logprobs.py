@@ -22,6 +22,8 @@ backward; peak RSS above the inputs, and one thread's CPU seconds as the machine
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -69,11 +71,49 @@ def hidden_token_logprobs(hidden, lm_head_weight, tokens, temperature: float = 1
     return out if with_entropy else out[0]
 
 
-def _dispatch(x, weight, tokens, temperature, chunk_size, with_entropy):
+class TokenStatsWithReference(NamedTuple):
+    logprobs: torch.Tensor  # [B, T] float32, bit-identical to hidden_token_logprobs' on the same inputs
+    entropy: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor  # [B, T] under the reference
+    kl: torch.Tensor  # [B, T] exact KL(π‖π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) at each position
+
+
+@torch.no_grad()
+def hidden_logprobs_with_reference(hidden, lm_head_weight, ref_hidden, ref_lm_head_weight, tokens,
+                                   temperature: float = 1.0, chunk_size: int | None = None) -> TokenStatsWithReference:
+    """PPO's rollout in one pass over the vocabulary: the policy's log-probs and entropy exactly as
+    hidden_token_logprobs computes them (the same blocks and ops, so the first minibatch's ratio stays
+    exactly 1), the reference's log-probs, and the exact per-position KL, with one [chunk, V] block of
+    each model alive at a time instead of two [B, T, V] log-softmax tensors. hidden, ref_hidden [B, T, D]."""
+    _check(hidden, tokens, temperature)
+    B, T = tokens.shape
+    vocab = lm_head_weight.shape[0]
+    chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+    out = TokenStatsWithReference(*(torch.empty(B, T, dtype=_compute_dtype(hidden), device=hidden.device)
+                                    for _ in range(4)))
+    mm_dtype, ref_mm_dtype = _matmul_dtype(hidden, lm_head_weight), _matmul_dtype(ref_hidden, ref_lm_head_weight)
+    for bs, ts in _blocks(B, T, chunk):
+        tok = tokens[bs, ts].reshape(-1, 1)  # [n, 1]
+        shape = out.logprobs[bs, ts].shape
+        _, logp = _block_log_softmax(hidden[bs, ts], lm_head_weight, temperature, mm_dtype)  # [n, V]
+        _, ref_logp = _block_log_softmax(ref_hidden[bs, ts], ref_lm_head_weight, temperature, ref_mm_dtype)
+        out.logprobs[bs, ts] = logp.gather(1, tok).view(shape)
+        out.ref_logprobs[bs, ts] = ref_logp.gather(1, tok).view(shape)
+        p = logp.exp()
+        out.entropy[bs, ts] = -(p * logp).sum(-1).view(shape)
+        out.kl[bs, ts] = (p * ref_logp.neg_().add_(logp)).sum(-1).view(shape)  # ref_logp is not needed again
+    return out
+
+
+def _check(x, tokens, temperature):
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if tokens.shape != x.shape[:-1]:
         raise ValueError(f"tokens {list(tokens.shape)} must match the leading dims of {list(x.shape)}")
+
+
+def _dispatch(x, weight, tokens, temperature, chunk_size, with_entropy):
+    _check(x, tokens, temperature)
     vocab = x.shape[-1] if weight is None else weight.shape[0]
     chunk_size = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
     return _ChunkedLogprobs.apply(x, weight, tokens, float(temperature), int(chunk_size), with_entropy)
@@ -122,6 +162,13 @@ def _block_logits(x, weight, temperature, mm_dtype=None):
     return z.div_(temperature)  # in place: one [n, V] buffer, which callers may modify in place too
 
 
+def _block_log_softmax(x_block, weight, temperature, mm_dtype):
+    """(logsumexp [n, 1], log-softmax [n, V]) of one block's logits / T; x_block [.., V] or [.., D]."""
+    z = _block_logits(x_block.reshape(-1, x_block.shape[-1]), weight, temperature, mm_dtype)  # [n, V]
+    row_lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
+    return row_lse, z.sub_(row_lse)  # in place: z is not needed again
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """Inputs: x [B, T, V] logits (weight None) or [B, T, D] hidden with weight [V, D]; tokens [B, T].
     Saves only x, weight, tokens and per-row logsumexp / entropy ([B, T]); backward recomputes each block."""
@@ -135,13 +182,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logprobs) if with_entropy else None
         mm_dtype = _matmul_dtype(x, weight)
         for bs, ts in _blocks(B, T, chunk):
-            z = _block_logits(x[bs, ts].reshape(-1, x.shape[-1]), weight, temperature, mm_dtype)  # [n, V]
-            tok = tokens[bs, ts].reshape(-1, 1)  # [n, 1]
-            row_lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
-            logp = z.sub_(row_lse)  # [n, V], in place: z is not needed again
+            row_lse, logp = _block_log_softmax(x[bs, ts], weight, temperature, mm_dtype)  # [n, 1], [n, V]
             shape = logprobs[bs, ts].shape
             lse[bs, ts] = row_lse.view(shape)
-            logprobs[bs, ts] = logp.gather(1, tok).view(shape)
+            logprobs[bs, ts] = logp.gather(1, tokens[bs, ts].reshape(-1, 1)).view(shape)
             if with_entropy:
                 entropy[bs, ts] = -(logp.exp() * logp).sum(-1).view(shape)
         ctx.save_for_backward(x, weight, tokens, lse, entropy)

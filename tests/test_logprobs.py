@@ -145,3 +145,27 @@ def test_autocast_backward_recomputes_with_the_forwards_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp = hidden_token_logprobs(h.bfloat16(), w, tok)
     lp.sum().backward()  # no dtype error in backward
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 5])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rollout_pass_with_reference(chunk_size, autocast):
+    """The rollout's one pass: the policy's log-probs and entropy bit-identical to hidden_token_logprobs (the
+    update's function: the first minibatch's ratio is exactly 1), the reference's log-probs and the exact KL
+    equal to the full log-softmax's; under bf16 autocast too."""
+    g = torch.Generator().manual_seed(3)
+    hidden, ref_hidden = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+    w, ref_w = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = lp_kernel.hidden_logprobs_with_reference(hidden, w, ref_hidden, ref_w, tokens, 0.7, chunk_size)
+        want_lp, want_h = lp_kernel.hidden_token_logprobs(hidden, w, tokens, 0.7, with_entropy=True,
+                                                          chunk_size=chunk_size)
+    assert torch.equal(got.logprobs, want_lp) and torch.equal(got.entropy, want_h)
+    cast = (lambda x: x.bfloat16()) if autocast else (lambda x: x)
+    logp = torch.log_softmax((cast(hidden) @ cast(w).T).float() / 0.7, -1)
+    ref_logp = torch.log_softmax((cast(ref_hidden) @ cast(ref_w).T).float() / 0.7, -1)
+    assert_close(got.ref_logprobs, ref_logp.gather(-1, tokens[..., None]).squeeze(-1), 1e-5)
+    assert_close(got.kl, (logp.exp() * (logp - ref_logp)).sum(-1), 1e-5)
+    same = lp_kernel.hidden_logprobs_with_reference(hidden, w, hidden, w, tokens, 0.7, chunk_size)
+    assert same.kl.abs().max().item() <= 1e-6  # KL(π‖π) = 0
