@@ -81,15 +81,21 @@ def run_config(spec: dict) -> dict:
     from engine.ppo_roles import reward_model_fn
     from engine.precision import torch_dtype
 
+    eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
+    dtype = "bf16" if eight_bit else spec["dtype"]
     cfg = PPOConfig(model=spec["base"], data=spec["data"], out=spec["out"], max_steps=spec["steps"],
                     batch_size=spec["batch_size"], mini_batch_size=spec["mini_batch_size"],
                     ppo_epochs=spec["ppo_epochs"], response_min_length=spec["response_length"],
-                    response_max_length=spec["response_length"], lora=LoRAConfig(r=spec["lora_r"]), dtype=spec["dtype"],
-                    save_every=0, sample_every=0, log_every=1, device="cpu")
+                    response_max_length=spec["response_length"], lora=LoRAConfig(r=spec["lora_r"]), dtype=dtype,
+                    load_in_8bit=eight_bit, save_every=0, sample_every=0, log_every=1, device="cpu")
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    if spec["prompt_tokens"]:  # the issue's exact shape: every query the same length, random token ids
+        import engine.ppo
+        engine.ppo.prompt_loader = lambda cfg, dist, tok, max_seq_len, log: RandomPrompts(
+            spec["prompt_tokens"], cfg.batch_size * dist.world_size, tok)
     if spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
-        rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(spec["dtype"])).eval()
+        rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval()
         score = reward_model_fn(rm)
     else:
         def score(tokens, mask):  # share of even token ids among the real tokens
@@ -108,7 +114,9 @@ def run_config(spec: dict) -> dict:
     phases["other"] = 1.0 - sum(phases.values())
     tokens = sum(n for _, n in measured)
     response_tokens = sum(h["env/response_length_mean"] * spec["batch_size"] for h, _ in measured)
-    return dict(s_per_step=total / len(measured), phase_share=phases,
+    limit = {k: sum(h[f"perf/{k}"] for h, _ in measured) / len(measured)
+             for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac")}
+    return dict(s_per_step=total / len(measured), phase_share=phases, **limit,
                 phase_s={p: sum(h[f"time/{p}"] for h, _ in measured) / len(measured) for p in PHASES},
                 tokens_per_s=tokens / total, response_tokens_per_s=response_tokens / total,
                 prompt_tokens_mean=(tokens - response_tokens) / len(measured) / spec["batch_size"],
@@ -116,17 +124,41 @@ def run_config(spec: dict) -> dict:
                 measured_steps=len(measured), threads=torch.get_num_threads(), torch=torch.__version__)
 
 
+class RandomPrompts:
+    """Batches of `n_tokens` random token ids (BOS first, no special pieces), a fixed seed; no file."""
+
+    def __init__(self, n_tokens: int, batch_size: int, tok):
+        import torch
+        self.n_tokens, self.batch_size, self.vocab, self.bos = n_tokens, batch_size, tok.vocab_size, tok.bos_id
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        import torch
+
+        from data.loaders import QueryBatch
+        while True:
+            tokens = torch.randint(3, self.vocab, (self.batch_size, self.n_tokens), generator=self.generator)
+            tokens[:, 0] = self.bos
+            yield QueryBatch(tokens, torch.ones_like(tokens, dtype=torch.bool), [""] * self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 # ---- driver ---------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "8bit"],
+                    help="8bit: an int8 base (--load-in-8bit) computing in bf16")
     ap.add_argument("--steps", type=int, default=6, help="PPO steps per configuration, the first a warm-up")
     ap.add_argument("--batch-size", type=int, default=16, help="queries per PPO step")
     ap.add_argument("--mini-batch-size", type=int, default=4)
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--response-length", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of exactly this many tokens "
+                    "(0: the synthetic questions); --prompt-tokens 64 --response-length 48 is issue 16's shape")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--reward", choices=["model", "scripted"], default="model",
                     help="a reward model of the policy's size (StackLLaMA), or a function of the token ids")
@@ -166,7 +198,7 @@ def run_all(args, work: str) -> list[dict]:
             spec = dict(base=base, data=data, out=out, steps=args.steps, batch_size=args.batch_size,
                         mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
                         response_length=args.response_length, lora_r=args.lora_r, dtype=dtype,
-                        reward=args.reward, threads=args.threads, result=os.path.join(out, "result.json"))
+                        reward=args.reward, threads=args.threads, prompt_tokens=args.prompt_tokens, result=os.path.join(out, "result.json"))
             with open(os.path.join(out, "spec.json"), "w") as f:
                 json.dump(spec, f)
             print(f"== {name}: {args.steps} PPO steps", file=sys.stderr, flush=True)
@@ -188,7 +220,7 @@ def run_all(args, work: str) -> list[dict]:
 
 def print_rows(rows: list[dict], json_path: str | None) -> None:
     head = ["config", "params", "vocab", "s/step", *("gen", "policy", "ref", "reward", "update", "other"),
-            "tok/s", "resp tok/s", "peak RSS"]
+            "tok/s", "resp tok/s", "peak RSS", "update/peak", "score/peak", "decode/bw"]
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
@@ -198,7 +230,9 @@ def print_rows(rows: list[dict], json_path: str | None) -> None:
         shares = [f"{100 * r['phase_share'][p]:.0f}%" for p in (*PHASES, "other")]
         print(" | ".join([f"{r['preset']} {r['dtype']}", f"{r['params'] / 1e6:.1f}M", f"{r['vocab']}",
                           f"{r['s_per_step']:.2f}", *shares, f"{r['tokens_per_s']:,.0f}",
-                          f"{r['response_tokens_per_s']:,.0f}", f"{r['peak_rss_gb']:.2f} GB"]))
+                          f"{r['response_tokens_per_s']:,.0f}", f"{r['peak_rss_gb']:.2f} GB",
+                          *(f"{100 * r[k]:.0f}%" for k in ("update_peak_frac", "score_peak_frac",
+                                                            "generate_bandwidth_frac"))]))
     for r in [r for r in rows if "error" not in r][:1]:
         print(f"{r['batch_size']} queries, minibatch {r['mini_batch_size']}, {r['ppo_epochs']} PPO epochs, response "
               f"{r['response_length']} tokens, LoRA r={r['lora_r']} on q_proj/v_proj, reward {r['reward']}, "

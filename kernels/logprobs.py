@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V] buffer (512 rows at V = 32000)
+# Up to this many bytes of log-softmax blocks are kept from forward for backward, which then skips
+# recomputing them (from hidden states, the LM-head matmul again: ~10% of a PPO micro-batch's FLOPs).
+# PPO's micro-batches (4 x 48 response tokens at V = 32000: 25 MB) fit; SFT's long rows recompute.
+SAVE_BYTES = 64 * 2**20
 
 
 def available() -> bool:
@@ -181,8 +185,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if with_entropy else None
         mm_dtype = _matmul_dtype(x, weight)
+        vocab = x.shape[-1] if weight is None else weight.shape[0]
+        keep = any(ctx.needs_input_grad[:2]) and B * T * vocab * 4 <= SAVE_BYTES
+        ctx.kept = [] if keep else None
         for bs, ts in _blocks(B, T, chunk):
             row_lse, logp = _block_log_softmax(x[bs, ts], weight, temperature, mm_dtype)  # [n, 1], [n, V]
+            if keep:
+                ctx.kept.append(logp)
             shape = logprobs[bs, ts].shape
             lse[bs, ts] = row_lse.view(shape)
             logprobs[bs, ts] = logp.gather(1, tokens[bs, ts].reshape(-1, 1)).view(shape)
@@ -200,9 +209,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         grad_x = torch.empty_like(x) if want_x else None  # every block writes its rows
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # accumulated over blocks
-        for bs, ts in _blocks(B, T, ctx.chunk):
+        kept, ctx.kept = ctx.kept, None  # used once: a second backward (retain_graph) recomputes
+        for i, (bs, ts) in enumerate(_blocks(B, T, ctx.chunk)):
             x_block = x[bs, ts].reshape(-1, x.shape[-1])  # [n, V] or [n, D]
-            logp = _block_logits(x_block, weight, ctx.temperature, ctx.mm_dtype).sub_(
+            logp = kept[i] if kept else _block_logits(x_block, weight, ctx.temperature, ctx.mm_dtype).sub_(
                 lse[bs, ts].reshape(-1, 1))  # [n, V]
             grad_z = _grad_logits(logp, tokens[bs, ts].reshape(-1, 1),
                                   None if grad_logprobs is None else grad_logprobs[bs, ts].reshape(-1, 1),

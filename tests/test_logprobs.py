@@ -169,3 +169,23 @@ def test_rollout_pass_with_reference(chunk_size, autocast):
     assert_close(got.kl, (logp.exp() * (logp - ref_logp)).sum(-1), 1e-5)
     same = lp_kernel.hidden_logprobs_with_reference(hidden, w, hidden, w, tokens, 0.7, chunk_size)
     assert same.kl.abs().max().item() <= 1e-6  # KL(π‖π) = 0
+
+
+def test_kept_blocks_and_recomputed_blocks_give_the_same_gradients(monkeypatch):
+    """Backward reuses the forward's log-softmax blocks when they fit SAVE_BYTES, else recomputes them: the
+    gradients are bit-identical either way, and a second backward (retain_graph) recomputes."""
+    g = torch.Generator().manual_seed(5)
+    hidden, w = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+
+    def grads(save_bytes, twice=False):
+        monkeypatch.setattr(lp_kernel, "SAVE_BYTES", save_bytes)
+        h, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = loss_of(*lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.8, with_entropy=True, chunk_size=4))
+        first = torch.autograd.grad(loss, (h, ww), retain_graph=twice)
+        return (first, torch.autograd.grad(loss, (h, ww))) if twice else first
+
+    kept, recomputed = grads(2**30), grads(0)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+    first, second = grads(2**30, twice=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
