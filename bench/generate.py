@@ -7,6 +7,14 @@ prompts, the same number of new tokens (EOS disabled so every row runs to the ca
     python bench/generate.py                 # tiny and llama-60m, batch 1 and 8
     python bench/generate.py --json out.jsonl
 
+PPO's decode (--ppo): sampled at temperature 1 with per-row seeds as PPO samples, 64-token prompts,
+48 new tokens (EOS disabled), llama-60m with LoRA r=16 on q/v, fp32 and bf16, batch 16 and 64, the
+growing cache (drops finished rows) and the static one (StaticDecoder). --root DIR imports the engine
+from another checkout (e.g. a `git worktree` of an earlier commit) for side-by-side runs; the static
+cache is skipped where that engine lacks it.
+
+    python bench/generate.py --ppo [--root ../prev] [--threads 2]
+
 Prints a table and one JSON line per run (also appended to --json FILE if given).
 """
 from __future__ import annotations
@@ -19,9 +27,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "--root" in sys.argv:  # the engine under test comes from this checkout (before any engine import)
+    ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
+sys.path.insert(0, ROOT)
 
-from bench.common import emit_json  # noqa: E402
+from bench.common import emit_json  # noqa: E402  (from --root's checkout too: it has the same helper)
 from engine.config import ModelConfig  # noqa: E402
 from engine.generate import SamplingConfig, generate, left_pad  # noqa: E402
 from engine.model import LLaMA  # noqa: E402
@@ -48,8 +59,45 @@ def timed(fn, repeats):
     return best
 
 
+def ppo_decode(args) -> list[dict]:
+    """Tokens/s of PPO's sampler at llama-60m: fp32/bf16 x batch 16/64 x growing/static cache."""
+    import inspect
+
+    from engine.lora import LoRAConfig, apply_lora
+    from engine.precision import autocast
+    has_static = "static_cache" in inspect.signature(generate).parameters
+    cfg = ModelConfig.preset("llama-60m")
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+        model = apply_lora(model.to(torch.bfloat16) if dtype == "bf16" else model, LoRAConfig(r=16)).eval()
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_a", "lora_b")):
+                p.data = p.data.float()  # float32 adapters on the base, as PPO builds them
+        for B in (16, 64):
+            prompts = torch.randint(3, cfg.vocab_size, (B, 64), generator=torch.Generator().manual_seed(B)).tolist()
+            sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
+            for static in ((False, True) if has_static else (False,)):
+                kw = {"static_cache": True} if static else {}
+
+                def run():
+                    with autocast(torch.device("cpu"), dtype):
+                        generate(model, prompts, sampling, eos_id=-1, pad_id=0, row_seeds=list(range(B)), **kw)
+                seconds = timed(run, args.repeats)
+                rows.append(dict(bench="generate_ppo", engine=ROOT, dtype=dtype, batch=B, static_cache=static,
+                                 prompt_len=64, new_tokens=48, seconds=round(seconds, 3),
+                                 tok_s=round(B * 48 / seconds, 1), threads=torch.get_num_threads(),
+                                 torch=torch.__version__, machine=platform.machine(), cpu_count=os.cpu_count()))
+                print(f"{dtype} batch {B:>3} {'static ' if static else 'growing'} cache: {seconds:6.2f} s, "
+                      f"{B * 48 / seconds:7.1f} tok/s", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ppo", action="store_true", help="PPO's sampled decode at llama-60m instead (see above)")
+    ap.add_argument("--root", help="import the engine from this checkout")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -57,6 +105,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", help="append the JSON lines to this file")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ppo:
+        emit_json(ppo_decode(args), args.json)
+        return
 
     rows = []
     for preset in args.presets:

@@ -97,11 +97,61 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return tokens.to(device), mask.long().to(device)
 
 
+class StaticDecoder:
+    """Decode steps with fixed shapes (gpt-fast's static KV cache): every row stays in the batch, step t
+    writes its token at cache column P + t and attends over all P + R columns under a mask kept in a
+    buffer. Inputs are copied into fixed buffers and the step reads only those, so on CUDA it is
+    captured once as a CUDA graph and replayed (no per-step launch overhead); elsewhere it runs eagerly,
+    the same arithmetic, which the CPU tests hold equal to the dynamic decode's tokens and log-probs."""
+
+    def __init__(self, model: LLaMA, cache: KVCache, prompt_mask: torch.Tensor, max_new_tokens: int):
+        B, P = prompt_mask.shape
+        device = prompt_mask.device
+        self.model, self.cache, self.P = model, cache, P
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position = prompt_mask.sum(1, keepdim=True) - 1  # [B, 1]: advanced before each step
+        self.mask = torch.zeros(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :P] = prompt_mask.bool()
+        cache.slot = torch.full((1,), P, dtype=torch.long, device=device)  # the first decode column
+        self.graph = self.logits = None
+        if device.type == "cuda":
+            self.graph = self._capture()
+
+    def _forward(self):
+        hidden = self.model.model(self.token, positions=self.position, attention_mask=self.mask, cache=self.cache)
+        return self.model.lm_head(hidden[:, -1])
+
+    def _capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up steps write column P, which step 0 then overwrites
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        return graph
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed each row's token t (the t-th response token, 0-based) at column P + t: next logits [B, V]."""
+        self.token.copy_(tokens[:, None])
+        self.position += 1
+        self.cache.slot.fill_(self.P + t)
+        self.mask[:, 0, 0, self.P + t] = True
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int, pad_id: int,
-             row_seeds: list[int] | None = None) -> Generation:
+             row_seeds: list[int] | None = None, static_cache: bool = False) -> Generation:
     """Sample up to cfg.max_new_tokens for each prompt. With `row_seeds` each row draws its uniforms from
-    its own generator, so its sample is the same whichever rows it is batched with (e.g. across ranks)."""
+    its own generator, so its sample is the same whichever rows it is batched with (e.g. across ranks).
+    `static_cache`: decode through StaticDecoder (fixed shapes; a CUDA graph on CUDA) instead of a cache
+    that grows a column per step and drops finished rows."""
     device = model.lm_head.weight.device
     dtype = model.model.norm.weight.dtype
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
@@ -125,6 +175,7 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     cache = KVCache(model.cfg, B, P + R, device=device, dtype=dtype)
     hidden = model.model(prompt_tokens, attention_mask=prompt_mask, cache=cache)  # prefill: [B, P, dim]
     logits = model.lm_head(hidden[:, -1])  # only the last position is needed: [B, V]
+    static = StaticDecoder(model, cache, prompt_mask, R) if static_cache else None
     rows = torch.arange(B, device=device)  # original index of each row in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating (finished ones may linger)
     attn = prompt_mask
@@ -141,6 +192,9 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
             break
         # A finished row lingers (its tokens are not recorded) until a quarter of the batch has finished:
         # dropping rows copies the whole KV cache, which pays only when it removes enough rows.
+        if static is not None:
+            logits = static.step(tokens, step)
+            continue
         if n_alive <= len(rows) * 3 // 4:
             keep = alive.nonzero().squeeze(1)
             rows, tokens, attn, alive = rows[keep], tokens[keep], attn[keep], alive[keep]

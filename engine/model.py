@@ -55,6 +55,10 @@ class KVCache:
 
     `length` slots are filled. Slots are columns of the (left-padded) batch, so one integer serves all
     rows; which slots hold real tokens is the attention mask's business.
+
+    Static mode (`slot` set to a 1-element long tensor): a step writes its one token at column `slot`
+    in place and attends over every column under the caller's mask, so no shape, no Python integer
+    and no allocation changes from step to step: what a CUDA graph needs to replay the step.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -62,6 +66,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.slot: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -69,6 +74,10 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Write k, v [B, n_kv, T, d] at the next T slots; return all filled slots including them."""
+        if self.slot is not None:  # static: one token at column `slot`; every column is returned
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} slots needed, cache holds {self.max_len}")
@@ -202,7 +211,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
             else:
                 x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.length += T
         return self.norm(x)
 

@@ -56,6 +56,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init,
                         critic=cfg.estimator == "ppo")
     pv.eval()  # for good: dropout off in rollout and update alike
+    if cfg.compile:
+        pv.compile_body()
     log.info(f"ppo: world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} "
              f"threads per rank (OMP_NUM_THREADS); layout: {roles.layout}; trainable "
              f"{mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")

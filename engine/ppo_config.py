@@ -67,6 +67,9 @@ class PPOConfig(StageConfig):
                                                                    "this"})
     onpolicy_warn_every: int = field(default=50, metadata={"help": "repeat the sampler-vs-trainer disagreement "
                                                                       "warning every N steps while it lasts"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the policy's forward that the rollout's "
+                          "scoring and the update share (decode stays eager: compiled, it measured 2.6x slower "
+                          "on CPU; docs/BENCHMARKS.md)"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (and cuBLAS "
                                                                  "workspace): two runs give identical metrics"})
     eval_every: int = field(default=0, metadata={"help": "every N steps and at the end, the policy and the "

@@ -76,6 +76,9 @@ class PolicyAndValue(nn.Module):
                  value_head_init: torch.Tensor | None = None, critic: bool = True):
         super().__init__()
         self.policy = policy
+        # The transformer this forward runs (`compile_body` swaps in a compiled one); a plain attribute, not a
+        # second registration of the policy's modules (which would repeat them in state_dict and DDP).
+        object.__setattr__(self, "body", policy.model)
         self.value_net, self.value_adapter = value_net, value_adapter
         self.value_head = None
         if not critic:
@@ -88,12 +91,17 @@ class PolicyAndValue(nn.Module):
             else:
                 self.value_head.weight.copy_(value_head_init.reshape(1, -1))  # e.g. the RM's score head
 
+    def compile_body(self) -> None:
+        """torch.compile the policy's transformer for this module's forward only: the rollout's scoring and the
+        update (which must agree bit for bit) both run it; the sampler's decode keeps the eager network."""
+        object.__setattr__(self, "body", torch.compile(self.policy.model, dynamic=True))
+
     def forward(self, tokens, attention_mask, prompt_len: int, temperature: float = 1.0,
                 reference: ReferenceHidden | None = None) -> PolicyOutput:
         """Log-probs and entropy go through the chunked kernel (no [B, R, V] float32 tensor kept for
         backward). Given the reference's response hidden states (the rollout), the same pass over the
         vocabulary also yields the reference's log-probs and the exact KL, bit-identical log-probs included."""
-        hidden = self.policy.model(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]  # [B, R, dim]
+        hidden = self.body(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]  # [B, R, dim]
         ref_logprobs = kl_full = None
         if reference is None:
             logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],

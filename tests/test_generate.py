@@ -149,3 +149,19 @@ def test_inverse_cdf_sampling_matches_the_distribution():
                             torch.rand(n, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert (freq - probs).abs().max().item() < 4 * (0.25 / n) ** 0.5  # 4 standard errors at most
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_cache_decode_gives_the_dynamic_decodes_tokens_and_logprobs(temperature):
+    """The graph-ready decode (fixed shapes, every row kept, a mask over all columns) on CPU: the same tokens
+    and log-probs as the growing cache that drops finished rows, with ragged prompts and rows ending early."""
+    model = seeded_model(std=0.02)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=temperature)
+    free = generate(model, PROMPTS, cfg, -1, PAD, row_seeds=[5, 6, 7])
+    eos = free.response_tokens[1, 2].item()  # row 1 ends at its third token
+    dynamic = generate(model, PROMPTS, cfg, eos, PAD, row_seeds=[5, 6, 7])
+    static = generate(model, PROMPTS, cfg, eos, PAD, row_seeds=[5, 6, 7], static_cache=True)
+    assert dynamic.response_mask[1].sum() < 10  # a row did end early
+    assert torch.equal(static.response_tokens, dynamic.response_tokens)
+    assert torch.equal(static.response_mask, dynamic.response_mask)
+    torch.testing.assert_close(static.response_logprobs, dynamic.response_logprobs, atol=1e-5, rtol=0)

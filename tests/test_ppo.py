@@ -158,10 +158,17 @@ def test_prompts_leave_room_for_the_response(base, tmp_path):
               init_dist("cpu"), reward_fn=reward_multiple_of_4)
 
 
-def test_bf16_ppo_step_runs_and_keeps_the_exact_first_ratio(base, tmp_path):
-    out = train(config(*base, str(tmp_path), ppo_epochs=2, max_steps=2, dtype="bf16"), init_dist("cpu"),
-                reward_fn=reward_multiple_of_4)
-    assert all(h["objective/kl_full"] >= -1e-4 and h["ppo/ratio_mean"] > 0 for h in out["history"])
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_bf16_and_8bit_ppo_learn_with_an_exact_first_ratio(precision, base, tmp_path):
+    """A bf16 base, and an int8 base computing in bf16, learn the scripted reward as fp32 does (the fp32 test's
+    bar), and the rollout and the update run one function: the first minibatch's ratio is exactly 1."""
+    kw = dict(dtype="bf16", load_in_8bit=precision == "8bit")
+    out = train(config(*base, str(tmp_path), batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=40, **kw),
+                init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    rewards = [h["env/reward_mean"] for h in out["history"]]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.15, rewards
+    assert all(h["onpolicy/first_minibatch_drift"] == 0.0 for h in out["history"])
+    assert all(h["objective/kl_full"] >= -1e-4 for h in out["history"])
 
 
 def test_adaptive_kl_controller_holds_the_kl_near_its_target(base, tmp_path):
@@ -177,3 +184,15 @@ def test_adaptive_kl_controller_holds_the_kl_near_its_target(base, tmp_path):
     assert tail(fixed, "objective/kl") > 9.0  # without control the KL runs away
     assert 1.5 <= tail(adaptive, "objective/kl") <= 6.0
     assert adaptive[-1]["objective/kl_coef"] > 0.05
+
+
+@pytest.mark.slow
+def test_compiled_ppo_equals_eager_within_round_off(base, tmp_path):
+    """--compile runs the scoring forward and the update through torch.compile'd code: the same losses and
+    rewards as eager within fp32 round-off, and still the same function for rollout and update (ratio 1)."""
+    runs = {c: train(config(*base, str(tmp_path / str(c)), max_steps=2, compile=c), init_dist("cpu"),
+                     reward_fn=reward_multiple_of_4)["history"] for c in (False, True)}
+    for eager, compiled in zip(runs[False], runs[True]):
+        for key in ("env/reward_mean", "ppo/policy_loss", "ppo/value_loss", "objective/kl"):
+            assert abs(eager[key] - compiled[key]) <= 1e-4 * max(1.0, abs(eager[key])), key
+        assert compiled["onpolicy/first_minibatch_drift"] == 0.0
