@@ -9,6 +9,8 @@ ids. The response length is fixed (default 64, inside StackLLaMA's 32–128) so 
     python bench/ppo_step.py                          # tiny and llama-60m, fp32, 6 steps each (~1.5 min quiet)
     python bench/ppo_step.py --presets llama-60m --steps 8 --response-length 128 --mini-batch-size 1
     python bench/ppo_step.py --reward scripted --json out.jsonl
+    python bench/ppo_step.py --presets llama-60m --dtypes fp32 bf16 8bit --prompt-tokens 64 --response-length 48
+    python bench/ppo_step.py ... --root ../prev     # the same bench on an earlier commit's engine (worktree)
 
 Everything is built in a scratch folder first: synthetic StackExchange posts (data/synthetic.py) through
 `prepare` (the rl split's questions are the queries), a sentencepiece tokenizer trained on that text of
@@ -37,6 +39,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "--root" in sys.argv:  # the engine under test comes from this checkout (before any engine import)
+    ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
 sys.path.insert(0, ROOT)
 
 from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
@@ -114,7 +118,7 @@ def run_config(spec: dict) -> dict:
     phases["other"] = 1.0 - sum(phases.values())
     tokens = sum(n for _, n in measured)
     response_tokens = sum(h["env/response_length_mean"] * spec["batch_size"] for h, _ in measured)
-    limit = {k: sum(h[f"perf/{k}"] for h, _ in measured) / len(measured)
+    limit = {k: sum(h.get(f"perf/{k}", float("nan")) for h, _ in measured) / len(measured)  # nan: no report
              for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac")}
     return dict(s_per_step=total / len(measured), phase_share=phases, **limit,
                 phase_s={p: sum(h[f"time/{p}"] for h, _ in measured) / len(measured) for p in PHASES},
@@ -162,6 +166,7 @@ def main():
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--reward", choices=["model", "scripted"], default="model",
                     help="a reward model of the policy's size (StackLLaMA), or a function of the token ids")
+    ap.add_argument("--root", help="import the engine from this checkout (e.g. a worktree of an earlier commit)")
     add_run_args(ap, LLAMA_TOKENIZER)
     args = ap.parse_args()
     if args.worker:
@@ -198,18 +203,20 @@ def run_all(args, work: str) -> list[dict]:
             spec = dict(base=base, data=data, out=out, steps=args.steps, batch_size=args.batch_size,
                         mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
                         response_length=args.response_length, lora_r=args.lora_r, dtype=dtype,
-                        reward=args.reward, threads=args.threads, prompt_tokens=args.prompt_tokens, result=os.path.join(out, "result.json"))
+                        reward=args.reward, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                        result=os.path.join(out, "result.json"))
             with open(os.path.join(out, "spec.json"), "w") as f:
                 json.dump(spec, f)
             print(f"== {name}: {args.steps} PPO steps", file=sys.stderr, flush=True)
             # The engine's per-step lines go to stderr so stdout holds only the table and JSON.
+            root = ["--root", ROOT] if args.root else []
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                                   os.path.join(out, "spec.json")], stdout=sys.stderr, check=False)
+                                   os.path.join(out, "spec.json"), *root], stdout=sys.stderr, check=False)
             result = {"error": f"exit status {done.returncode}"}
             if os.path.exists(spec["result"]):
                 with open(spec["result"]) as f:
                     result = json.load(f)
-            rows.append(dict(bench="ppo_step", preset=preset, dtype=dtype, params=params, vocab=vocab,
+            rows.append(dict(bench="ppo_step", engine=ROOT, preset=preset, dtype=dtype, params=params, vocab=vocab,
                              tokenizer=tok_note, reward=args.reward, batch_size=args.batch_size,
                              mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
                              response_length=args.response_length, lora_r=args.lora_r,

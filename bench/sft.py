@@ -4,9 +4,10 @@
    perf/mfu, logged every step), for each preset × {full fine-tuning from a random init (--no-lora),
    LoRA r=16 on q_proj/v_proj of a saved random checkpoint} × {fp32, bf16}, packed rows of --seq-len
    tokens, --batch-size rows per step (--attention cross doc adds document-masked runs). The first step
-   (AdamW allocating its state) is a warm-up and is left out. MFU is the engine's estimate: 6·N FLOPs per
-   token (fewer weight gradients under LoRA) plus attention, over engine/logging.py's measured peak of
-   the 2-core development machine.
+   (AdamW allocating its state) is a warm-up and is left out. MFU is the engine's (engine/roofline.py):
+   6·N FLOPs per token for full fine-tuning, 4·N under LoRA (no weight gradients for the frozen base),
+   the LM head likewise, and causal attention at 4·dim per layer per attended key, x3 for its backward;
+   over the matmul peak the run measured at its start (fp32 or bf16, same threads).
 2. Document mask: SFT with document_mask=False (StackLLaMA: attention crosses the packed documents) and
    True (attention kept inside each document, positions restart per document), the same steps and
    seeds, full fine-tuning of a small model from scratch. Reports tokens/s and the loss on the held-out

@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import ppo_checkpoint
+from engine import ppo_checkpoint, roofline
 from engine.builder import build_model, resolve_tokenizer
 from engine.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
                                rloo_advantages)
@@ -44,6 +44,7 @@ from engine.train_state import checkpoint_path, lock_run_folder, resolve_resume,
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
     lock_run_folder(dist, cfg.out)  # one run per --out; also removes partial checkpoints of killed runs
+    limits = roofline.measured_peaks(dist.device.type)  # before the model exists: its buffers stay out of the peak
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=cfg.lora, load_in_8bit=cfg.load_in_8bit,
@@ -60,7 +61,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         pv.compile_body()
     log.info(f"ppo: world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} "
              f"threads per rank (OMP_NUM_THREADS); layout: {roles.layout}; trainable "
-             f"{mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB")
+             f"{mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB; this machine: {roofline.describe(limits)}")
     prompts = prompt_loader(cfg, dist, tok, policy.cfg.max_seq_len, log)
     ddp = DDP(pv) if dist.enabled else pv
     optimizer = build_adamw(pv, cfg.lr, cfg.weight_decay)

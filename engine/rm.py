@@ -28,7 +28,7 @@ from engine.lora import LoRAConfig
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from engine.precision import autocast
 from engine.rlhf_math import last_token_index, pairwise_loss
-from engine.roofline import mfu, training_flops_per_token
+from engine.roofline import measured_peaks, mfu, training_flops_per_token
 from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
@@ -121,6 +121,7 @@ def held_out(table, every: int = 20):
 
 def train(cfg: RMConfig, dist: Dist) -> dict:
     lock_run_folder(dist, cfg.out)  # this run's alone from here on; partial checkpoints of killed runs cleared
+    measured_peaks(dist.device.type)  # MFU's denominator; measured before the model exists (off the peak memory)
     seed_everything(cfg.seed)
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     lora = cfg.lora

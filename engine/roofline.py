@@ -69,6 +69,12 @@ def measured_peaks(device_type: str) -> Peaks:
     return Peaks(matmul_rate(torch.float32), matmul_rate(torch.bfloat16), int8, bandwidth)
 
 
+def describe(peaks: Peaks) -> str:
+    int8 = f", int8 {peaks.int8 / 1e9:,.0f} GOPS" if math.isfinite(peaks.int8) else ""
+    return (f"matmul fp32 {peaks.fp32 / 1e9:,.0f} GFLOP/s, bf16 {peaks.bf16 / 1e9:,.0f} GFLOP/s{int8}; "
+            f"copy {peaks.bandwidth / 1e9:,.1f} GB/s")
+
+
 def matmul_peak(peaks: Peaks, dtype: str, load_in_8bit: bool = False) -> float:
     """The peak the base's matmuls can reach: int8 for an 8-bit base, else the compute dtype's."""
     if load_in_8bit and math.isfinite(peaks.int8):

@@ -29,7 +29,7 @@ from engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
 from engine.logging import Logger, peak_memory_bytes
 from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from engine.precision import autocast
-from engine.roofline import mfu, training_flops_per_token
+from engine.roofline import measured_peaks, mfu, training_flops_per_token
 from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
@@ -128,6 +128,7 @@ def split_documents(docs, every: int = 20):
 
 def train(cfg: SFTConfig, dist: Dist) -> dict:
     lock_run_folder(dist, cfg.out)  # this run's alone from here on; partial checkpoints of killed runs cleared
+    measured_peaks(dist.device.type)  # MFU's denominator; measured before the model exists (off the peak memory)
     seed_everything(cfg.seed)  # same initial weights on every rank
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     lora = cfg.lora
