@@ -190,15 +190,20 @@ def _hf_tensors(folder: str):
             raise CheckpointError(f"{fpath}: listed in the index but missing")
         try:
             with safe_open(fpath, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield fpath, name, (lambda f=f, name=name: _read(f, fpath, name))
+                names = list(f.keys())
         except SafetensorError as e:
             raise CheckpointError(f"{fpath}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+        for name in names:
+            yield fpath, name, (lambda name=name: _read(fpath, name))
 
 
-def _read(f, fpath, name):
+def _read(fpath, name):
+    """One tensor through its own mapping of the file: the pages of a mapped file count as this process's
+    memory until it is unmapped, so one mapping held over the whole load would add the entire file (in
+    its stored dtype) to the peak, on top of the model it is converted into."""
     try:
-        return f.get_tensor(name)
+        with safe_open(fpath, framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
     except SafetensorError as e:
         raise CheckpointError(f"{fpath}: cannot read tensor {name} (truncated or corrupt?): {e}") from None
 

@@ -295,7 +295,9 @@ def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, re
     kl_loss = (k3_kl_loss(out.logprobs, rollout.ref_logprobs[rows], response_mask, n_tokens)
                if cfg.estimator in KL_IN_LOSS else zero)
     entropy = masked_mean(out.entropy, response_mask, n_tokens=n_tokens)
-    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss - cfg.entropy_coef * entropy
+    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss
+    if cfg.entropy_coef:  # else no gradient reaches the entropy: its backward pass over the vocabulary is skipped
+        loss = loss - cfg.entropy_coef * entropy
     n_local = response_mask.sum()
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "kl_loss": kl_loss.detach(),
                   "entropy": entropy.detach(), "clipfrac": pg.clipfrac * n_local,
