@@ -108,6 +108,29 @@ def run_sft(spec: dict) -> dict:
     return result
 
 
+def run_rm(spec: dict) -> dict:
+    """Train a reward model with spec["config"] (RMConfig fields); tokens/s and MFU after the warm-up step."""
+    import torch
+
+    from engine.dist import init_dist
+    from engine.lora import LoRAConfig
+    from engine.rm import RMConfig, train
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    lora = spec["config"]["lora"]
+    cfg = RMConfig(**{**spec["config"], "lora": LoRAConfig(**lora) if lora is not None else None})
+    train(cfg, init_dist("cpu"))
+    with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
+        measured = [r for r in map(json.loads, f) if "perf/tokens_per_s" in r and r["step"] >= 1]
+    seconds = sum(1 / r["perf/pairs_per_s"] * cfg.batch_size for r in measured)
+    tokens = sum(r["perf/tokens_per_s"] / r["perf/pairs_per_s"] * cfg.batch_size for r in measured)
+    return dict(tokens_per_s=tokens / seconds, s_per_step=seconds / len(measured),
+                mfu=statistics.mean(r["perf/mfu"] for r in measured), measured_steps=len(measured),
+                tokens_per_pair=tokens / len(measured) / cfg.batch_size,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+                threads=torch.get_num_threads(), torch=torch.__version__)
+
+
 def cross_evaluate(cfg) -> dict:
     """Held-out loss of the final checkpoint with documents masked and with attention crossing them."""
     from dataclasses import replace
@@ -131,7 +154,8 @@ def cross_evaluate(cfg) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "throughput", "mask"], default="all")
+    ap.add_argument("--part", choices=["all", "throughput", "rm", "mask"], default="all",
+                    help="rm: reward-model training tokens/s and MFU on the reward split, same presets/modes/dtypes")
     ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"], help="throughput: model presets")
     ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -148,7 +172,9 @@ def main():
     add_run_args(ap, LLAMA_TOKENIZER)
     args = ap.parse_args()
     if args.worker:
-        run_worker(args.worker, run_sft)
+        with open(args.worker) as f:
+            stage = json.load(f).get("stage", "sft")
+        run_worker(args.worker, run_rm if stage == "rm" else run_sft)
         return
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
@@ -158,6 +184,7 @@ def main():
     try:
         pairs, texts = prepare_pairs(work)
         throughput = run_throughput(args, work, pairs, texts) if args.part in ("all", "throughput") else []
+        throughput += run_throughput(args, work, pairs, texts, "rm") if args.part in ("all", "rm") else []
         mask = run_mask(args, work, pairs, texts) if args.part in ("all", "mask") else []
     finally:
         if not args.workdir:
@@ -167,12 +194,12 @@ def main():
     emit_json(throughput + mask, args.json)
 
 
-def run_one(work: str, name: str, config: dict, threads: int, cross_eval: bool = False) -> dict:
-    """One SFT run in a fresh subprocess; the engine's log lines go to stderr, the summary comes back."""
+def run_one(work: str, name: str, config: dict, threads: int, cross_eval: bool = False, stage: str = "sft") -> dict:
+    """One SFT (or RM) run in a fresh subprocess; the engine's log lines go to stderr, the summary comes back."""
     out = os.path.join(work, "runs", name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    spec = dict(config={**config, "out": out}, threads=threads, cross_eval=cross_eval,
+    spec = dict(config={**config, "out": out}, threads=threads, cross_eval=cross_eval, stage=stage,
                 result=os.path.join(out, "result.json"))
     with open(os.path.join(out, "spec.json"), "w") as f:
         json.dump(spec, f)
@@ -190,7 +217,7 @@ def common(args) -> dict:
                 batch_size=args.batch_size)
 
 
-def run_throughput(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
+def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "sft") -> list[dict]:
     from data.tokenizer import Tokenizer
     from engine.config import ModelConfig
     rows = []
@@ -200,13 +227,20 @@ def run_throughput(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
         for mode in args.modes:
             # LoRA on a random preset is refused by the engine (it learns little): adapt a saved random base.
             model = base_checkpoint(preset, tok, work) if mode == "lora" else preset
-            for dtype, attention in itertools.product(args.dtypes, args.attention):
-                config = dict(model=model, tokenizer=tok, data=os.path.join(pairs, "finetune"),
-                              seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
-                              log_every=1, eval_every=0, eval_batches=1, save_every=0,
-                              lora={"r": args.lora_r} if mode == "lora" else None, dtype=dtype, document_mask=attention == "doc", device="cpu")
-                result = run_one(work, f"{preset}-{mode}-{dtype}-{attention}", config, args.threads)
-                rows.append(dict(bench="sft_throughput", preset=preset, mode=mode, dtype=dtype,
+            for dtype, attention in itertools.product(args.dtypes, args.attention if stage == "sft" else ["cross"]):
+                lora = {"r": args.lora_r} if mode == "lora" else None
+                if stage == "rm":  # pairs of the reward split, as many per step as SFT has rows
+                    config = dict(model=model, tokenizer=tok, data=os.path.join(pairs, "reward"),
+                                  max_length=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
+                                  log_every=1, eval_every=0, save_every=0, lora=lora, dtype=dtype, device="cpu")
+                else:
+                    config = dict(model=model, tokenizer=tok, data=os.path.join(pairs, "finetune"),
+                                  seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
+                                  log_every=1, eval_every=0, eval_batches=1, save_every=0, lora=lora, dtype=dtype,
+                                  document_mask=attention == "doc", device="cpu")
+                result = run_one(work, f"{stage}-{preset}-{mode}-{dtype}-{attention}", config, args.threads,
+                                 stage=stage)
+                rows.append(dict(bench=f"{stage}_throughput", stage=stage, preset=preset, mode=mode, dtype=dtype,
                                  document_mask=attention == "doc", params=model_config(preset, vocab).num_params(),
                                  vocab=vocab, tokenizer=tok_note, lora_r=args.lora_r if mode == "lora" else None,
                                  **result, **common(args)))
@@ -245,7 +279,8 @@ def print_throughput(rows: list[dict]) -> None:
     print(" | ".join("---" for _ in head))
     for r in rows:
         mode = f"LoRA r={r['lora_r']}" if r["mode"] == "lora" else "full"
-        name = f"{r['preset']} {mode} {r['dtype']}" + (" doc-mask" if r["document_mask"] else "")
+        name = (f"{r.get('stage', 'sft')} {r['preset']} {mode} {r['dtype']}"
+                + (" doc-mask" if r["document_mask"] else ""))
         if "error" in r:
             print(f"{name} | failed: {r['error']}")
             continue
@@ -255,7 +290,8 @@ def print_throughput(rows: list[dict]) -> None:
         print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
     for r in [r for r in rows if "error" not in r][:1]:
         print(f"seq_len {r['seq_len']}, batch {r['batch_size']}, {r['threads']} threads, {r['measured_steps']} "
-              "steps measured after a warm-up step; MFU against engine/logging.py's CPU peak")
+              "steps measured after a warm-up step; MFU by engine/roofline.py (6N full, 4N LoRA, attention "
+              "counted) against the peak the run measured; RM rows: pairs per step = batch, max length = seq_len")
     print()
 
 

@@ -80,6 +80,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tenso
     if cfg.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
+    if uniforms is None:
+        raise ValueError("sampling at temperature > 0 needs one uniform draw per row")
     logprobs = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
     cdf = logprobs.exp().cumsum_(-1)  # [B, V], non-decreasing: every increment is >= 0
     tokens = torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).squeeze(1)
