@@ -10,6 +10,7 @@ import copy
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -299,3 +300,36 @@ def test_available_imports_nothing_and_cpu_default():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     expected = "int_mm" if int8_matmul.available("int_mm", "cpu") else "reference"
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_gradients_of_an_8bit_model_match_the_float_model(dtype):
+    """The 8-bit speed path end to end: int8 forward and int8 input-gradient backward through every frozen
+    linear of a model, then the LoRA gradients of a PPO-style log-prob loss, against the float model's.
+    Measured relative error on this seed: ~2e-2 in fp32 and ~3e-2 under bf16 autocast; bound 5e-2."""
+    from engine.config import ModelConfig
+    from engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+    from engine.model import LLaMA
+    from kernels.logprobs import hidden_token_logprobs
+    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 256})
+    base = LLaMA(cfg).init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name in ("float", "int8"):
+        model = copy.deepcopy(base)
+        if name == "int8":
+            quantize_model(model)
+        apply_lora(model, LoRAConfig(r=4, dropout=0.0))
+        mark_only_lora_trainable(model)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("lora_a", "lora_b")):  # the same adapters in both; B non-zero so A gets a gradient
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+            hidden = model.model(tokens[:, :-1])
+            loss = -hidden_token_logprobs(hidden, model.lm_head.weight, tokens[:, 1:]).mean()
+        loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
+    assert grads["float"].abs().max() > 0
+    err = rel_err(grads["int8"], grads["float"])
+    assert err < 5e-2, err
