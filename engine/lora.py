@@ -60,7 +60,9 @@ class Adapter(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        a = self.lora_dropout(x).to(self.lora_a.dtype)
+        a = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(a.device.type):  # under autocast the matmuls pick their dtype (a cast
+            a = a.to(self.lora_a.dtype)  # here would be undone there: bf16 -> fp32 -> bf16, a copy for nothing)
         return F.linear(F.linear(a, self.lora_a), self.lora_b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:

@@ -110,9 +110,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, d] with S = cached + T
         gqa = self.n_kv_heads != self.n_heads
+        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         # CPU's bf16 flash attention runs at half the speed of its fp32 one, forward and backward (torch 2.13,
-        # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back). A decode
-        # step (T = 1) reads the whole cache per token and stays in bf16.
+        # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back).
         fp32 = T > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu"
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:
@@ -123,6 +124,18 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out = out.to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row (a decode step) as two batched matmuls with the softmax in fp32: q [B, H, 1, d],
+    k, v [B, n_kv, S, d] (query head h reads kv head h // (H / n_kv)), mask None or [B, 1, 1, S] bool.
+    CPU's bf16 SDPA takes 1.7 ms for this at 16 rows x 8 heads x 112 slots, these two matmuls 0.25 ms."""
+    B, H, _, d = q.shape
+    n_kv = k.shape[1]
+    scores = (q.reshape(B, n_kv, H // n_kv, d) @ k.transpose(-1, -2)).float().mul_(d**-0.5)  # [B, n_kv, g, S]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return (scores.softmax(-1).to(q.dtype) @ v).reshape(B, H, 1, d)
 
 
 class MLP(nn.Module):

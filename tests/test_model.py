@@ -104,3 +104,20 @@ def test_bf16_forward_is_close_to_fp32():
         ref = model(tokens)
         low = model.to(torch.bfloat16)(tokens).float()
     assert (low - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("n_kv", [8, 2])
+def test_decode_attention_equals_sdpa(n_kv):
+    """The bf16 decode step's two-matmul attention (grouped heads, padding mask) is SDPA's math: equal in fp32."""
+    import torch.nn.functional as F
+
+    from engine.model import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, n_kv, 10, 16, generator=g), torch.randn(3, n_kv, 10, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, :, :, :4] = False  # a left-padded row
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv != 8)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(decode_attention(q, k, v, None),
+                               F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8), atol=1e-6, rtol=1e-5)
