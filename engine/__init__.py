@@ -19,11 +19,12 @@ Read in this order (each file holds one idea; none is over 300 lines):
 | 13 | estimators.py | critic-free advantages on the same loop: RLOO, GRPO, Dr. GRPO, REINFORCE++, ReMax |
 | 14 | evaluate.py | `train.py eval`: models answer held-out questions, reward-model judges score them (answer_scores.py: KL and RM scores of answers) |
 | 15 | eval_stats.py | bootstrap intervals over questions, win rates, length-controlled win rates |
+| 16 | roofline.py | this machine's measured peaks, model FLOPs and bytes per phase, the step report and MFU |
 
 Around them: stage_config.py (fields the training stages share), flags.py (configs -> command-line
 flags), builder.py (the tokenizer and network a stage starts from), precision.py (dtypes, autocast),
 int8.py (8-bit frozen linears; kernels in kernels/), dist.py (torchrun as explicit values, named
-all-reduces), optim.py (AdamW, schedules, the non-finite step guard), logging.py (TensorBoard,
+all-reduces), optim.py (fused AdamW, schedules, the non-finite step guard), logging.py (TensorBoard,
 metrics.jsonl, one stdout line), train_state.py (resume), checkpoint.py (HF model folders),
 checkpoint_import.py (Meta and llama2.c formats), adapter_files.py (PEFT adapter folders),
 atomic.py (atomic writes), merge.py, generate_text.py and demo.py (the other train.py stages),
