@@ -55,10 +55,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     reference = None if cfg.lora else copy.deepcopy(policy).requires_grad_(False)  # full FT needs a frozen copy
     roles = build_roles(cfg, tok, policy, dist.device, reward_fn)
     pv = PolicyAndValue(policy, roles.value_net, roles.value_adapter, roles.value_head_init,
-                        critic=cfg.estimator == "ppo")
+                        critic=cfg.estimator == "ppo", compile=cfg.compile)
     pv.eval()  # for good: dropout off in rollout and update alike
-    if cfg.compile:
-        pv.compile_body()
     log.info(f"ppo: world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} "
              f"threads per rank (OMP_NUM_THREADS); layout: {roles.layout}; trainable "
              f"{mib(p for p in pv.parameters() if p.requires_grad):.2f} MiB; this machine: {roofline.describe(limits)}")
@@ -72,21 +70,13 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         log.info(f"ppo: resumed from {resume_from} at step {start}")
     evaluator = PPOEval(cfg, dist, tok, policy, reference, roles.reward_fn) if cfg.eval_every else None
 
-    def evaluate(step):
-        metrics = evaluator()
-        log.scalars(step, metrics)
-        log.info(f"ppo: eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
-
     exact = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
     log.info("ppo: the first minibatch's importance ratio must be " + (
         "exactly 1 (the update re-runs the rollout's deterministic kernels on the same rows)" if exact == 0 else
         f"1 within |log ratio| <= {exact:g} ({dist.device.type} {cfg.dtype}; --deterministic makes it exact)"))
 
     def save(step):
-        if cfg.lora is None:
-            log.warn("ppo: checkpoints are written for LoRA policies only")
-            return
-        ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments)
+        ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments, log)
 
     queries, history = iter(prompts), []
     micro = cfg.mini_batch_size // cfg.grad_accum
@@ -94,7 +84,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             save(step)
         if evaluator and step % cfg.eval_every == 0:
-            evaluate(step)
+            evaluator.run_and_log(log, step)
         t0 = time.time()
         # 1. Rollout: this rank's slice of the global query batch; sample a response to each, score every
         #    response token with the policy, the value function and the reference, and read the RM's score.
@@ -186,7 +176,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         if cfg.sample_every and step % cfg.sample_every == 0:
             log.text(step, "samples", sample_table(tok, rollout, rollout.raw_scores))
     if evaluator:
-        evaluate(cfg.max_steps)
+        evaluator.run_and_log(log, cfg.max_steps)
     save(cfg.max_steps)
     for line in closing_summary(cfg, history, kl_coef, checkpoint_path(cfg.out, cfg.max_steps) if cfg.lora else None):
         log.info(line)
@@ -295,9 +285,8 @@ def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, re
     kl_loss = (k3_kl_loss(out.logprobs, rollout.ref_logprobs[rows], response_mask, n_tokens)
                if cfg.estimator in KL_IN_LOSS else zero)
     entropy = masked_mean(out.entropy, response_mask, n_tokens=n_tokens)
-    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss
-    if cfg.entropy_coef:  # else no gradient reaches the entropy: its backward pass over the vocabulary is skipped
-        loss = loss - cfg.entropy_coef * entropy
+    # With no entropy bonus no gradient reaches the entropy, and its backward pass over the vocabulary is skipped.
+    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss - (cfg.entropy_coef * entropy if cfg.entropy_coef else 0)
     n_local = response_mask.sum()
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "kl_loss": kl_loss.detach(),
                   "entropy": entropy.detach(), "clipfrac": pg.clipfrac * n_local,

@@ -18,8 +18,11 @@ from engine.train_state import load_trainer_state, save_training_checkpoint, wri
 
 
 def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts, kl_coef: float,
-         reward_moments: RunningMoments) -> None:
+         reward_moments: RunningMoments, log) -> None:
     """Collective: checkpoint-<step> with the policy adapter (PEFT layout) and the trainer state."""
+    if cfg.lora is None:
+        log.warn("ppo: checkpoints are written for LoRA policies only")
+        return
     state = {"optimizer": optimizer.state_dict(), "prompts": prompts.state_dict(), "kl_coef": kl_coef,
              "reward_moments": list(reward_moments), "config": asdict(cfg),
              "value_head": pv.value_head.state_dict() if pv.value_head is not None else {},

@@ -76,3 +76,8 @@ class PPOEval:
         if self.judge is not None:
             out["eval/judge_score"] = s["judge"] / n
         return out
+
+    def run_and_log(self, log, step: int) -> None:
+        metrics = self()
+        log.scalars(step, metrics)
+        log.info(f"ppo: eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))

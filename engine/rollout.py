@@ -73,12 +73,13 @@ class PolicyAndValue(nn.Module):
     """
 
     def __init__(self, policy: LLaMA, value_net: LLaMA | None = None, value_adapter: str | None = None,
-                 value_head_init: torch.Tensor | None = None, critic: bool = True):
+                 value_head_init: torch.Tensor | None = None, critic: bool = True, compile: bool = False):
         super().__init__()
         self.policy = policy
-        # The transformer this forward runs (`compile_body` swaps in a compiled one); a plain attribute, not a
-        # second registration of the policy's modules (which would repeat them in state_dict and DDP).
-        object.__setattr__(self, "body", policy.model)
+        # The transformer this forward runs: the rollout's scoring and the update (which must agree bit for bit)
+        # both run it, compiled with `compile`; the sampler's decode keeps the eager network. A plain attribute,
+        # not a second registration of the policy's modules (which would repeat them in state_dict and DDP).
+        object.__setattr__(self, "body", torch.compile(policy.model, dynamic=True) if compile else policy.model)
         self.value_net, self.value_adapter = value_net, value_adapter
         self.value_head = None
         if not critic:
@@ -90,11 +91,6 @@ class PolicyAndValue(nn.Module):
                 nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
             else:
                 self.value_head.weight.copy_(value_head_init.reshape(1, -1))  # e.g. the RM's score head
-
-    def compile_body(self) -> None:
-        """torch.compile the policy's transformer for this module's forward only: the rollout's scoring and the
-        update (which must agree bit for bit) both run it; the sampler's decode keeps the eager network."""
-        object.__setattr__(self, "body", torch.compile(self.policy.model, dynamic=True))
 
     def forward(self, tokens, attention_mask, prompt_len: int, temperature: float = 1.0,
                 reference: ReferenceHidden | None = None) -> PolicyOutput:
