@@ -94,8 +94,10 @@ TOLERANCES = {
 }
 # Added to the log-prob tolerance with an 8-bit base: its outlier columns (|x| >= 6, kept in float) are
 # chosen from the whole batch, so padding, neighbours and decode vs prefill move a row: measured 2.5e-2
-# on the demo model, 8e-2 on a random tiny one (init std 0.15: many activations past the threshold).
-INT8_LOGPROB = 1e-1
+# on the demo model, 8e-2 and 0.13 on a random tiny one (init std 0.15: many activations past the
+# threshold) for two different sampler draws. A pad leak still shows (> 1 nat); a stale cache (> 0.1)
+# shows in the fp32 check, not reliably in the 8-bit one.
+INT8_LOGPROB = 2e-1
 
 # Built-in prompts and pairs when no --data is given (question, better answer, worse answer).
 BUILT_IN = (

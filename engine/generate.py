@@ -178,6 +178,7 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     hidden = model.model(prompt_tokens, attention_mask=prompt_mask, cache=cache)  # prefill: [B, P, dim]
     logits = model.lm_head(hidden[:, -1])  # only the last position is needed: [B, V]
     static = StaticDecoder(model, cache, prompt_mask, R) if static_cache else None
+    int8 = any(b.dtype == torch.int8 for b in model.buffers())
     rows = torch.arange(B, device=device)  # original index of each row in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating (finished ones may linger)
     attn = prompt_mask
@@ -192,12 +193,14 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
         n_alive = int(alive.sum())
         if n_alive == 0:
             break
-        # A finished row lingers (its tokens are not recorded) until a quarter of the batch has finished:
-        # dropping rows copies the whole KV cache, which pays only when it removes enough rows.
-        if static is not None:
+        if static is not None:  # every row stays (fixed shapes)
             logits = static.step(tokens, step)
             continue
-        if n_alive <= len(rows) * 3 // 4:
+        # A finished row lingers (its tokens are not recorded) until a quarter of the batch has finished:
+        # dropping rows copies the whole KV cache, which pays only when it removes enough rows. Not under
+        # an 8-bit base: it picks outlier columns from the whole batch, so a lingering row would move the
+        # live rows' quantisation away from what the trainer computes.
+        if n_alive <= len(rows) * 3 // 4 or (int8 and n_alive < len(rows)):
             keep = alive.nonzero().squeeze(1)
             rows, tokens, attn, alive = rows[keep], tokens[keep], attn[keep], alive[keep]
             cache.keep_rows(keep)
