@@ -39,8 +39,9 @@ def test_agreement_metrics_by_hand():
 
 def test_sampler_and_trainer_agree_on_cpu_fp32(ppo_base, tmp_path):
     history = run(ppo_base, tmp_path)
-    for step in history:  # every step, also after the policy has moved
-        assert step["onpolicy/logprob_diff_max"] <= 1e-5
+    for step in history:  # every step, also after the policy has moved (lr 5e-2: KL ~10 nats in one step)
+        # round-off only: ~1e-6 typically, up to 5e-5 on the largest |log-prob| after such a step
+        assert step["onpolicy/logprob_diff_max"] <= sampler_tolerance(torch.device("cpu"), "fp32")
         assert abs(step["onpolicy/seq_prob_ratio"] - 1) <= 1e-4
         assert step["onpolicy/outside_clip_share"] == 0.0
         assert step["onpolicy/first_minibatch_drift"] == 0.0  # exact on CPU
