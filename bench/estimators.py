@@ -15,7 +15,7 @@ its peak RSS is its own) with the demo's PPO settings (lr 3e-4, β0 0.3 adaptive
   memory    peak RSS of PPO (value head; value network = the RM + an adapter) against RLOO on a random
             llama-60m-shaped base and RM, where the critic is a real cost; a few steps each.
 
-    python bench/estimators.py --run RUN [--steps 40 --save-every 10 --threads 1 --parts demo scripted memory]
+    python bench/estimators.py --run RUN [--steps 40 --save-every 5 --threads 1 --parts demo scripted memory]
 
 Prints a table per part and one JSON line per run; plots and every run folder land in --out
 (default RUN/estimators-frontier). A run folder with its final checkpoint is reused, not retrained.
@@ -108,12 +108,12 @@ def plot_curves(curves: dict[str, list[dict]], xlabel: str, ylabel: str, title: 
     import matplotlib
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     for name, points in curves.items():
         x, y = [p["kl"] for p in points], [p["y"] for p in points]
         err = [[p["y"] - p["low"] for p in points], [p["high"] - p["y"] for p in points]]
-        ax.errorbar(x, y, yerr=err, marker="o", markersize=3.5, capsize=2, linewidth=1.2, elinewidth=0.6,
-                    alpha=0.85, label=name)
+        line, = ax.plot(x, y, marker="o", markersize=3.5, linewidth=1.3, label=name)
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=line.get_color(), elinewidth=0.8, capsize=2, alpha=0.35)
     ax.axvline(matched, linestyle=":", color="gray", linewidth=1)
     ax.annotate(f"matched KL {matched:.2f}", (matched, ax.get_ylim()[0]), fontsize=7, color="gray",
                 xytext=(3, 3), textcoords="offset points")
@@ -292,9 +292,9 @@ def run_scripted(args, out: str) -> list[dict]:
     level = matched_kl(curves)
     path = os.path.join(out, "frontier_scripted.png")
     plot_curves(curves, "exact KL to SFT of the sampled responses (nats per response)",
-                f"{SCRIPTED_SCALE:g} x (even-id share of the response - 1/2), mean of {args.window} steps ± s.e.",
-                f"scripted reward; {RESPONSES_PER_STEP} responses per step; points every {args.window} steps",
-                path, level)
+                f"scripted reward, mean of {args.window} steps ± s.e.",
+                f"scripted reward {SCRIPTED_SCALE:g} x (share of even ids in the response - 1/2); {RESPONSES_PER_STEP} "
+                f"responses per step", path, level)
     rows = []
     for est, s in stats.items():
         at, first = nearest(curves[est], level), curves[est][0]
@@ -365,7 +365,7 @@ def main():
     ap.add_argument("--parts", nargs="+", choices=["demo", "scripted", "memory"],
                     default=["demo", "scripted", "memory"])
     ap.add_argument("--steps", type=int, default=40, help="PPO steps per estimator")
-    ap.add_argument("--save-every", type=int, default=10, help="demo part: a checkpoint (a frontier point) every N")
+    ap.add_argument("--save-every", type=int, default=5, help="demo part: a checkpoint (a frontier point) every N")
     ap.add_argument("--window", type=int, default=5, help="scripted part: steps per frontier point")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--memory-responses", type=int, default=8, help="memory part: responses per step")
