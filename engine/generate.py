@@ -82,12 +82,13 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tenso
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
     if uniforms is None:
         raise ValueError("sampling at temperature > 0 needs one uniform draw per row")
-    logprobs = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
+    scaled = logits / cfg.temperature if cfg.temperature != 1.0 else logits
+    logprobs = F.log_softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), -1)
     cdf = logprobs.exp().cumsum_(-1)  # [B, V], non-decreasing: every increment is >= 0
     tokens = torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).squeeze(1)
-    # u * total can round up to total itself (u within 2^-24 of 1): then take the last token with mass.
-    last = (cdf < cdf[:, -1:]).sum(-1)  # the first token whose cumulative mass reaches the total
-    tokens = torch.minimum(tokens, last)
+    overflow = tokens >= cdf.shape[1]  # u * total rounded up to the total itself (u within 2^-24 of 1)
+    if bool(overflow.any()):  # then the last token with mass: the first whose cumulative mass is the total
+        tokens = torch.where(overflow, (cdf < cdf[:, -1:]).sum(-1), tokens)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(1)
 
 

@@ -38,7 +38,7 @@ from engine.precision import autocast
 from engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
                               kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
                               moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
-from engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_scores, prompt_loader
+from engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
 from engine.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
 
 
@@ -129,8 +129,11 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             if cfg.whiten == "batch":
                 advantages = whiten_over_ranks(dist, advantages, response_mask)
         else:
-            greedy = shape(*greedy_scores(pv, roles.reward_fn, prompt_lists[::k], sampling, tok, cfg.dtype)) \
-                if cfg.estimator == "remax" else None
+            greedy = None
+            if cfg.estimator == "remax":  # the greedy response's total reward: its score − β·Σ KL_t, as the others'
+                g = greedy_baseline(pv, reference, roles.reward_fn, prompt_lists[::k], sampling, tok, cfg.dtype,
+                                    cfg.kl_estimator)
+                greedy = shape(g.raw_scores, g.ended) - kl_coef * g.kl
             advantages = returns = critic_free_advantages(cfg, dist, scores, rewards, response_mask, greedy)
 
         # 5. PPO epochs over shuffled minibatches (epoch 0 in the rollout's order).

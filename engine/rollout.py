@@ -25,6 +25,7 @@ from engine.lora import disable_lora, use_adapter
 from engine.model import LLaMA
 from engine.ppo_roles import RewardFn
 from engine.precision import autocast
+from engine.rlhf_math import kl_estimate
 from kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
 
 
@@ -181,16 +182,30 @@ def build_rollout(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Reward
                  "reference_forward": scored.reference_seconds, "reward": time.time() - t1})
 
 
+class GreedyBaseline(NamedTuple):
+    raw_scores: torch.Tensor  # [G] reward-model score of the greedy response to each prompt
+    ended: torch.Tensor  # [G] bool: it ended with EOS
+    kl: torch.Tensor  # [G] Σ_t KL_t of the greedy response (the reward's estimator), for its KL penalty
+
+
 @torch.no_grad()
-def greedy_scores(pv: PolicyAndValue, reward_fn: RewardFn, prompts: list[list[int]], sampling: SamplingConfig, tok,
-                  dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw RM score [G], ended [G]) of the policy's greedy response to each prompt: ReMax's baseline."""
+def greedy_baseline(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: RewardFn, prompts: list[list[int]],
+                    sampling: SamplingConfig, tok, dtype: str, kl_estimator: str) -> GreedyBaseline:
+    """ReMax's baseline: the policy's greedy response to each prompt, scored as a sampled response is (its RM
+    score and the per-token KL to the reference under the sampling temperature), so that the baseline and
+    the sampled totals (score − β·Σ KL_t) measure the same thing. Without its KL term the baseline sat above
+    every sampled total by about β·KL, and nearly every advantage came out negative."""
     device = pv.policy.lm_head.weight.device
     with autocast(device, dtype):
         gen = generate(pv.policy, prompts, dataclasses.replace(sampling, temperature=0.0), tok.eos_id, tok.pad_id)
-    tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
-    attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
-    return reward_fn(tokens, attention_mask).to(device).float(), gen.ended
+        tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
+        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+        G, P = len(prompts), gen.prompt_tokens.shape[1]
+        scored = score_responses(pv, reference, tokens, attention_mask, P, sampling.temperature,
+                                 torch.arange(G, device=device), chunk=G)
+    kl = scored.kl_full if kl_estimator == "full" else kl_estimate(scored.logprobs, scored.ref_logprobs, kl_estimator)
+    return GreedyBaseline(reward_fn(tokens, attention_mask).to(device).float(), gen.ended,
+                          (kl * gen.response_mask).sum(1))
 
 
 def prompt_loader(cfg, dist, tok, max_seq_len: int, log) -> PromptLoader:

@@ -2,7 +2,7 @@
 
 Peaks are measured, not assumed: the best of a few large matmuls per dtype (fp32, bf16, and int8 through
 torch._int_mm where it is fast) and a large copy for memory bandwidth, once per process and device
-(about 0.3 s on a 2-core CPU). Vendor datasheet peaks are far from what a given CPU, thread count or
+(about 0.5 s on a 2-core CPU). Vendor datasheet peaks are far from what a given CPU, thread count or
 GPU clock delivers; the measured ones make "fraction of peak" mean "room left on this machine".
 
 FLOPs are model FLOPs, counted from the config on real (unpadded) tokens, the PaLM / nanoGPT way:
@@ -42,7 +42,7 @@ def measured_peaks(device_type: str) -> Peaks:
     device = torch.device(device_type)
     n = 1024 if device.type == "cpu" else 8192
 
-    def best_seconds(fn, repeat=3):
+    def best_seconds(fn, repeat=10):  # the best of 10: one slow moment of a shared machine must not set the peak
         fn()  # warm-up: allocation, thread pool, kernel selection
         times = []
         for _ in range(repeat):

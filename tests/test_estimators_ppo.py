@@ -90,3 +90,35 @@ def test_groups_stay_together_and_two_ranks_equal_one(ppo_base, tmp_path):
 def test_bad_combinations_are_refused(kw, match, ppo_base, tmp_path):
     with pytest.raises(ValueError, match=match):
         config(*ppo_base, str(tmp_path), **kw)
+
+
+def test_remax_baseline_is_the_greedy_responses_total_reward(ppo_base):
+    """ReMax's baseline is scored like a sampled response: its RM score and the KL penalty of its own tokens
+    (Σ_t log π − log π_ref under the sampling temperature), not the score alone, which sat above every
+    sampled total by about β·KL and made nearly every advantage negative."""
+    from engine.builder import resolve_tokenizer
+    from engine.checkpoint import load_checkpoint
+    from engine.generate import SamplingConfig, generate
+    from engine.lora import LoRAConfig, apply_lora
+    from engine.rollout import PolicyAndValue, greedy_baseline
+    tok = resolve_tokenizer(ppo_base[0], None)
+    policy = apply_lora(load_checkpoint(ppo_base[0]), LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if n.endswith("lora_b"):  # the policy moved away from its reference
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    pv, base = PolicyAndValue(policy, critic=False).eval(), load_checkpoint(ppo_base[0]).eval()
+    prompts, sampling = [[1, 40, 41, 42], [1, 50, 51]], SamplingConfig(max_new_tokens=6, temperature=0.7)
+    length_reward = lambda tokens, mask: mask.sum(1).float()  # noqa: E731
+    g = greedy_baseline(pv, None, length_reward, prompts, sampling, tok, "fp32", "k1")
+    greedy = generate(policy, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0), tok.eos_id, tok.pad_id)
+    tokens = torch.cat([greedy.prompt_tokens, greedy.response_tokens], 1)
+    mask = torch.cat([greedy.prompt_mask, greedy.response_mask], 1)
+    P = greedy.prompt_tokens.shape[1]
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(tokens, attention_mask=mask)[:, P - 1:-1] / 0.7, -1)
+        ref_logp = torch.log_softmax(base(tokens, attention_mask=mask)[:, P - 1:-1] / 0.7, -1)
+    pick = lambda lp: lp.gather(-1, greedy.response_tokens[..., None]).squeeze(-1)  # noqa: E731
+    want_kl = ((pick(logp) - pick(ref_logp)) * greedy.response_mask).sum(1)
+    assert torch.allclose(g.kl, want_kl, atol=1e-4) and want_kl.abs().min() > 1e-2
+    assert g.raw_scores.tolist() == mask.sum(1).float().tolist() and torch.equal(g.ended, greedy.ended)
