@@ -14,11 +14,14 @@ Temperature divides the logits first: PPO scores samples drawn at temperature T 
 distribution (TRL's PPOTrainer does `logits /= temperature` before its log-softmax). There is no
 top-k/top-p here: PPO refuses them, because the policy it scores is the full distribution.
 Measured by bench/logprobs.py --clock cpu (B 2, T 1024, V 32000, D 512, entropy included, forward +
-backward; peak RSS above the inputs, and one thread's CPU seconds as the machine's 2 cores are shared):
-  from logits  fp32: reference 1257 MiB 1.20 s, chunked 387 MiB 1.03 s (250 MiB of it is d loss/d logits)
-               bf16: reference 1257 MiB 1.39 s, chunked 291 MiB 1.04 s
-  from hidden  fp32: reference 1200 MiB 3.39 s, chunked 209 MiB 3.82 s (the LM-head matmul runs again)
-               bf16: reference 1231 MiB 2.14 s, chunked 267 MiB 1.75 s
+backward; peak RSS above the inputs, and one thread's CPU seconds as the machine's 2 cores are shared).
+Here the 250 MiB of log-softmax blocks fit SAVE_BYTES, so backward reuses them instead of recomputing:
+  from logits  fp32: reference 1257 MiB 1.52 s, chunked 573 MiB 1.12 s (250 MiB of it is d loss/d logits)
+               bf16: reference 1257 MiB 1.69 s, chunked 446 MiB 1.19 s
+  from hidden  fp32: reference 1200 MiB 4.28 s, chunked 394 MiB 3.64 s
+               bf16: reference 1231 MiB 2.88 s, chunked 515 MiB 2.32 s
+(With recomputation, before SAVE_BYTES: hidden fp32 chunked 209 MiB but 3.82 s against the reference's
+3.39 s in that window: the LM-head matmul ran again.)
 """
 from __future__ import annotations
 
