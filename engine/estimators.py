@@ -52,7 +52,8 @@ def grpo_advantages(scores: torch.Tensor, scale: bool = True, eps: float = 1e-4)
 
 
 def remax_advantages(scores: torch.Tensor, greedy_scores: torch.Tensor) -> torch.Tensor:
-    """score − the greedy response's score of the same prompt: scores [G, k], greedy_scores [G]."""
+    """A response's total reward − the greedy response's to the same prompt (its score − β·Σ KL_t too, so
+    both measure the same thing): scores [G, k], greedy_scores [G]."""
     scores = _groups(scores)
     if greedy_scores.shape != scores.shape[:1]:
         raise ValueError(f"one greedy score per prompt: {list(greedy_scores.shape)} for {scores.shape[0]} groups")
