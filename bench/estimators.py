@@ -140,13 +140,19 @@ def pct(x: float) -> str:
 
 # ---- part 1: the demo task, judged by `train.py eval` ---------------------------------------------
 
-def train_demo(paths: dict, estimator: str, args, out: str) -> str:
-    folder = os.path.join(out, "demo", estimator)
-    if os.path.isdir(os.path.join(folder, f"checkpoint-{args.steps:06d}")):
-        print(f"demo {estimator}: reusing {folder}", file=sys.stderr, flush=True)
-        return folder
+def run_folder(out: str, part: str, estimator: str, steps: int) -> tuple[str, bool]:
+    """The estimator's run folder of this part, and whether it already holds its final checkpoint (reused)."""
+    folder = os.path.join(out, part, estimator)
+    done = os.path.isdir(os.path.join(folder, f"checkpoint-{steps:06d}"))
+    print(f"{part} {estimator}: " + (f"reusing {folder}" if done else f"{steps} steps"), file=sys.stderr, flush=True)
     os.makedirs(folder, exist_ok=True)
-    print(f"demo {estimator}: {args.steps} steps", file=sys.stderr, flush=True)
+    return folder, done
+
+
+def train_demo(paths: dict, estimator: str, args, out: str) -> str:
+    folder, done = run_folder(out, "demo", estimator, args.steps)
+    if done:
+        return folder
     run_logged([sys.executable, os.path.join(ROOT, "train.py"), "ppo",
                 *ppo_flags(paths["sft"], paths["rm"], f"{paths['pairs']}/rl", paths["tokenizer"], folder, estimator,
                            args.steps, args.save_every)], os.path.join(folder, "train.log"), args.threads)
@@ -254,12 +260,9 @@ def scripted_worker(spec: dict) -> dict:
 
 
 def train_scripted(paths: dict, estimator: str, args, out: str) -> str:
-    folder = os.path.join(out, "scripted", estimator)
-    if os.path.isdir(os.path.join(folder, f"checkpoint-{args.steps:06d}")):
-        print(f"scripted {estimator}: reusing {folder}", file=sys.stderr, flush=True)
+    folder, done = run_folder(out, "scripted", estimator, args.steps)
+    if done:
         return folder
-    os.makedirs(folder, exist_ok=True)
-    print(f"scripted {estimator}: {args.steps} steps", file=sys.stderr, flush=True)
     # --reward-model satisfies the parser only: the worker replaces it with the scripted reward.
     spec = dict(flags=ppo_flags(paths["sft"], paths["rm"], f"{paths['pairs']}/rl", paths["tokenizer"], folder,
                                 estimator, args.steps, 0), threads=args.threads,
