@@ -7,8 +7,6 @@ All statistics are over the global batch (ranks reduce their named sums); only r
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from engine import roofline
@@ -215,11 +213,11 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
     peaks = roofline.measured_peaks(rollout.tokens.device.type)
     B = rollout.tokens.shape[0]
     per_epoch = -(-B // cfg.mini_batch_size)
-    peak_name = "int8" if cfg.load_in_8bit and math.isfinite(peaks.int8) else cfg.dtype
     return roofline.ppo_step_report(
         policy.cfg, rollout.attention_mask[:, :rollout.prompt_len].sum(1).tolist(),
         rollout.response_mask.sum(1).tolist(), {**rollout.seconds, "update": update_seconds},
         update_passes=minibatches_run / per_epoch, full=cfg.lora is None,
-        peak=roofline.matmul_peak(peaks, cfg.dtype, cfg.load_in_8bit), peak_name=peak_name,
+        peak=roofline.matmul_peak(peaks, cfg.dtype, cfg.load_in_8bit),
+        peak_name=roofline.peak_kind(peaks, cfg.dtype, cfg.load_in_8bit),
         bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
         kv_element_bytes=policy.model.norm.weight.element_size())

@@ -75,11 +75,16 @@ def describe(peaks: Peaks) -> str:
             f"copy {peaks.bandwidth / 1e9:,.1f} GB/s")
 
 
-def matmul_peak(peaks: Peaks, dtype: str, load_in_8bit: bool = False) -> float:
-    """The peak the base's matmuls can reach: int8 for an 8-bit base, else the compute dtype's."""
+def peak_kind(peaks: Peaks, dtype: str, load_in_8bit: bool = False) -> str:
+    """Which peak the base's matmuls can reach ("fp32", "bf16" or "int8"): int8 for an 8-bit base where
+    int8 has a fast path, else the compute dtype's."""
     if load_in_8bit and math.isfinite(peaks.int8):
-        return peaks.int8
-    return peaks.bf16 if dtype == "bf16" else peaks.fp32
+        return "int8"
+    return "bf16" if dtype == "bf16" else "fp32"
+
+
+def matmul_peak(peaks: Peaks, dtype: str, load_in_8bit: bool = False) -> float:
+    return getattr(peaks, peak_kind(peaks, dtype, load_in_8bit))
 
 
 # ---- FLOPs and bytes (pure functions of the config and the token counts) ------------------------------
