@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args.config_cls, args)
         return args.run(cfg) or 0
     except (ValueError, OSError) as e:
-        # Errors a user can cause (bad flags, files, configs) are one line; bugs keep their traceback.
-        print(f"error: {e}", file=sys.stderr)
+        # Errors a user can cause (bad flags, files, configs) are one line; bugs keep their traceback. One
+        # write call, newline included: ranks under torchrun share the pipe, and print()'s separate write of
+        # the newline let two ranks' lines run together when stderr is unbuffered.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
