@@ -1,17 +1,24 @@
-"""Install the RLHF engine: the packages engine, kernels and data plus the train.py entry script.
+"""Install the RLHF engine as one import name of its own, `rlhf_engine`, plus the train.py entry script.
+
+engine/, kernels/ and data/ stay at the top of the repository (the project's design) and install as
+`rlhf_engine.engine`, `rlhf_engine.kernels` and `rlhf_engine.data`: a generic top-level name such as
+`kernels` (Hugging Face's package, which transformers requires) or `data` would overwrite or shadow another
+distribution's files. kernels/ has no __init__.py for the same reason (train.py's `use_checkout` says why).
 
 torch is pinned exactly: on a CPU machine `pip install torch==2.13.0` takes the local CPU wheel; a
 GPU user installs the matching CUDA build of the same version first, and pip then keeps it.
 """
 from setuptools import setup
 
+SUBPACKAGES = ("engine", "kernels", "data")
+
 setup(
     name="rlhf-engine",
     version="0.1.0",
     description="StackLLaMA-style RLHF (SFT, reward model, PPO) written in raw PyTorch",
     python_requires=">=3.10",
-    packages=["engine", "kernels", "data"],
-    py_modules=["train"],
+    packages=[f"rlhf_engine.{name}" for name in SUBPACKAGES],
+    package_dir={f"rlhf_engine.{name}": name for name in SUBPACKAGES},
     scripts=["train.py"],
     install_requires=[
         "torch==2.13.0",

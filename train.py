@@ -10,13 +10,33 @@ user can cause (bad flags, bad files) become one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Callable, NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
 
-from engine.flags import add_config_flags, config_from_args  # noqa: E402
+def use_checkout(root: str) -> None:
+    """Import `rlhf_engine` from the checkout at `root` (engine/, kernels/, data/ are its subpackages).
+
+    The project's one import name is `rlhf_engine`: setup.py installs the three folders under it, so no
+    top-level name of ours lands in site-packages (Hugging Face's `kernels` package owns that name), and
+    kernels/ has no __init__.py, so a script started in the repository root still imports their `kernels`.
+    Started from a checkout, train.py binds the name to its own folder: the code that runs is the code
+    beside it, installed or not, even when another copy is installed. Once bound, the name stays bound.
+    """
+    if "rlhf_engine" in sys.modules:
+        return
+    spec = importlib.util.spec_from_loader("rlhf_engine", loader=None, is_package=True)
+    spec.submodule_search_locations = [root]
+    sys.modules["rlhf_engine"] = importlib.util.module_from_spec(spec)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isdir(os.path.join(HERE, "engine")):  # a checkout; the installed script uses the installed package
+    use_checkout(HERE)
+
+from rlhf_engine.engine.flags import add_config_flags, config_from_args  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,7 +54,7 @@ class Stage(NamedTuple):
 def on_dist(train: Callable) -> Callable:
     """run(cfg) for a training stage `train(cfg, dist)`: join the torchrun process group around it."""
     def run(cfg) -> int:
-        from engine.dist import close_dist, init_dist
+        from rlhf_engine.engine.dist import close_dist, init_dist
         dist = init_dist(cfg.device)
         try:
             train(cfg, dist)
@@ -45,52 +65,52 @@ def on_dist(train: Callable) -> Callable:
 
 
 def _prepare():
-    from data import prepare
+    from rlhf_engine.data import prepare
     return prepare.PrepareConfig, prepare.run
 
 
 def _tokenizer():
-    from data import train_tokenizer
+    from rlhf_engine.data import train_tokenizer
     return train_tokenizer.TokenizerConfig, train_tokenizer.run
 
 
 def _sft():
-    from engine import sft
+    from rlhf_engine.engine import sft
     return sft.SFTConfig, on_dist(sft.train)
 
 
 def _rm():
-    from engine import rm
+    from rlhf_engine.engine import rm
     return rm.RMConfig, on_dist(rm.train)
 
 
 def _merge():
-    from engine import merge
+    from rlhf_engine.engine import merge
     return merge.MergeConfig, merge.run
 
 
 def _ppo():
-    from engine import ppo
+    from rlhf_engine.engine import ppo
     return ppo.PPOConfig, on_dist(ppo.train)
 
 
 def _eval():
-    from engine import evaluate
+    from rlhf_engine.engine import evaluate
     return evaluate.EvalConfig, on_dist(evaluate.evaluate)
 
 
 def _generate():
-    from engine import generate_text
+    from rlhf_engine.engine import generate_text
     return generate_text.GenerateConfig, generate_text.run
 
 
 def _check():
-    from engine import check
+    from rlhf_engine.engine import check
     return check.CheckConfig, check.run
 
 
 def _demo():
-    from engine import demo
+    from rlhf_engine.engine import demo
     return demo.DemoConfig, demo.run
 
 

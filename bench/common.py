@@ -10,8 +10,8 @@ FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the 
 
 def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer: str) -> tuple[str, str]:
     """(tokenizer.model path, a note saying which) for a preset's vocabulary size."""
-    from data.tokenizer import Tokenizer
-    from data.train_tokenizer import train_tokenizer
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.data.train_tokenizer import train_tokenizer
     if os.path.exists(llama_tokenizer) and Tokenizer(llama_tokenizer).vocab_size == vocab_size:
         return llama_tokenizer, "llama"
     path = os.path.join(work, f"tok{vocab_size}.model")
@@ -27,8 +27,8 @@ def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
     """Save a randomly initialised LLaMA of config `cfg` with the tokenizer, once (reused if present)."""
     import torch
 
-    from engine.checkpoint import save_model_folder
-    from engine.model import LLaMA
+    from rlhf_engine.engine.checkpoint import save_model_folder
+    from rlhf_engine.engine.model import LLaMA
     if not os.path.isdir(folder):
         model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
         save_model_folder(model, folder, tokenizer_path=tok_path)

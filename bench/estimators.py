@@ -32,6 +32,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import emit_json, random_base_checkpoint, run_worker  # noqa: E402
 
@@ -246,11 +247,11 @@ def scripted_worker(spec: dict) -> dict:
     """Child: parse the same `train.py ppo` flags, then train against even_share_reward."""
     import torch
 
-    from data.pairs_io import read_pairs
-    from data.tokenizer import Tokenizer, format_prompt
-    from engine.dist import init_dist
-    from engine.flags import config_from_args, config_parser
-    from engine.ppo import PPOConfig, train
+    from rlhf_engine.data.pairs_io import read_pairs
+    from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.flags import config_from_args, config_parser
+    from rlhf_engine.engine.ppo import PPOConfig, train
     torch.set_num_threads(spec["threads"])
     cfg = config_from_args(PPOConfig, config_parser(PPOConfig).parse_args(spec["flags"]), reward_model=None)
     questions = list(dict.fromkeys(read_pairs(cfg.data)["question"].to_pylist()))
@@ -328,8 +329,8 @@ MEMORY_RUNS = {"ppo, value head": ("ppo", "ppo", []),  # name: (folder, estimato
 def run_memory(args, out: str) -> list[dict]:
     """A random llama-60m-shaped base (the demo tokenizer's vocabulary) is the policy and, with a fresh score
     head, the RM: PPO's value network is then a second 60m-shaped network trained through an adapter."""
-    from data.tokenizer import Tokenizer
-    from engine.config import ModelConfig
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.config import ModelConfig
     paths = demo_paths(args.run)
     vocab = Tokenizer(paths["tokenizer"]).vocab_size
     cfg = ModelConfig(**{**ModelConfig.preset("llama-60m").to_dict(), "vocab_size": vocab})

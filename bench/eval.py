@@ -22,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
 
@@ -32,20 +33,20 @@ def build(args, work: str):
     """(base, adapter, judge, evaluation data folder) for the preset, built once in `work`."""
     import torch
 
-    from data.pairs_io import PairWriter, read_pairs
-    from data.prepare import PrepareConfig, prepare
-    from data.synthetic import write_synthetic_posts
-    from data.train_tokenizer import corpus_texts
-    from engine.adapter_files import save_adapter
-    from engine.checkpoint import load_checkpoint, save_model_folder
-    from engine.config import ModelConfig
-    from engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.data.pairs_io import PairWriter, read_pairs
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.train_tokenizer import corpus_texts
+    from rlhf_engine.engine.adapter_files import save_adapter
+    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
     posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1500, seed=0)
     prepare(PrepareConfig(out=os.path.join(work, "pairs"), posts=(posts,), progress_seconds=1e9))
     cfg = ModelConfig.preset(args.preset)
     tok, note = tokenizer_for(cfg.vocab_size, list(corpus_texts([os.path.join(work, "pairs")])), work,
                               args.llama_tokenizer)
-    from data.tokenizer import Tokenizer
+    from rlhf_engine.data.tokenizer import Tokenizer
     cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": Tokenizer(tok).vocab_size})
     base = random_base_checkpoint(cfg, tok, os.path.join(work, "base"))
     lora = LoRAConfig(r=16, targets=("q_proj", "v_proj"), dropout=0.0)
@@ -81,9 +82,9 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from engine.dist import init_dist
-    from engine.evaluate import EvalConfig, evaluate
-    from engine.generate import SamplingConfig
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.evaluate import EvalConfig, evaluate
+    from rlhf_engine.engine.generate import SamplingConfig
     work = args.workdir or tempfile.mkdtemp(prefix="bench-eval-")
     base, tuned, judge, data, note = build(args, work)
     t0 = time.time()

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import int8_matmul as K  # noqa: E402
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+from rlhf_engine.kernels import int8_matmul as K  # noqa: E402
 
 CACHE_BYTES = 96 * 2**20  # rotate weight copies until this much: 3x the 32 MiB L3 measured here
 

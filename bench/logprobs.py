@@ -29,7 +29,8 @@ def run_variant(name: str, args) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kernels import logprobs as lp_kernel
+    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+    from rlhf_engine.kernels import logprobs as lp_kernel
 
     clock = time.perf_counter
     if args.clock == "cpu":

@@ -50,6 +50,7 @@ VARIANTS = ("fp32", "bf16", "8bit")
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 from bench.common import emit_json  # noqa: E402
 
 
@@ -85,11 +86,12 @@ def trim():
 def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int) -> dict:
     import torch
     sys.path.insert(0, ROOT)
-    from engine.config import ModelConfig
-    from engine.int8 import quantize_model
-    from engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
-    from engine.model import LLaMA
-    from kernels.logprobs import hidden_token_logprobs
+    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.int8 import quantize_model
+    from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.kernels.logprobs import hidden_token_logprobs
     # Warm the runtime (BLAS/autograd/optimizer code paths load lazily) on a 64x64 toy so `baseline` holds the
     # fixed runtime cost and `model` holds the model, not first-call library loading.
     w = torch.nn.Parameter(torch.randn(64, 64))
@@ -144,10 +146,11 @@ def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int)
 
 def estimate_7b(m60: dict, r: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, ROOT)
+    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
     sys.path.insert(0, HERE)
     from memory import analytic  # bench/memory.py
 
-    from engine.config import ModelConfig
+    from rlhf_engine.engine.config import ModelConfig
     c60, c7 = ModelConfig.preset(m60["preset"]), ModelConfig.preset("llama-7b")
     a7 = analytic(c7)
     bpp = a7["formats"]["8bit+fp32"]["model_bytes"] / a7["params"]
@@ -159,7 +162,7 @@ def estimate_7b(m60: dict, r: int, batch: int, seq: int) -> dict:
     activations = act60 * ratio
     runtime = m60["baseline_rss"]
     total = weights + adapters + activations + runtime
-    from kernels.logprobs import CHUNK_BYTES
+    from rlhf_engine.kernels.logprobs import CHUNK_BYTES
     fixed = min(3 * CHUNK_BYTES, act60)  # assumption: ~3 [chunk, vocab] float32 buffers (z, logp, grad_z), not scaled
     total_alt = weights + adapters + fixed + (act60 - fixed) * ratio + runtime
     return dict(bench="lora_estimate", preset="llama-7b", variant="8bit", estimate=True, params=a7["params"],

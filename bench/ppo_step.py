@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "--root" in sys.argv:  # the engine under test comes from this checkout (before any engine import)
     ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
@@ -53,9 +54,9 @@ PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
 
 def prepare_prompts(work: str) -> tuple[str, list[str]]:
     """Synthetic posts -> pairs; returns (rl split folder, training texts for tokenizers)."""
-    from data.prepare import PrepareConfig, prepare
-    from data.synthetic import write_synthetic_posts
-    from data.train_tokenizer import corpus_texts
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.train_tokenizer import corpus_texts
     pairs = os.path.join(work, "pairs")
     if not os.path.isdir(os.path.join(pairs, "rl")):
         posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1000, seed=0)
@@ -65,8 +66,8 @@ def prepare_prompts(work: str) -> tuple[str, list[str]]:
 
 def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
     """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    from data.tokenizer import Tokenizer
-    from engine.config import ModelConfig
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.config import ModelConfig
     vocab = Tokenizer(tok_path).vocab_size
     cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
     return random_base_checkpoint(cfg, tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
@@ -78,12 +79,12 @@ def run_config(spec: dict) -> dict:
     """Run PPO for spec["steps"] steps and summarise every step after the first."""
     import torch
 
-    from engine.checkpoint import load_checkpoint
-    from engine.dist import init_dist
-    from engine.lora import LoRAConfig
-    from engine.ppo import PPOConfig, train
-    from engine.ppo_roles import reward_model_fn
-    from engine.precision import torch_dtype
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.ppo import PPOConfig, train
+    from rlhf_engine.engine.ppo_roles import reward_model_fn
+    from rlhf_engine.engine.precision import torch_dtype
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
     dtype = "bf16" if eight_bit else spec["dtype"]
@@ -95,8 +96,8 @@ def run_config(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     if spec["prompt_tokens"]:  # the issue's exact shape: every query the same length, random token ids
-        import engine.ppo
-        engine.ppo.prompt_loader = lambda cfg, dist, tok, max_seq_len, log: RandomPrompts(
+        import rlhf_engine.engine.ppo as ppo_module
+        ppo_module.prompt_loader = lambda cfg, dist, tok, max_seq_len, log: RandomPrompts(
             spec["prompt_tokens"], cfg.batch_size * dist.world_size, tok)
     if spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
         rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval()
@@ -139,7 +140,7 @@ class RandomPrompts:
     def __iter__(self):
         import torch
 
-        from data.loaders import QueryBatch
+        from rlhf_engine.data.loaders import QueryBatch
         while True:
             tokens = torch.randint(3, self.vocab, (self.batch_size, self.n_tokens), generator=self.generator)
             tokens[:, 0] = self.bos
@@ -186,8 +187,8 @@ def main():
 
 
 def run_all(args, work: str) -> list[dict]:
-    from data.tokenizer import Tokenizer
-    from engine.config import ModelConfig
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.config import ModelConfig
     data, texts = prepare_prompts(work)
     rows = []
     for preset in args.presets:

@@ -44,6 +44,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
@@ -54,9 +55,9 @@ LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-t
 
 def prepare_pairs(work: str) -> tuple[str, list[str]]:
     """Synthetic posts -> pairs splits; returns (pairs folder, training texts for tokenizers)."""
-    from data.prepare import PrepareConfig, prepare
-    from data.synthetic import write_synthetic_posts
-    from data.train_tokenizer import corpus_texts
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.train_tokenizer import corpus_texts
     pairs = os.path.join(work, "pairs")
     if not os.path.isdir(os.path.join(pairs, "evaluation")):
         posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 3000, seed=0)
@@ -66,13 +67,13 @@ def prepare_pairs(work: str) -> tuple[str, list[str]]:
 
 def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
     """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    from data.tokenizer import Tokenizer
+    from rlhf_engine.data.tokenizer import Tokenizer
     vocab = Tokenizer(tok_path).vocab_size
     return random_base_checkpoint(model_config(preset, vocab), tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
 
 
 def model_config(preset: str, vocab: int):
-    from engine.config import ModelConfig
+    from rlhf_engine.engine.config import ModelConfig
     return ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
 
 
@@ -82,9 +83,9 @@ def run_sft(spec: dict) -> dict:
     """Train with spec["config"] (SFTConfig fields) and summarise metrics.jsonl after the warm-up step."""
     import torch
 
-    from engine.dist import init_dist
-    from engine.lora import LoRAConfig
-    from engine.sft import SFTConfig, train
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.sft import SFTConfig, train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     lora = spec["config"]["lora"]  # JSON across the subprocess boundary: a dict of LoRAConfig fields, or None
@@ -112,9 +113,9 @@ def run_rm(spec: dict) -> dict:
     """Train a reward model with spec["config"] (RMConfig fields); tokens/s and MFU after the warm-up step."""
     import torch
 
-    from engine.dist import init_dist
-    from engine.lora import LoRAConfig
-    from engine.rm import RMConfig, train
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.rm import RMConfig, train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     lora = spec["config"]["lora"]
@@ -135,13 +136,13 @@ def cross_evaluate(cfg) -> dict:
     """Held-out loss of the final checkpoint with documents masked and with attention crossing them."""
     from dataclasses import replace
 
-    from data.packing import sft_documents
-    from data.pairs_io import read_pairs
-    from data.tokenizer import Tokenizer
-    from engine.checkpoint import load_checkpoint
-    from engine.dist import init_dist
-    from engine.sft import CausalLMLoss, evaluate, held_out_rows
-    from engine.train_state import checkpoint_path
+    from rlhf_engine.data.packing import sft_documents
+    from rlhf_engine.data.pairs_io import read_pairs
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.sft import CausalLMLoss, evaluate, held_out_rows
+    from rlhf_engine.engine.train_state import checkpoint_path
     model = load_checkpoint(checkpoint_path(cfg.out, cfg.max_steps))
     docs = sft_documents(read_pairs(cfg.eval_data), Tokenizer(cfg.tokenizer))
     loss_fn, dist = CausalLMLoss(model).eval(), init_dist("cpu")
@@ -218,8 +219,8 @@ def common(args) -> dict:
 
 
 def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "sft") -> list[dict]:
-    from data.tokenizer import Tokenizer
-    from engine.config import ModelConfig
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.config import ModelConfig
     rows = []
     for preset in args.presets:
         tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
@@ -248,8 +249,8 @@ def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "
 
 
 def run_mask(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
-    from data.tokenizer import Tokenizer
-    from engine.config import ModelConfig
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.config import ModelConfig
     tok, tok_note = tokenizer_for(ModelConfig.preset(args.mask_preset).vocab_size, texts, work,
                                   args.llama_tokenizer)
     vocab = Tokenizer(tok).vocab_size

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data.tokenizer import format_prompt
+from rlhf_engine.data.tokenizer import format_prompt
 
 
 class PairBatch(NamedTuple):

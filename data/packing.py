@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data.tokenizer import format_prompt
+from rlhf_engine.data.tokenizer import format_prompt
 
 
 class Documents(NamedTuple):

@@ -29,9 +29,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from data.pairs import DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
-from data.pairs_io import PairWriter
-from data.stackexchange import Answer, ParseStats, Question, html_to_markdown, iter_posts, question_text
+from rlhf_engine.data.pairs import DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
+from rlhf_engine.data.pairs_io import PairWriter
+from rlhf_engine.data.stackexchange import Answer, ParseStats, Question, html_to_markdown, iter_posts, question_text
 
 DEFAULT_LICENSE = "CC BY-SA 3.0"  # dumps before 2018 carry no per-post license; their content is CC BY-SA 3.0
 

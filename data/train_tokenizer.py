@@ -25,8 +25,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from data.pairs_io import read_pairs
-from data.tokenizer import format_prompt
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.data.tokenizer import format_prompt
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.atomic import atomic_dir, write_json
-from engine.lora import DEFAULT, LoRAConfig, LoRALinear, apply_lora, lora_layers
+from rlhf_engine.engine.atomic import atomic_dir, write_json
+from rlhf_engine.engine.lora import DEFAULT, LoRAConfig, LoRALinear, apply_lora, lora_layers
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

@@ -11,13 +11,13 @@ import os
 
 import torch
 
-from data.tokenizer import Tokenizer
-from engine.checkpoint import TOKENIZER, load_checkpoint
-from engine.config import PRESETS, ModelConfig
-from engine.int8 import quantize_on_load
-from engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
-from engine.model import LLaMA
-from engine.precision import torch_dtype
+from rlhf_engine.data.tokenizer import Tokenizer
+from rlhf_engine.engine.checkpoint import TOKENIZER, load_checkpoint
+from rlhf_engine.engine.config import PRESETS, ModelConfig
+from rlhf_engine.engine.int8 import quantize_on_load
+from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.precision import torch_dtype
 
 
 def check_model_name(model: str) -> None:

@@ -17,19 +17,19 @@ from typing import NamedTuple
 
 import torch
 
-from data.pairs_io import pair_files, read_pairs
-from data.tokenizer import Tokenizer, format_prompt
-from engine.adapter_files import (
+from rlhf_engine.data.pairs_io import pair_files, read_pairs
+from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
+from rlhf_engine.engine.adapter_files import (
     is_adapter_folder,
     load_adapter_weights,
     read_adapter_base,
     read_adapter_config,
 )
-from engine.builder import build_model, resolve_tokenizer
-from engine.checkpoint import load_checkpoint
-from engine.generate import SamplingConfig, left_pad
-from engine.int8 import quantize_on_load
-from engine.invariants import (
+from rlhf_engine.engine.builder import build_model, resolve_tokenizer
+from rlhf_engine.engine.checkpoint import load_checkpoint
+from rlhf_engine.engine.generate import SamplingConfig, left_pad
+from rlhf_engine.engine.int8 import quantize_on_load
+from rlhf_engine.engine.invariants import (
     Invariant,
     cache_matches_full_forward,
     disabled_equals_base,
@@ -43,11 +43,11 @@ from engine.invariants import (
     sampler_runs_trainers_adapter,
     splits_share_no_question,
 )
-from engine.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
-from engine.model import LLaMA
-from engine.ppo_roles import reward_model_fn
-from engine.precision import autocast, torch_dtype
-from kernels.int8_matmul import default_impl
+from rlhf_engine.engine.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
+from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.ppo_roles import reward_model_fn
+from rlhf_engine.engine.precision import autocast, torch_dtype
+from rlhf_engine.kernels.int8_matmul import default_impl
 
 
 @dataclass(frozen=True)

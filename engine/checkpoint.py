@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.atomic import atomic_dir, write_json
-from engine.config import ModelConfig
-from engine.model import LLaMA
+from rlhf_engine.engine.atomic import atomic_dir, write_json
+from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.model import LLaMA
 
 CONFIG, SAFETENSORS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
@@ -131,7 +131,7 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         tensors = _hf_tensors(path)
     else:
         # Imported here, not at the top: checkpoint_import imports this module's error and reader.
-        from engine.checkpoint_import import llama2c_checkpoint, meta_checkpoint
+        from rlhf_engine.engine.checkpoint_import import llama2c_checkpoint, meta_checkpoint
         cfg, tensors = meta_checkpoint(path) if fmt == "meta" else llama2c_checkpoint(path)
     with torch.device("meta"):
         model = LLaMA(cfg, head=head)

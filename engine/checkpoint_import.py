@@ -15,8 +15,8 @@ import os
 import numpy as np
 import torch
 
-from engine.checkpoint import CheckpointError, torch_load_weights
-from engine.config import ModelConfig
+from rlhf_engine.engine.checkpoint import CheckpointError, torch_load_weights
+from rlhf_engine.engine.config import ModelConfig
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

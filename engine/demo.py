@@ -18,16 +18,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from data.prepare import PrepareConfig, prepare
-from data.synthetic import write_synthetic_posts
-from data.train_tokenizer import corpus_texts, train_tokenizer
-from engine import ppo, rm, sft
-from engine.dist import init_dist
-from engine.evaluate import EvalConfig, evaluate
-from engine.generate import SamplingConfig
-from engine.lora import LoRAConfig
-from engine.ppo_diagnostics import kl_verdict
-from engine.merge import merge
+from rlhf_engine.data.prepare import PrepareConfig, prepare
+from rlhf_engine.data.synthetic import write_synthetic_posts
+from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
+from rlhf_engine.engine import ppo, rm, sft
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.evaluate import EvalConfig, evaluate
+from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.ppo_diagnostics import kl_verdict
+from rlhf_engine.engine.merge import merge
 
 # PPO settings, tuned on this from-scratch model (seeds 0-2): it is far more peaked than a real LLM
 # (SFT perplexity about 1.3), so a few steps at a high learning rate move the KL by tens of nats. At

@@ -25,19 +25,19 @@ from typing import NamedTuple
 
 import torch
 
-from data.pairs_io import read_pairs
-from data.tokenizer import format_prompt
-from engine.adapter_files import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
-from engine.builder import resolve_tokenizer
-from engine.checkpoint import CONFIG, load_checkpoint
-from engine.config import ModelConfig
-from engine.dist import Dist, all_gather_objects
-from engine.generate import SamplingConfig
-from engine.int8 import quantize_on_load
-from engine.lora import DEFAULT
-from engine.ppo_roles import RewardFn, reward_model_fn
-from engine.precision import DTYPES, torch_dtype
-from engine.answer_scores import sample_answers, score_responses, sequence_kl
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.data.tokenizer import format_prompt
+from rlhf_engine.engine.adapter_files import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from rlhf_engine.engine.builder import resolve_tokenizer
+from rlhf_engine.engine.checkpoint import CONFIG, load_checkpoint
+from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.dist import Dist, all_gather_objects
+from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.int8 import quantize_on_load
+from rlhf_engine.engine.lora import DEFAULT
+from rlhf_engine.engine.ppo_roles import RewardFn, reward_model_fn
+from rlhf_engine.engine.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.answer_scores import sample_answers, score_responses, sequence_kl
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dic
 
 
 def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
-    from engine.eval_report import write_outputs
+    from rlhf_engine.engine.eval_report import write_outputs
     log = print if dist.is_main else (lambda *a, **k: None)
     arms = [named(m) for m in cfg.models]
     baseline = cfg.baseline or arms[0][0]

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data.loaders import pad
-from engine.model import KVCache, LLaMA
+from rlhf_engine.data.loaders import pad
+from rlhf_engine.engine.model import KVCache, LLaMA
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.adapter_files import load_adapter
-from engine.builder import resolve_tokenizer
-from engine.checkpoint import load_checkpoint
-from engine.generate import SamplingConfig, generate
-from engine.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.adapter_files import load_adapter
+from rlhf_engine.engine.builder import resolve_tokenizer
+from rlhf_engine.engine.checkpoint import load_checkpoint
+from rlhf_engine.engine.generate import SamplingConfig, generate
+from rlhf_engine.engine.precision import DTYPES, torch_dtype
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import functools
 import torch
 from torch import nn
 
-from kernels.int8_matmul import dequantize_int8, int8_linear, quantize_int8
+from rlhf_engine.kernels.int8_matmul import dequantize_int8, int8_linear, quantize_int8
 
 __all__ = ["Int8Linear", "quantize_int8", "dequantize_int8", "quantize_model", "quantize_on_load",
            "quantize_linear_state"]

@@ -22,17 +22,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data.loaders import pad
-from data.pairs_io import read_pairs
-from engine.generate import Generation, SamplingConfig, generate, left_pad
-from engine.lora import DEFAULT, LoRALinear, lora_layers
-from engine.model import LLaMA
-from engine.ppo_roles import RewardFn
-from engine.precision import autocast
-from engine.rlhf_math import pairwise_loss
-from engine.rm import PairScores
-from engine.rollout import PolicyAndValue
-from kernels.int8_matmul import reference as int8_reference
+from rlhf_engine.data.loaders import pad
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.engine.generate import Generation, SamplingConfig, generate, left_pad
+from rlhf_engine.engine.lora import DEFAULT, LoRALinear, lora_layers
+from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.ppo_roles import RewardFn
+from rlhf_engine.engine.precision import autocast
+from rlhf_engine.engine.rlhf_math import pairwise_loss
+from rlhf_engine.engine.rm import PairScores
+from rlhf_engine.engine.rollout import PolicyAndValue
+from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 
 
 class Invariant(NamedTuple):

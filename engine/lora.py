@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.int8_matmul import dequantize_int8
+from rlhf_engine.kernels.int8_matmul import dequantize_int8
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # StackLLaMA's choice
 NEVER_TARGETED = ("lm_head", "score")  # heads are trained whole (or not at all), never through LoRA

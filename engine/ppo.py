@@ -20,26 +20,26 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import ppo_checkpoint, roofline
-from engine.builder import build_model, resolve_tokenizer
-from engine.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
+from rlhf_engine.engine import ppo_checkpoint, roofline
+from rlhf_engine.engine.builder import build_model, resolve_tokenizer
+from rlhf_engine.engine.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
                                rloo_advantages)
-from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
-from engine.generate import SamplingConfig
-from engine.logging import Logger, peak_memory_bytes
-from engine.optim import BadStepGuard, build_adamw, clip_and_step
-from engine.ppo_config import PPOConfig
-from engine.ppo_diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
+from rlhf_engine.engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
+from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.optim import BadStepGuard, build_adamw, clip_and_step
+from rlhf_engine.engine.ppo_config import PPOConfig
+from rlhf_engine.engine.ppo_diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
                                     negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
                                     reward_metrics, sample_table, sampler_tolerance, step_report, warnings)
-from engine.ppo_eval import PPOEval
-from engine.ppo_roles import RewardFn, build_roles, mib
-from engine.precision import autocast
-from engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
+from rlhf_engine.engine.ppo_eval import PPOEval
+from rlhf_engine.engine.ppo_roles import RewardFn, build_roles, mib
+from rlhf_engine.engine.precision import autocast
+from rlhf_engine.engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
                               kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
                               moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
-from engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
-from engine.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
+from rlhf_engine.engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
+from rlhf_engine.engine.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:

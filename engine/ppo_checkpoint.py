@@ -8,13 +8,13 @@ from dataclasses import asdict
 
 import torch
 
-from engine.adapter_files import load_adapter_weights
-from engine.dist import Dist
-from engine.lora import lora_state_dict
-from engine.ppo_roles import VALUE
-from engine.rlhf_math import RunningMoments
-from engine.rollout import PolicyAndValue
-from engine.train_state import load_trainer_state, save_training_checkpoint, write_stage_model
+from rlhf_engine.engine.adapter_files import load_adapter_weights
+from rlhf_engine.engine.dist import Dist
+from rlhf_engine.engine.lora import lora_state_dict
+from rlhf_engine.engine.ppo_roles import VALUE
+from rlhf_engine.engine.rlhf_math import RunningMoments
+from rlhf_engine.engine.rollout import PolicyAndValue
+from rlhf_engine.engine.train_state import load_trainer_state, save_training_checkpoint, write_stage_model
 
 
 def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts, kl_coef: float,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.estimators import CRITIC_FREE, ESTIMATORS
-from engine.stage_config import StageConfig, require_positive
+from rlhf_engine.engine.estimators import CRITIC_FREE, ESTIMATORS
+from rlhf_engine.engine.stage_config import StageConfig, require_positive
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from engine import roofline
-from engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
-from engine.rlhf_math import kl_estimate, masked_sum
+from rlhf_engine.engine import roofline
+from rlhf_engine.engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
+from rlhf_engine.engine.rlhf_math import kl_estimate, masked_sum
 
 KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
 

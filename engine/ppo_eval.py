@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from data.tokenizer import format_prompt
-from engine.dist import Dist, all_reduce_named
-from engine.answer_scores import sample_answers, score_responses, sequence_kl
-from engine.evaluate import load_questions, load_reward_model
-from engine.generate import SamplingConfig
-from engine.lora import disable_lora
-from engine.ppo_roles import RewardFn
+from rlhf_engine.data.tokenizer import format_prompt
+from rlhf_engine.engine.dist import Dist, all_reduce_named
+from rlhf_engine.engine.answer_scores import sample_answers, score_responses, sequence_kl
+from rlhf_engine.engine.evaluate import load_questions, load_reward_model
+from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.lora import disable_lora
+from rlhf_engine.engine.ppo_roles import RewardFn
 
 
 class PPOEval:

@@ -19,18 +19,18 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.loaders import PairLoader, pad
-from data.pairs_io import read_pairs
-from engine.builder import build_model, count_params, resolve_tokenizer
-from engine.dist import Dist, all_reduce_named, grad_sync
-from engine.logging import Logger, peak_memory_bytes
-from engine.lora import LoRAConfig
-from engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
-from engine.precision import autocast
-from engine.rlhf_math import last_token_index, pairwise_loss
-from engine.roofline import measured_peaks, mfu, training_flops_per_token
-from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
-from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
+from rlhf_engine.data.loaders import PairLoader, pad
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.engine.builder import build_model, count_params, resolve_tokenizer
+from rlhf_engine.engine.dist import Dist, all_reduce_named, grad_sync
+from rlhf_engine.engine.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
+from rlhf_engine.engine.precision import autocast
+from rlhf_engine.engine.rlhf_math import last_token_index, pairwise_loss
+from rlhf_engine.engine.roofline import measured_peaks, mfu, training_flops_per_token
+from rlhf_engine.engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
+from rlhf_engine.engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
 
 

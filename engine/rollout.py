@@ -18,15 +18,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from data.loaders import PromptLoader
-from data.pairs_io import read_pairs
-from engine.generate import SamplingConfig, generate
-from engine.lora import disable_lora, use_adapter
-from engine.model import LLaMA
-from engine.ppo_roles import RewardFn
-from engine.precision import autocast
-from engine.rlhf_math import kl_estimate
-from kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
+from rlhf_engine.data.loaders import PromptLoader
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.engine.generate import SamplingConfig, generate
+from rlhf_engine.engine.lora import disable_lora, use_adapter
+from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.ppo_roles import RewardFn
+from rlhf_engine.engine.precision import autocast
+from rlhf_engine.engine.rlhf_math import kl_estimate
+from rlhf_engine.kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
 
 
 class Rollout(NamedTuple):

@@ -22,18 +22,18 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.packing import PackedBatch, PackingLoader, document_causal_mask, make_documents, sft_documents
-from data.pairs_io import read_pairs
-from engine.builder import build_model, count_params, resolve_tokenizer
-from engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
-from engine.logging import Logger, peak_memory_bytes
-from engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
-from engine.precision import autocast
-from engine.roofline import measured_peaks, mfu, training_flops_per_token
-from engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
-from engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
+from rlhf_engine.data.packing import PackedBatch, PackingLoader, document_causal_mask, make_documents, sft_documents
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.engine.builder import build_model, count_params, resolve_tokenizer
+from rlhf_engine.engine.dist import Dist, all_reduce_named, all_reduce_sum, grad_sync
+from rlhf_engine.engine.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
+from rlhf_engine.engine.precision import autocast
+from rlhf_engine.engine.roofline import measured_peaks, mfu, training_flops_per_token
+from rlhf_engine.engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
+from rlhf_engine.engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
-from kernels.logprobs import hidden_token_logprobs
+from rlhf_engine.kernels.logprobs import hidden_token_logprobs
 
 
 @dataclass(frozen=True)

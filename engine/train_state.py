@@ -29,10 +29,10 @@ from typing import IO, Callable
 import numpy as np
 import torch
 
-from engine.adapter_files import load_adapter_weights, write_adapter
-from engine.atomic import atomic_dir
-from engine.checkpoint import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
-from engine.dist import Dist, all_gather_objects, broadcast_object
+from rlhf_engine.engine.adapter_files import load_adapter_weights, write_adapter
+from rlhf_engine.engine.atomic import atomic_dir
+from rlhf_engine.engine.checkpoint import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
+from rlhf_engine.engine.dist import Dist, all_gather_objects, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"
 LOCK = ".lock"

@@ -6,11 +6,28 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout (train.use_checkout)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 WORDS = ("how do i store coffee beans the best way is an airtight container keep them away from light "
          "why does my bike chain skip gears you need to adjust the derailleur cable tension question answer "
          "what is a good tokenizer for small models byte pair encoding works well thanks").split()
+
+
+# What CI ran against: the test extra tracks the newest releases, so a red run names what moved.
+REPORTED = ("torch", "transformers", "peft", "numpy", "pyarrow", "sentencepiece", "safetensors", "tensorboard",
+            "bitsandbytes", "matplotlib", "tokenizers", "gguf", "kernels")
+
+
+def pytest_report_header(config):
+    from importlib import metadata
+    found = []
+    for name in REPORTED:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} -")
+    return "resolved: " + ", ".join(found)
 
 
 def pytest_configure(config):
@@ -45,9 +62,9 @@ def shared_file(*parts):
 @pytest.fixture(scope="session")
 def synthetic_pairs(tmp_path_factory):
     """The demo's synthetic StackExchange site through the real pipeline: (pairs folder, tokenizer path)."""
-    from data.prepare import PrepareConfig, prepare
-    from data.synthetic import write_synthetic_posts
-    from data.train_tokenizer import corpus_texts, train_tokenizer
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
     folder = tmp_path_factory.mktemp("synthetic")
     posts = write_synthetic_posts(folder / "site" / "Posts.xml", 600, seed=0)
     prepare(PrepareConfig(out=str(folder / "pairs"), posts=(str(posts),), progress_seconds=1e9))
@@ -61,9 +78,9 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
     saved with the synthetic tokenizer."""
     import torch
 
-    from engine.checkpoint import save_model_folder
-    from engine.config import ModelConfig
-    from engine.model import LLaMA
+    from rlhf_engine.engine.checkpoint import save_model_folder
+    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model import LLaMA
     pairs, tok = synthetic_pairs
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
     torch.manual_seed(0)
@@ -75,7 +92,7 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_rm(ppo_base, synthetic_pairs, tmp_path_factory):
     """A reward model made from the PPO base with a random score head (a merged RM folder)."""
-    from engine.checkpoint import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
     folder = str(tmp_path_factory.mktemp("random_rm") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer_path=synthetic_pairs[1],
                       pad_token_id=0)

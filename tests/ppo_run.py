@@ -8,10 +8,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
-from engine.dist import close_dist, init_dist  # noqa: E402
-from engine.lora import LoRAConfig  # noqa: E402
-from engine.ppo import PPOConfig, train  # noqa: E402
+from rlhf_engine.engine.dist import close_dist, init_dist  # noqa: E402
+from rlhf_engine.engine.lora import LoRAConfig  # noqa: E402
+from rlhf_engine.engine.ppo import PPOConfig, train  # noqa: E402
 
 
 def reward_multiple_of_4(tokens, mask):

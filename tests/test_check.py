@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import train
-from data.pairs_io import PairWriter
-from engine import check
-from engine.adapter_files import save_adapter
-from engine.checkpoint import load_checkpoint, save_model_folder
-from engine.config import ModelConfig
-from engine.lora import LoRAConfig, apply_lora, lora_layers
-from engine.merge import merge
-from engine.model import LLaMA
+from rlhf_engine.data.pairs_io import PairWriter
+from rlhf_engine.engine import check
+from rlhf_engine.engine.adapter_files import save_adapter
+from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
+from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.lora import LoRAConfig, apply_lora, lora_layers
+from rlhf_engine.engine.merge import merge
+from rlhf_engine.engine.model import LLaMA
 
 
 def write_splits(folder, questions_by_split):
@@ -36,7 +36,7 @@ def write_splits(folder, questions_by_split):
 def run_dir(tiny_tokenizer_path, tmp_path_factory):
     """A tiny base, a LoRA adapter on it with non-zero lora_b, an RM adapter (score head beside it)
     and the same RM merged, and four disjoint splits."""
-    from engine.train_state import write_stage_model
+    from rlhf_engine.engine.train_state import write_stage_model
     folder = tmp_path_factory.mktemp("check")
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})
     torch.manual_seed(0)
@@ -108,9 +108,9 @@ def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
 
 def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
     """Attention that lets real tokens see the padding (the mask built as if every slot were real)."""
-    import engine.model
-    honest = engine.model.attention_mask_for
-    monkeypatch.setattr(engine.model, "attention_mask_for", lambda padding, T: honest(torch.ones_like(padding), T))
+    import rlhf_engine.engine.model as model_module
+    honest = model_module.attention_mask_for
+    monkeypatch.setattr(model_module, "attention_mask_for", lambda padding, T: honest(torch.ones_like(padding), T))
     code, rows, _ = check_table(capsys, run_dir)
     assert rows["left padding changes no log-prob"][1] == "FAIL"
     assert rows["left padding changes no log-prob"][0] > 1e-2
@@ -119,7 +119,7 @@ def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
 
 def test_a_forgetful_cache_fails_decode(run_dir, capsys, monkeypatch):
     """Decode steps (one token against the cache) store zeros instead of their own keys and values."""
-    from engine.model import KVCache
+    from rlhf_engine.engine.model import KVCache
     honest = KVCache.update
 
     def forgetful(self, layer, k, v):
@@ -156,8 +156,8 @@ def test_a_reference_that_keeps_its_adapter_fails(run_dir, capsys, monkeypatch):
     assert code == 1
 
 
-@pytest.mark.parametrize("module, row", [("engine.ppo_roles", "reward read at the last real token"),
-                                         ("engine.rm", "RM score: padded batch = rows alone")])
+@pytest.mark.parametrize("module, row", [("rlhf_engine.engine.ppo_roles", "reward read at the last real token"),
+                                         ("rlhf_engine.engine.rm", "RM score: padded batch = rows alone")])
 def test_a_score_read_at_the_last_column_fails(run_dir, capsys, monkeypatch, module, row):
     """The reward read at the last column (a padding slot for every shorter row), in PPO's reward
     function or in the RM trainer's scorer."""
@@ -185,7 +185,7 @@ def test_splits_that_share_a_question_fail(run_dir, capsys, tmp_path):
 
 def test_a_wrong_8bit_kernel_fails(run_dir, capsys, monkeypatch):
     """Every 8-bit kernel returns 1.1 x the right output."""
-    from kernels import int8_matmul
+    from rlhf_engine.kernels import int8_matmul
     for impl in int8_matmul.IMPLS:
         monkeypatch.setitem(int8_matmul._FORWARD, impl,
                             lambda x, q, scale, threshold: int8_matmul.reference(x, q, scale).float() * 1.1)

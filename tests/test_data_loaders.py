@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loaders import PairLoader, PromptLoader, filter_pairs, pad
-from data.tokenizer import format_prompt
+from rlhf_engine.data.loaders import PairLoader, PromptLoader, filter_pairs, pad
+from rlhf_engine.data.tokenizer import format_prompt
 
 PAD, BOS, EOS = 0, 1, 2
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.packing import (PackingLoader, document_causal_mask, make_documents, sft_documents, shard_documents)
-from data.tokenizer import Tokenizer, format_prompt
+from rlhf_engine.data.packing import (PackingLoader, document_causal_mask, make_documents, sft_documents, shard_documents)
+from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
 
 BOS, EOS = 1, 2
 

@@ -6,7 +6,7 @@ import random
 import pytest
 from hypothesis import given, strategies as st
 
-from data.pairs import askell_score, assign_split, make_pairs, parse_splits, stable_seed
+from rlhf_engine.data.pairs import askell_score, assign_split, make_pairs, parse_splits, stable_seed
 
 SPLITS = parse_splits(("finetune=0.28", "reward=0.28", "rl=0.28", "evaluation=0.16"))
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.pairs_io import PAIR_COLUMNS, PairsFormatError, PairWriter, pair_files, read_pairs
+from rlhf_engine.data.pairs_io import PAIR_COLUMNS, PairsFormatError, PairWriter, pair_files, read_pairs
 
 ROWS = [dict(qid=i, question=f"q{i}", date="2020/01/02",
              metadata=[f"https://s/questions/{i}", "https://s", "CC BY-SA 4.0"],

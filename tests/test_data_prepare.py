@@ -6,10 +6,10 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from data.pairs_io import PAIR_COLUMNS, read_pairs
-from data.prepare import PrepareConfig, prepare
-from data.stackexchange import PostsFormatError, html_to_markdown
-from data.synthetic import posts_xml, synthetic_posts, write_synthetic_posts
+from rlhf_engine.data.pairs_io import PAIR_COLUMNS, read_pairs
+from rlhf_engine.data.prepare import PrepareConfig, prepare
+from rlhf_engine.data.stackexchange import PostsFormatError, html_to_markdown
+from rlhf_engine.data.synthetic import posts_xml, synthetic_posts, write_synthetic_posts
 
 SPLIT_NAMES = ("finetune", "reward", "rl", "evaluation")
 

@@ -1,9 +1,9 @@
 """Posts.xml parsing: records, HTML -> Markdown, and every kind of bad input the dumps can hold."""
 import pytest
 
-from data.stackexchange import (Answer, ParseStats, PostsFormatError, Question, html_to_markdown, iter_posts,
+from rlhf_engine.data.stackexchange import (Answer, ParseStats, PostsFormatError, Question, html_to_markdown, iter_posts,
                                 question_text)
-from data.synthetic import posts_xml
+from rlhf_engine.data.synthetic import posts_xml
 
 HEAD = '<?xml version="1.0" encoding="utf-8"?>\n<posts>\n'
 Q = ('  <row Id="{id}" PostTypeId="1" CreationDate="2014-01-21T20:26:05.383" Score="3" Title="T{id}" '
@@ -45,7 +45,7 @@ def test_rows_stream_in_small_reads(tmp_path, monkeypatch):
     # 1-byte reads cut every multi-byte character and every tag in half; the records must not change.
     content = HEAD + Q.format(id=1).replace("T1", "caf\u00e9 \u2014 \U0001f37a") + "</posts>\n"
     expected, _ = parse(write(tmp_path, content))
-    monkeypatch.setattr("data.stackexchange.READ_BYTES", 1)
+    monkeypatch.setattr("rlhf_engine.data.stackexchange.READ_BYTES", 1)
     got, stats = parse(write(tmp_path, content))
     assert got == expected and got[0].title == "caf\u00e9 \u2014 \U0001f37a"
     assert stats.invalid_utf8 == 0
@@ -165,7 +165,7 @@ def test_duplicate_ids_across_types_and_large_ids(tmp_path):
 def test_memory_is_bounded_by_one_read(tmp_path, monkeypatch):
     # Rows leave the tree once read, so it never holds more than one read's worth (here 300 bytes,
     # about 2 rows), however long the file.
-    monkeypatch.setattr("data.stackexchange.READ_BYTES", 300)
+    monkeypatch.setattr("rlhf_engine.data.stackexchange.READ_BYTES", 300)
     path = write(tmp_path, HEAD + "".join(A.format(id=i, parent=1, score=0) for i in range(2, 5000)) + "</posts>\n")
     gen = iter_posts(path)
     most = 0

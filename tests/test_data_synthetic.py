@@ -4,10 +4,10 @@ import re
 import numpy as np
 import pytest
 
-from data.pairs_io import read_pairs
-from data.prepare import PrepareConfig, prepare
-from data.stackexchange import Answer, ParseStats, Question, iter_posts
-from data.synthetic import POLITE, RUDE, VOTES, answer_points, synthetic_posts, write_synthetic_posts
+from rlhf_engine.data.pairs_io import read_pairs
+from rlhf_engine.data.prepare import PrepareConfig, prepare
+from rlhf_engine.data.stackexchange import Answer, ParseStats, Question, iter_posts
+from rlhf_engine.data.synthetic import POLITE, RUDE, VOTES, answer_points, synthetic_posts, write_synthetic_posts
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from data.prepare import PrepareConfig, prepare
-from data.synthetic import write_synthetic_posts
-from data.tokenizer import Tokenizer, format_prompt
-from data.train_tokenizer import TokenizerConfig, corpus_texts, sample_texts, train_tokenizer
+from rlhf_engine.data.prepare import PrepareConfig, prepare
+from rlhf_engine.data.synthetic import write_synthetic_posts
+from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
+from rlhf_engine.data.train_tokenizer import TokenizerConfig, corpus_texts, sample_texts, train_tokenizer
 
 
 @pytest.fixture(scope="module")

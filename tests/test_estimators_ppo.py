@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, read_metrics
 from ppo_run import config, reward_multiple_of_4
 
-from engine.dist import init_dist
-from engine.ppo import train
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.ppo import train
 
 CRITIC_FREE = ["rloo", "grpo", "dr_grpo", "reinforce_pp", "remax"]
 
@@ -33,7 +33,7 @@ def test_each_estimator_raises_a_scripted_reward(estimator, ppo_base, tmp_path, 
 
 
 def test_critic_free_runs_build_no_value_parameters(ppo_base, tmp_path, monkeypatch):
-    import engine.ppo as ppo
+    import rlhf_engine.engine.ppo as ppo
     built = {}
     real = ppo.PolicyAndValue
 
@@ -96,11 +96,11 @@ def test_remax_baseline_is_the_greedy_responses_total_reward(ppo_base):
     """ReMax's baseline is scored like a sampled response: its RM score and the KL penalty of its own tokens
     (Σ_t log π − log π_ref under the sampling temperature), not the score alone, which sat above every
     sampled total by about β·KL and made nearly every advantage negative."""
-    from engine.builder import resolve_tokenizer
-    from engine.checkpoint import load_checkpoint
-    from engine.generate import SamplingConfig, generate
-    from engine.lora import LoRAConfig, apply_lora
-    from engine.rollout import PolicyAndValue, greedy_baseline
+    from rlhf_engine.engine.builder import resolve_tokenizer
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.generate import SamplingConfig, generate
+    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.rollout import PolicyAndValue, greedy_baseline
     tok = resolve_tokenizer(ppo_base[0], None)
     policy = apply_lora(load_checkpoint(ppo_base[0]), LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
     with torch.no_grad():

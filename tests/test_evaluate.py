@@ -10,18 +10,18 @@ import torch
 from conftest import ROOT
 
 import train
-from engine.dist import init_dist
-from engine.answer_scores import sequence_kl
-from engine.evaluate import EvalConfig, evaluate, load_policy
-from engine.generate import SamplingConfig
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.answer_scores import sequence_kl
+from rlhf_engine.engine.evaluate import EvalConfig, evaluate, load_policy
+from rlhf_engine.engine.generate import SamplingConfig
 
 
 @pytest.fixture(scope="module")
 def arms(ppo_base, synthetic_pairs, tmp_path_factory):
     """(base checkpoint, an adapter on it that changes its answers, the evaluation split)."""
-    from engine.adapter_files import save_adapter
-    from engine.checkpoint import load_checkpoint
-    from engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.adapter_files import save_adapter
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
     model = apply_lora(load_checkpoint(ppo_base[0]), lora)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_samples_do_not_depend_on_the_world_size(arms, random_rm, tmp_path):
 
 
 def test_kl_equals_a_separate_full_forward(arms):
-    from data.tokenizer import Tokenizer
+    from rlhf_engine.data.tokenizer import Tokenizer
     base_dir, adapter, _ = arms
     tok = Tokenizer(os.path.join(base_dir, "tokenizer.model"))
     base, tuned = (load_policy(p, tok, "fp32", torch.device("cpu"), False) for p in (base_dir, adapter))
@@ -98,9 +98,9 @@ def test_kl_equals_a_separate_full_forward(arms):
 
 
 def test_the_judge_split_shares_no_question(tmp_path):
-    from data.pairs_io import read_pairs
-    from data.prepare import PrepareConfig, prepare
-    from data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.pairs_io import read_pairs
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
     posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 300, seed=1)
     prepare(PrepareConfig(out=str(tmp_path / "pairs"), posts=(str(posts),), progress_seconds=1e9,
                           splits=("finetune=0.3", "reward=0.3", "rl=0.2", "evaluation=0.1", "judge=0.1")))
@@ -123,14 +123,14 @@ def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
     assert "is not a reward model" in one_line_error(capsys, "--models", base, "--judges", base, *common)
     assert "--num-prompts must be >= 1" in one_line_error(capsys, "--models", base, "--judges", random_rm,
                                                           "--num-prompts", "0", *common)
-    from data.pairs_io import PairWriter
+    from rlhf_engine.data.pairs_io import PairWriter
     os.makedirs(tmp_path / "empty")
     PairWriter(str(tmp_path / "empty" / "pairs.parquet")).close()
     assert "has no questions" in one_line_error(capsys, "--models", base, "--judges", random_rm, "--data",
                                                 str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    from engine.checkpoint import save_model_folder
-    from engine.config import ModelConfig
-    from engine.model import LLaMA
+    from rlhf_engine.engine.checkpoint import save_model_folder
+    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model import LLaMA
     other = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 600})).init_weights()
     save_model_folder(other, str(tmp_path / "other"))
     assert "vocab" in one_line_error(capsys, "--models", base, str(tmp_path / "other"), "--judges", random_rm,
@@ -139,12 +139,12 @@ def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
 
 def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
     """A judge given as an RM adapter folder is scored with its adapter active (not the bare base)."""
-    from data.tokenizer import Tokenizer
-    from engine.adapter_files import save_adapter
-    from engine.checkpoint import load_checkpoint
-    from engine.evaluate import load_reward_model
-    from engine.lora import LoRAConfig, apply_lora
-    from engine.merge import merge
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.adapter_files import save_adapter
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.evaluate import load_reward_model
+    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.merge import merge
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
     rm = apply_lora(load_checkpoint(ppo_base[0], head="score"), lora)
     with torch.no_grad():
@@ -163,8 +163,8 @@ def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
 
 
 def test_questions_whose_prompt_leaves_no_room_for_an_answer_are_left_out(arms):
-    from data.tokenizer import Tokenizer, format_prompt
-    from engine.evaluate import load_questions
+    from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
+    from rlhf_engine.engine.evaluate import load_questions
     base, _, data = arms
     tok = Tokenizer(os.path.join(base, "tokenizer.model"))
     everything = load_questions(data, None)

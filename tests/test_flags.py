@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import pytest
 
 import train
-from engine.flags import config_from_args, config_parser
-from engine.generate import SamplingConfig
-from engine.lora import LoRAConfig
+from rlhf_engine.engine.flags import config_from_args, config_parser
+from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.lora import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def test_help_lists_required_flags_first_and_defaults_as_typed():
 
 
 def test_the_rm_keeps_its_own_lora_defaults():
-    from engine.rm import RMConfig
+    from rlhf_engine.engine.rm import RMConfig
     cfg = parse(RMConfig, "--model", "m", "--out", "o", "--data", "d", "--lora-r", "4")
     assert cfg.lora == LoRAConfig(r=4, dropout=0.1)  # StackLLaMA's RM dropout survives a changed rank
 
@@ -155,7 +155,7 @@ class Recorder:
 @pytest.fixture(scope="module")
 def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
     """The synthetic data, a tiny random LLaMA checkpoint and a reward model made from it."""
-    from engine.checkpoint import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
     pairs, tok = synthetic_pairs
     rm = str(tmp_path_factory.mktemp("flags") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), rm, tokenizer_path=tok, pad_token_id=0)
@@ -163,10 +163,10 @@ def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
 
 
 def stage_configs(tiny_base, tmp_path):
-    from data.synthetic import write_synthetic_posts
-    from engine.adapter_files import save_adapter
-    from engine.checkpoint import load_checkpoint
-    from engine.lora import apply_lora
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.engine.adapter_files import save_adapter
+    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.lora import apply_lora
     pairs, tok, base, rm = tiny_base
     posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 60, seed=0)
     lora = LoRAConfig(r=2, targets=("all-linear",))
@@ -205,14 +205,14 @@ def test_every_config_field_is_read_by_its_stage(stage, tiny_base, tmp_path, cap
 
 def test_the_demo_reads_its_flags():
     """The demo takes minutes; its three fields are checked in its source instead."""
-    from engine import demo
+    from rlhf_engine.engine import demo
     source = inspect.getsource(demo.run)
     assert all(f"cfg.{f.name}" in source for f in dataclasses.fields(demo.DemoConfig))
 
 
 def test_a_flag_that_is_never_read_is_caught(tiny_base, tmp_path):
     """The recorder sees a field the stage does not read (here, one added to the merge config)."""
-    from engine import merge
+    from rlhf_engine.engine import merge
 
     @dataclass(frozen=True)
     class Lying(merge.MergeConfig):

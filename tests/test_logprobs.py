@@ -6,7 +6,7 @@ measured by bench/logprobs.py, not here.
 import pytest
 import torch
 
-from kernels import logprobs as lp_kernel
+from rlhf_engine.kernels import logprobs as lp_kernel
 
 B, T, V, D = 3, 7, 50, 16
 
@@ -127,7 +127,7 @@ def test_autocast_backward_recomputes_with_the_forwards_dtype():
     """Backward runs outside autocast; the kernel must still recompute bf16 logits, and accept bf16
     hidden states with a float32 head (as under autocast)."""
     import torch
-    from kernels.logprobs import hidden_reference, hidden_token_logprobs
+    from rlhf_engine.kernels.logprobs import hidden_reference, hidden_token_logprobs
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 16, generator=g, requires_grad=True)
     w = torch.randn(40, 16, generator=g, requires_grad=True)

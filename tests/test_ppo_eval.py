@@ -6,8 +6,8 @@ import os
 import pytest
 from ppo_run import config, reward_multiple_of_4
 
-from engine.dist import init_dist
-from engine.ppo import train
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.ppo import train
 
 
 @pytest.fixture(scope="module")

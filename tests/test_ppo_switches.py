@@ -8,8 +8,8 @@ import pytest
 import torch
 from ppo_run import config, reward_multiple_of_4
 
-from engine.dist import init_dist
-from engine.ppo import train
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.ppo import train
 
 
 def run(ppo_base, out, **kw):

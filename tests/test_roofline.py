@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from engine import roofline
-from engine.config import ModelConfig
+from rlhf_engine.engine import roofline
+from rlhf_engine.engine.config import ModelConfig
 
 # dim 8, 2 layers, 2 heads of 4, hidden 16, vocab 10. Per layer: q, k, v, o = 4 x 8 x 8 = 256 weights; the MLP
 # 3 x 8 x 16 = 384. N = 2 x 640 = 1280; the LM head 10 x 8 = 80.
@@ -39,7 +39,7 @@ def test_decode_bytes_and_weight_bytes():
     # Every weight once per step, plus keys and values: 2 x layers x kv heads x head_dim x bytes per slot read.
     assert roofline.decode_bytes(SMALL, model_bytes=1000, steps=3, kv_reads=7, kv_element_bytes=4) == \
         1000 * 3 + 2 * 2 * 2 * 4 * 4 * 7
-    from engine.model import LLaMA
+    from rlhf_engine.engine.model import LLaMA
     model = LLaMA(SMALL)
     # The layers' linears and the LM head, float32; not the embedding (a row lookup) nor the norms (vectors).
     assert roofline.weight_bytes(model) == (1280 + 80) * 4
@@ -65,7 +65,8 @@ def test_step_report_fractions_by_hand():
 def test_measured_peaks_are_cached_and_plausible():
     peaks = roofline.measured_peaks("cpu")
     assert roofline.measured_peaks("cpu") is peaks  # once per process
-    assert 1e9 < peaks.fp32 < 1e15 and 1e9 < peaks.bf16 < 1e15 and 1e8 < peaks.bandwidth < 1e13
+    # bf16 down to 1e8: a CPU without native bf16 (AVX2 only) emulates it at ~1 GFLOP/s
+    assert 1e9 < peaks.fp32 < 1e15 and 1e8 < peaks.bf16 < 1e15 and 1e8 < peaks.bandwidth < 1e13
     assert roofline.matmul_peak(peaks, "bf16") == peaks.bf16 and roofline.matmul_peak(peaks, "fp32") == peaks.fp32
     if math.isfinite(peaks.int8):
         assert roofline.matmul_peak(peaks, "bf16", load_in_8bit=True) == peaks.int8

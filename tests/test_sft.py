@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics
 
-from engine.dist import init_dist
-from engine.lora import LoRAConfig
-from engine.sft import SFTConfig, train
+from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.sft import SFTConfig, train
 
 TINY = dict(model="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=5, log_every=1, eval_every=0,
             eval_batches=2)
@@ -62,7 +62,7 @@ def test_resume_with_lora_dropout_restores_the_rng(synthetic_pairs, tmp_path):
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(synthetic_pairs, tmp_path, monkeypatch):
-    import engine.sft as sft
+    import rlhf_engine.engine.sft as sft
     calls = {"n": 0}
     real = sft.CausalLMLoss.forward
 

@@ -1,7 +1,7 @@
 """Tokenizer wrapper: special ids, padding never mistaken for eos, the prompt template, vocab checks."""
 import pytest
 
-from data.tokenizer import Tokenizer, format_prompt
+from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
 
 
 def test_special_ids_and_pad_distinct_from_eos(tiny_tokenizer_path):
