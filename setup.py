@@ -8,7 +8,7 @@ distribution's files. kernels/ has no __init__.py for the same reason (train.py'
 torch is pinned exactly: on a CPU machine `pip install torch==2.13.0` takes the local CPU wheel; a
 GPU user installs the matching CUDA build of the same version first, and pip then keeps it.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("engine", "kernels", "data")
 
@@ -17,7 +17,7 @@ setup(
     version="0.1.0",
     description="StackLLaMA-style RLHF (SFT, reward model, PPO) written in raw PyTorch",
     python_requires=">=3.10",
-    packages=[f"rlhf_engine.{name}" for name in SUBPACKAGES],
+    packages=[f"rlhf_engine.{name}{sub}" for name in SUBPACKAGES for sub in ["", *(f".{p}" for p in find_packages(name))]],
     package_dir={f"rlhf_engine.{name}": name for name in SUBPACKAGES},
     scripts=["train.py"],
     install_requires=[

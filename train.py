@@ -54,7 +54,7 @@ class Stage(NamedTuple):
 def on_dist(train: Callable) -> Callable:
     """run(cfg) for a training stage `train(cfg, dist)`: join the torchrun process group around it."""
     def run(cfg) -> int:
-        from rlhf_engine.engine.dist import close_dist, init_dist
+        from rlhf_engine.engine.training.dist import close_dist, init_dist
         dist = init_dist(cfg.device)
         try:
             train(cfg, dist)

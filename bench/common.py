@@ -27,8 +27,8 @@ def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
     """Save a randomly initialised LLaMA of config `cfg` with the tokenizer, once (reused if present)."""
     import torch
 
-    from rlhf_engine.engine.checkpoint import save_model_folder
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.model.llama import LLaMA
     if not os.path.isdir(folder):
         model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
         save_model_folder(model, folder, tokenizer_path=tok_path)

@@ -249,7 +249,7 @@ def scripted_worker(spec: dict) -> dict:
 
     from rlhf_engine.data.pairs_io import read_pairs
     from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
-    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.flags import config_from_args, config_parser
     from rlhf_engine.engine.ppo import PPOConfig, train
     torch.set_num_threads(spec["threads"])
@@ -330,7 +330,7 @@ def run_memory(args, out: str) -> list[dict]:
     """A random llama-60m-shaped base (the demo tokenizer's vocabulary) is the policy and, with a fresh score
     head, the RM: PPO's value network is then a second 60m-shaped network trained through an adapter."""
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     paths = demo_paths(args.run)
     vocab = Tokenizer(paths["tokenizer"]).vocab_size
     cfg = ModelConfig(**{**ModelConfig.preset("llama-60m").to_dict(), "vocab_size": vocab})

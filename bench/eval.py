@@ -37,10 +37,10 @@ def build(args, work: str):
     from rlhf_engine.data.prepare import PrepareConfig, prepare
     from rlhf_engine.data.synthetic import write_synthetic_posts
     from rlhf_engine.data.train_tokenizer import corpus_texts
-    from rlhf_engine.engine.adapter_files import save_adapter
-    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.weights.adapters import save_adapter
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1500, seed=0)
     prepare(PrepareConfig(out=os.path.join(work, "pairs"), posts=(posts,), progress_seconds=1e9))
     cfg = ModelConfig.preset(args.preset)
@@ -82,9 +82,9 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.evaluate import EvalConfig, evaluate
-    from rlhf_engine.engine.generate import SamplingConfig
+    from rlhf_engine.engine.model.generate import SamplingConfig
     work = args.workdir or tempfile.mkdtemp(prefix="bench-eval-")
     base, tuned, judge, data, note = build(args, work)
     t0 = time.time()

@@ -34,9 +34,9 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import emit_json  # noqa: E402  (from --root's checkout too: it has the same helper)
-from rlhf_engine.engine.config import ModelConfig  # noqa: E402
-from rlhf_engine.engine.generate import SamplingConfig, generate, left_pad  # noqa: E402
-from rlhf_engine.engine.model import LLaMA  # noqa: E402
+from rlhf_engine.engine.model.config import ModelConfig  # noqa: E402
+from rlhf_engine.engine.model.generate import SamplingConfig, generate, left_pad  # noqa: E402
+from rlhf_engine.engine.model.llama import LLaMA  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,8 +64,8 @@ def ppo_decode(args) -> list[dict]:
     """Tokens/s of PPO's sampler at llama-60m: fp32/bf16 x batch 16/64 x growing/static cache."""
     import inspect
 
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
-    from rlhf_engine.engine.precision import autocast
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.model.precision import autocast
     has_static = "static_cache" in inspect.signature(generate).parameters
     cfg = ModelConfig.preset("llama-60m")
     rows = []

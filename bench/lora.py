@@ -87,10 +87,10 @@ def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int)
     import torch
     sys.path.insert(0, ROOT)
     import train  # noqa: E402,F401  binds rlhf_engine to this checkout
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.int8 import quantize_model
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.int8 import quantize_model
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+    from rlhf_engine.engine.model.llama import LLaMA
     from rlhf_engine.kernels.logprobs import hidden_token_logprobs
     # Warm the runtime (BLAS/autograd/optimizer code paths load lazily) on a 64x64 toy so `baseline` holds the
     # fixed runtime cost and `model` holds the model, not first-call library loading.
@@ -150,7 +150,7 @@ def estimate_7b(m60: dict, r: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, HERE)
     from memory import analytic  # bench/memory.py
 
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     c60, c7 = ModelConfig.preset(m60["preset"]), ModelConfig.preset("llama-7b")
     a7 = analytic(c7)
     bpp = a7["formats"]["8bit+fp32"]["model_bytes"] / a7["params"]

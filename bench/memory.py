@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
 from bench.common import emit_json  # noqa: E402
-from rlhf_engine.engine.config import ModelConfig  # noqa: E402
-from rlhf_engine.engine.model import LLaMA  # noqa: E402
+from rlhf_engine.engine.model.config import ModelConfig  # noqa: E402
+from rlhf_engine.engine.model.llama import LLaMA  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "8bit+fp32", "8bit+bf16")
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,7 +87,7 @@ def is_linear_key(name: str) -> bool:
 
 
 def measure(cfg: ModelConfig) -> dict:
-    from rlhf_engine.engine.int8 import quantize_model
+    from rlhf_engine.engine.model.int8 import quantize_model
     out = {}
     for fmt in FORMATS:
         torch.manual_seed(0)

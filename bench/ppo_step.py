@@ -67,7 +67,7 @@ def prepare_prompts(work: str) -> tuple[str, list[str]]:
 def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
     """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     vocab = Tokenizer(tok_path).vocab_size
     cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
     return random_base_checkpoint(cfg, tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
@@ -79,12 +79,12 @@ def run_config(spec: dict) -> dict:
     """Run PPO for spec["steps"] steps and summarise every step after the first."""
     import torch
 
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.dist import init_dist
-    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.training.dist import init_dist
+    from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.ppo import PPOConfig, train
-    from rlhf_engine.engine.ppo_roles import reward_model_fn
-    from rlhf_engine.engine.precision import torch_dtype
+    from rlhf_engine.engine.rl.roles import reward_model_fn
+    from rlhf_engine.engine.model.precision import torch_dtype
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
     dtype = "bf16" if eight_bit else spec["dtype"]
@@ -188,7 +188,7 @@ def main():
 
 def run_all(args, work: str) -> list[dict]:
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     data, texts = prepare_prompts(work)
     rows = []
     for preset in args.presets:

@@ -4,7 +4,7 @@
    perf/mfu, logged every step), for each preset × {full fine-tuning from a random init (--no-lora),
    LoRA r=16 on q_proj/v_proj of a saved random checkpoint} × {fp32, bf16}, packed rows of --seq-len
    tokens, --batch-size rows per step (--attention cross doc adds document-masked runs). The first step
-   (AdamW allocating its state) is a warm-up and is left out. MFU is the engine's (engine/roofline.py):
+   (AdamW allocating its state) is a warm-up and is left out. MFU is the engine's (engine/training/roofline.py):
    6·N FLOPs per token for full fine-tuning, 4·N under LoRA (no weight gradients for the frozen base),
    the LM head likewise, and causal attention at 4·dim per layer per attended key, x3 for its backward;
    over the matmul peak the run measured at its start (fp32 or bf16, same threads).
@@ -73,7 +73,7 @@ def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
 
 
 def model_config(preset: str, vocab: int):
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     return ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
 
 
@@ -83,8 +83,8 @@ def run_sft(spec: dict) -> dict:
     """Train with spec["config"] (SFTConfig fields) and summarise metrics.jsonl after the warm-up step."""
     import torch
 
-    from rlhf_engine.engine.dist import init_dist
-    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.training.dist import init_dist
+    from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.sft import SFTConfig, train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -113,8 +113,8 @@ def run_rm(spec: dict) -> dict:
     """Train a reward model with spec["config"] (RMConfig fields); tokens/s and MFU after the warm-up step."""
     import torch
 
-    from rlhf_engine.engine.dist import init_dist
-    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.training.dist import init_dist
+    from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.rm import RMConfig, train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -139,10 +139,10 @@ def cross_evaluate(cfg) -> dict:
     from rlhf_engine.data.packing import sft_documents
     from rlhf_engine.data.pairs_io import read_pairs
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.sft import CausalLMLoss, evaluate, held_out_rows
-    from rlhf_engine.engine.train_state import checkpoint_path
+    from rlhf_engine.engine.training.train_state import checkpoint_path
     model = load_checkpoint(checkpoint_path(cfg.out, cfg.max_steps))
     docs = sft_documents(read_pairs(cfg.eval_data), Tokenizer(cfg.tokenizer))
     loss_fn, dist = CausalLMLoss(model).eval(), init_dist("cpu")
@@ -220,7 +220,7 @@ def common(args) -> dict:
 
 def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "sft") -> list[dict]:
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     rows = []
     for preset in args.presets:
         tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
@@ -250,7 +250,7 @@ def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "
 
 def run_mask(args, work: str, pairs: str, texts: list[str]) -> list[dict]:
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     tok, tok_note = tokenizer_for(ModelConfig.preset(args.mask_preset).vocab_size, texts, work,
                                   args.llama_tokenizer)
     vocab = Tokenizer(tok).vocab_size
@@ -291,7 +291,7 @@ def print_throughput(rows: list[dict]) -> None:
         print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
     for r in [r for r in rows if "error" not in r][:1]:
         print(f"seq_len {r['seq_len']}, batch {r['batch_size']}, {r['threads']} threads, {r['measured_steps']} "
-              "steps measured after a warm-up step; MFU by engine/roofline.py (6N full, 4N LoRA, attention "
+              "steps measured after a warm-up step; MFU by engine/training/roofline.py (6N full, 4N LoRA, attention "
               "counted) against the peak the run measured; RM rows: pairs per step = batch, max length = seq_len")
     print()
 

@@ -1,4 +1,4 @@
-"""`train.py check`: the engine's invariants (engine/invariants.py) on your checkpoint, data and device.
+"""`train.py check`: the engine's invariants (engine/rl/invariants.py) on your checkpoint, data and device.
 
 The first command to run on a new machine or GPU, and the answer to "is my run on-policy?": it loads
 the policy as PPO does (the checkpoint, plus --adapter as a LoRA adapter, in --dtype, optionally 8-bit),
@@ -19,17 +19,17 @@ import torch
 
 from rlhf_engine.data.pairs_io import pair_files, read_pairs
 from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
-from rlhf_engine.engine.adapter_files import (
+from rlhf_engine.engine.weights.adapters import (
     is_adapter_folder,
     load_adapter_weights,
     read_adapter_base,
     read_adapter_config,
 )
-from rlhf_engine.engine.builder import build_model, resolve_tokenizer
-from rlhf_engine.engine.checkpoint import load_checkpoint
-from rlhf_engine.engine.generate import SamplingConfig, left_pad
-from rlhf_engine.engine.int8 import quantize_on_load
-from rlhf_engine.engine.invariants import (
+from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
+from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+from rlhf_engine.engine.model.generate import SamplingConfig, left_pad
+from rlhf_engine.engine.model.int8 import quantize_on_load
+from rlhf_engine.engine.rl.invariants import (
     Invariant,
     cache_matches_full_forward,
     disabled_equals_base,
@@ -43,10 +43,10 @@ from rlhf_engine.engine.invariants import (
     sampler_runs_trainers_adapter,
     splits_share_no_question,
 )
-from rlhf_engine.engine.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
-from rlhf_engine.engine.model import LLaMA
-from rlhf_engine.engine.ppo_roles import reward_model_fn
-from rlhf_engine.engine.precision import autocast, torch_dtype
+from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
+from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.rl.roles import reward_model_fn
+from rlhf_engine.engine.model.precision import autocast, torch_dtype
 from rlhf_engine.kernels.int8_matmul import default_impl
 
 
@@ -140,7 +140,7 @@ def read_rows(data: str | None, n: int) -> tuple[list[tuple[str, str, str]], str
 
 
 def load_policy(cfg: CheckConfig, tok: Tokenizer, device: torch.device) -> LLaMA:
-    """The policy as PPO builds it (engine/builder.py), with --adapter's weights in its LoRA layers."""
+    """The policy as PPO builds it (engine/weights/builder.py), with --adapter's weights in its LoRA layers."""
     lora = dataclasses.replace(read_adapter_config(cfg.adapter), dropout=0.0) if cfg.adapter else None
     policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
                          device=device, seed=cfg.seed)

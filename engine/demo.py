@@ -22,11 +22,11 @@ from rlhf_engine.data.prepare import PrepareConfig, prepare
 from rlhf_engine.data.synthetic import write_synthetic_posts
 from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
 from rlhf_engine.engine import ppo, rm, sft
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.evaluate import EvalConfig, evaluate
-from rlhf_engine.engine.generate import SamplingConfig
-from rlhf_engine.engine.lora import LoRAConfig
-from rlhf_engine.engine.ppo_diagnostics import kl_verdict
+from rlhf_engine.engine.model.generate import SamplingConfig
+from rlhf_engine.engine.model.lora import LoRAConfig
+from rlhf_engine.engine.rl.diagnostics import kl_verdict
 from rlhf_engine.engine.merge import merge
 
 # PPO settings, tuned on this from-scratch model (seeds 0-2): it is far more peaked than a real LLM

@@ -1,7 +1,7 @@
 """`train.py eval`: did PPO make the model better? Every arm (a checkpoint, or an adapter on its base)
 answers the same held-out questions; reward models score every answer; the statistics say by how much
-one arm beats another, with intervals (engine/eval_stats.py), and the report shows it
-(engine/eval_report.py).
+one arm beats another, with intervals (engine/eval/stats.py), and the report shows it
+(engine/eval/report.py).
 
 The reward model PPO optimised is the *proxy*; a reward model trained on other questions (prepare's
 `judge` split) is a *held-out judge*. The proxy's verdict is the number RLHF is known to fool (Gao et
@@ -27,17 +27,17 @@ import torch
 
 from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.data.tokenizer import format_prompt
-from rlhf_engine.engine.adapter_files import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
-from rlhf_engine.engine.builder import resolve_tokenizer
-from rlhf_engine.engine.checkpoint import CONFIG, load_checkpoint
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.dist import Dist, all_gather_objects
-from rlhf_engine.engine.generate import SamplingConfig
-from rlhf_engine.engine.int8 import quantize_on_load
-from rlhf_engine.engine.lora import DEFAULT
-from rlhf_engine.engine.ppo_roles import RewardFn, reward_model_fn
-from rlhf_engine.engine.precision import DTYPES, torch_dtype
-from rlhf_engine.engine.answer_scores import sample_answers, score_responses, sequence_kl
+from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from rlhf_engine.engine.weights.builder import resolve_tokenizer
+from rlhf_engine.engine.weights.hf_folder import CONFIG, load_checkpoint
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects
+from rlhf_engine.engine.model.generate import SamplingConfig
+from rlhf_engine.engine.model.int8 import quantize_on_load
+from rlhf_engine.engine.model.lora import DEFAULT
+from rlhf_engine.engine.rl.roles import RewardFn, reward_model_fn
+from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dic
 
 
 def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
-    from rlhf_engine.engine.eval_report import write_outputs
+    from rlhf_engine.engine.eval.report import write_outputs
     log = print if dist.is_main else (lambda *a, **k: None)
     arms = [named(m) for m in cfg.models]
     baseline = cfg.baseline or arms[0][0]

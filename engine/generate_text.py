@@ -1,5 +1,5 @@
 """`train.py generate`: load a checkpoint (and optionally a LoRA adapter), sample a continuation of each
-prompt with engine/generate.py, and print one decoded response per line.
+prompt with engine/model/generate.py, and print one decoded response per line.
 """
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_engine.engine.adapter_files import load_adapter
-from rlhf_engine.engine.builder import resolve_tokenizer
-from rlhf_engine.engine.checkpoint import load_checkpoint
-from rlhf_engine.engine.generate import SamplingConfig, generate
-from rlhf_engine.engine.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.weights.adapters import load_adapter
+from rlhf_engine.engine.weights.builder import resolve_tokenizer
+from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+from rlhf_engine.engine.model.generate import SamplingConfig, generate
+from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from rlhf_engine.engine.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
-from rlhf_engine.engine.checkpoint import TOKENIZER, load_checkpoint, save_model_folder
-from rlhf_engine.engine.lora import merge_and_unload
-from rlhf_engine.engine.precision import DTYPES
+from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint, save_model_folder
+from rlhf_engine.engine.model.lora import merge_and_unload
+from rlhf_engine.engine.model.precision import DTYPES
 
 
 def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str | None = None) -> str:

@@ -2,9 +2,9 @@
 
 Read `train()` from its step loop: 1. rollout, 2. score, 3. KL-penalised rewards, 4. advantages,
 5. PPO epochs (`ppo_epochs` below), 6. log. Two files tell the whole step: this one and
-engine/rollout.py, which builds the rollout and holds the forward the update differentiates. The
-math is in engine/rlhf_math.py, who plays which role (policy, reference, reward, value) in
-engine/ppo_roles.py, the flags and their StackLLaMA defaults in engine/ppo_config.py.
+engine/rl/rollout.py, which builds the rollout and holds the forward the update differentiates. The
+math is in engine/rl/rlhf_math.py, who plays which role (policy, reference, reward, value) in
+engine/rl/roles.py, the flags and their StackLLaMA defaults in engine/rl/config.py.
 
 The "old" log-probs come from the same function the update uses, evaluated on the first minibatch's
 rows in the same chunks, so that minibatch's importance ratio is exactly 1 (asserted). Dropout is off
@@ -20,26 +20,27 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rlhf_engine.engine import ppo_checkpoint, roofline
-from rlhf_engine.engine.builder import build_model, resolve_tokenizer
-from rlhf_engine.engine.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
+from rlhf_engine.engine.rl import checkpoint as ppo_checkpoint
+from rlhf_engine.engine.training import roofline
+from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
+from rlhf_engine.engine.rl.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
                                rloo_advantages)
-from rlhf_engine.engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
-from rlhf_engine.engine.generate import SamplingConfig
-from rlhf_engine.engine.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.optim import BadStepGuard, build_adamw, clip_and_step
-from rlhf_engine.engine.ppo_config import PPOConfig
-from rlhf_engine.engine.ppo_diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
+from rlhf_engine.engine.model.generate import SamplingConfig
+from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step
+from rlhf_engine.engine.rl.config import PPOConfig
+from rlhf_engine.engine.rl.diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
                                     negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
                                     reward_metrics, sample_table, sampler_tolerance, step_report, warnings)
-from rlhf_engine.engine.ppo_eval import PPOEval
-from rlhf_engine.engine.ppo_roles import RewardFn, build_roles, mib
-from rlhf_engine.engine.precision import autocast
-from rlhf_engine.engine.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
+from rlhf_engine.engine.eval.ppo_eval import PPOEval
+from rlhf_engine.engine.rl.roles import RewardFn, build_roles, mib
+from rlhf_engine.engine.model.precision import autocast
+from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
                               kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
                               moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
-from rlhf_engine.engine.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
-from rlhf_engine.engine.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
+from rlhf_engine.engine.rl.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
+from rlhf_engine.engine.training.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
@@ -123,7 +124,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                                                 0.0 if cfg.estimator in KL_IN_LOSS else kl_coef)
 
         # 4. Advantages: GAE, whitened with the statistics of the whole batch over all ranks; or a
-        #    critic-free estimator (engine/estimators.py), whose returns are its advantages.
+        #    critic-free estimator (engine/rl/estimators.py), whose returns are its advantages.
         if cfg.estimator == "ppo":
             advantages, returns = gae(rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
             if cfg.whiten == "batch":

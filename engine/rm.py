@@ -21,16 +21,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_engine.data.loaders import PairLoader, pad
 from rlhf_engine.data.pairs_io import read_pairs
-from rlhf_engine.engine.builder import build_model, count_params, resolve_tokenizer
-from rlhf_engine.engine.dist import Dist, all_reduce_named, grad_sync
-from rlhf_engine.engine.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.lora import LoRAConfig
-from rlhf_engine.engine.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
-from rlhf_engine.engine.precision import autocast
-from rlhf_engine.engine.rlhf_math import last_token_index, pairwise_loss
-from rlhf_engine.engine.roofline import measured_peaks, mfu, training_flops_per_token
-from rlhf_engine.engine.stage_config import ScheduledStageConfig, require_non_negative, require_positive
-from rlhf_engine.engine.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
+from rlhf_engine.engine.weights.builder import build_model, count_params, resolve_tokenizer
+from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
+from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.model.lora import LoRAConfig
+from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
+from rlhf_engine.engine.model.precision import autocast
+from rlhf_engine.engine.rl.rlhf_math import last_token_index, pairwise_loss
+from rlhf_engine.engine.training.roofline import measured_peaks, mfu, training_flops_per_token
+from rlhf_engine.engine.training.stage_config import ScheduledStageConfig, require_non_negative, require_positive
+from rlhf_engine.engine.training.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
                                 seed_everything)
 
 

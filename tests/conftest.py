@@ -78,9 +78,9 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
     saved with the synthetic tokenizer."""
     import torch
 
-    from rlhf_engine.engine.checkpoint import save_model_folder
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.llama import LLaMA
     pairs, tok = synthetic_pairs
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_rm(ppo_base, synthetic_pairs, tmp_path_factory):
     """A reward model made from the PPO base with a random score head (a merged RM folder)."""
-    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
     folder = str(tmp_path_factory.mktemp("random_rm") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer_path=synthetic_pairs[1],
                       pad_token_id=0)

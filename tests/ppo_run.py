@@ -10,8 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402,F401  binds rlhf_engine to this checkout
 
-from rlhf_engine.engine.dist import close_dist, init_dist  # noqa: E402
-from rlhf_engine.engine.lora import LoRAConfig  # noqa: E402
+from rlhf_engine.engine.training.dist import close_dist, init_dist  # noqa: E402
+from rlhf_engine.engine.model.lora import LoRAConfig  # noqa: E402
 from rlhf_engine.engine.ppo import PPOConfig, train  # noqa: E402
 
 

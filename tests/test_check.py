@@ -12,12 +12,12 @@ import torch
 import train
 from rlhf_engine.data.pairs_io import PairWriter
 from rlhf_engine.engine import check
-from rlhf_engine.engine.adapter_files import save_adapter
-from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.lora import LoRAConfig, apply_lora, lora_layers
+from rlhf_engine.engine.weights.adapters import save_adapter
+from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, lora_layers
 from rlhf_engine.engine.merge import merge
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA
 
 
 def write_splits(folder, questions_by_split):
@@ -36,7 +36,7 @@ def write_splits(folder, questions_by_split):
 def run_dir(tiny_tokenizer_path, tmp_path_factory):
     """A tiny base, a LoRA adapter on it with non-zero lora_b, an RM adapter (score head beside it)
     and the same RM merged, and four disjoint splits."""
-    from rlhf_engine.engine.train_state import write_stage_model
+    from rlhf_engine.engine.training.train_state import write_stage_model
     folder = tmp_path_factory.mktemp("check")
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
 
 def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
     """Attention that lets real tokens see the padding (the mask built as if every slot were real)."""
-    import rlhf_engine.engine.model as model_module
+    import rlhf_engine.engine.model.llama as model_module
     honest = model_module.attention_mask_for
     monkeypatch.setattr(model_module, "attention_mask_for", lambda padding, T: honest(torch.ones_like(padding), T))
     code, rows, _ = check_table(capsys, run_dir)
@@ -119,7 +119,7 @@ def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
 
 def test_a_forgetful_cache_fails_decode(run_dir, capsys, monkeypatch):
     """Decode steps (one token against the cache) store zeros instead of their own keys and values."""
-    from rlhf_engine.engine.model import KVCache
+    from rlhf_engine.engine.model.llama import KVCache
     honest = KVCache.update
 
     def forgetful(self, layer, k, v):
@@ -156,7 +156,7 @@ def test_a_reference_that_keeps_its_adapter_fails(run_dir, capsys, monkeypatch):
     assert code == 1
 
 
-@pytest.mark.parametrize("module, row", [("rlhf_engine.engine.ppo_roles", "reward read at the last real token"),
+@pytest.mark.parametrize("module, row", [("rlhf_engine.engine.rl.roles", "reward read at the last real token"),
                                          ("rlhf_engine.engine.rm", "RM score: padded batch = rows alone")])
 def test_a_score_read_at_the_last_column_fails(run_dir, capsys, monkeypatch, module, row):
     """The reward read at the last column (a padding slot for every shorter row), in PPO's reward

@@ -7,9 +7,9 @@ import struct
 import pytest
 import torch
 
-from rlhf_engine.engine.checkpoint import CheckpointError, load_checkpoint, save_model_folder
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.weights.hf_folder import CheckpointError, load_checkpoint, save_model_folder
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.llama import LLaMA
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,7 +279,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     target = tmp_path / "ckpt"
     first = make(GQA, seed=1)
     save_model_folder(first, str(target))
-    import rlhf_engine.engine.checkpoint as ck
+    import rlhf_engine.engine.weights.hf_folder as ck
 
     def crash(*a, **k):
         raise OSError("disk full")
@@ -299,8 +299,8 @@ def test_killed_save_never_looks_complete(tmp_path):
     import time
     code = (
         "import sys, torch; sys.path.insert(0, %r)\n"
-        "import train\nimport rlhf_engine.engine.checkpoint as ck\n"
-        "from rlhf_engine.engine.model import LLaMA\nfrom rlhf_engine.engine.config import ModelConfig\n"
+        "import train\nimport rlhf_engine.engine.weights.hf_folder as ck\n"
+        "from rlhf_engine.engine.model.llama import LLaMA\nfrom rlhf_engine.engine.model.config import ModelConfig\n"
         "orig = ck.save_tensors\n"
         "def slow(*a, **k):\n    orig(*a, **k); print('written', flush=True); import time; time.sleep(60)\n"
         "ck.save_tensors = slow\n"
@@ -321,7 +321,7 @@ def test_stories260k_greedy_text():
     from conftest import shared_file
 
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.generate import SamplingConfig, generate
+    from rlhf_engine.engine.model.generate import SamplingConfig, generate
     model = load_checkpoint(shared_file("tinyllamas-stories260K", "stories260K.bin")).eval()
     tok = Tokenizer(shared_file("tinyllamas-stories260K", "tok512.model"))
     out = generate(model, [[tok.bos_id]], SamplingConfig(max_new_tokens=64, temperature=0), tok.eos_id, tok.pad_id)

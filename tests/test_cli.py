@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from rlhf_engine.engine.checkpoint import save_model_folder
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.weights.hf_folder import save_model_folder
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.llama import LLaMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def test_help_lists_every_stage():
 
 def test_generate_prints_the_greedy_continuation(tmp_path, tiny_tokenizer_path):
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.generate import SamplingConfig, generate
+    from rlhf_engine.engine.model.generate import SamplingConfig, generate
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
     torch.manual_seed(0)
     model = LLaMA(cfg).init_weights(std=0.2).eval()
@@ -64,8 +64,8 @@ def test_stories260k_cli_reproduces_the_known_text():
 
 
 def test_generate_with_an_adapter_differs_from_the_base(tmp_path, tiny_tokenizer_path):
-    from rlhf_engine.engine.adapter_files import save_adapter
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.weights.adapters import save_adapter
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
     torch.manual_seed(0)
     model = LLaMA(cfg).init_weights(std=0.2).eval()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rlhf_engine.engine.config import PRESETS, ModelConfig
+from rlhf_engine.engine.model.config import PRESETS, ModelConfig
 
 
 def test_presets_match_published_parameter_counts():

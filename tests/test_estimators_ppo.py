@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, read_metrics
 from ppo_run import config, reward_multiple_of_4
 
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.ppo import train
 
 CRITIC_FREE = ["rloo", "grpo", "dr_grpo", "reinforce_pp", "remax"]
@@ -96,11 +96,11 @@ def test_remax_baseline_is_the_greedy_responses_total_reward(ppo_base):
     """ReMax's baseline is scored like a sampled response: its RM score and the KL penalty of its own tokens
     (Σ_t log π − log π_ref under the sampling temperature), not the score alone, which sat above every
     sampled total by about β·KL and made nearly every advantage negative."""
-    from rlhf_engine.engine.builder import resolve_tokenizer
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.generate import SamplingConfig, generate
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
-    from rlhf_engine.engine.rollout import PolicyAndValue, greedy_baseline
+    from rlhf_engine.engine.weights.builder import resolve_tokenizer
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.model.generate import SamplingConfig, generate
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.rl.rollout import PolicyAndValue, greedy_baseline
     tok = resolve_tokenizer(ppo_base[0], None)
     policy = apply_lora(load_checkpoint(ppo_base[0]), LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
     with torch.no_grad():

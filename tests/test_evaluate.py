@@ -10,18 +10,18 @@ import torch
 from conftest import ROOT
 
 import train
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.answer_scores import sequence_kl
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.eval.answers import sequence_kl
 from rlhf_engine.engine.evaluate import EvalConfig, evaluate, load_policy
-from rlhf_engine.engine.generate import SamplingConfig
+from rlhf_engine.engine.model.generate import SamplingConfig
 
 
 @pytest.fixture(scope="module")
 def arms(ppo_base, synthetic_pairs, tmp_path_factory):
     """(base checkpoint, an adapter on it that changes its answers, the evaluation split)."""
-    from rlhf_engine.engine.adapter_files import save_adapter
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.weights.adapters import save_adapter
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
     model = apply_lora(load_checkpoint(ppo_base[0]), lora)
     with torch.no_grad():
@@ -128,9 +128,9 @@ def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
     PairWriter(str(tmp_path / "empty" / "pairs.parquet")).close()
     assert "has no questions" in one_line_error(capsys, "--models", base, "--judges", random_rm, "--data",
                                                 str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    from rlhf_engine.engine.checkpoint import save_model_folder
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.llama import LLaMA
     other = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 600})).init_weights()
     save_model_folder(other, str(tmp_path / "other"))
     assert "vocab" in one_line_error(capsys, "--models", base, str(tmp_path / "other"), "--judges", random_rm,
@@ -140,10 +140,10 @@ def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
 def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
     """A judge given as an RM adapter folder is scored with its adapter active (not the bare base)."""
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.adapter_files import save_adapter
-    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.weights.adapters import save_adapter
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
     from rlhf_engine.engine.evaluate import load_reward_model
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     from rlhf_engine.engine.merge import merge
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
     rm = apply_lora(load_checkpoint(ppo_base[0], head="score"), lora)

@@ -27,8 +27,8 @@ from conftest import ROOT, shared_file
 from test_sft import free_port
 
 import train as cli
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.train_state import (LOCK, list_checkpoints, lock_run_folder, load_trainer_state, resolve_resume,
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.training.train_state import (LOCK, list_checkpoints, lock_run_folder, load_trainer_state, resolve_resume,
                                 save_training_checkpoint)
 
 TIMING = ("time/", "perf/")  # the only fields two equal runs may differ in
@@ -107,7 +107,7 @@ def wait_for(condition, timeout_s: float, what: str):
 # ---- 1. one run per --out --------------------------------------------------------------------------
 
 HOLD = ("import sys; sys.path.insert(0, {root!r})\n"
-        "import train\nfrom rlhf_engine.engine.dist import init_dist\nfrom rlhf_engine.engine.train_state import lock_run_folder\n"
+        "import train\nfrom rlhf_engine.engine.training.dist import init_dist\nfrom rlhf_engine.engine.training.train_state import lock_run_folder\n"
         "lock_run_folder(init_dist('cpu'), {out!r}); print('locked', flush=True); sys.stdin.read()")
 
 
@@ -165,7 +165,7 @@ def test_out_that_is_a_file_or_read_only_is_one_line(synthetic_pairs, tmp_path, 
 
     def read_only(path, *a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-    monkeypatch.setattr("rlhf_engine.engine.train_state.os.makedirs", read_only)
+    monkeypatch.setattr("rlhf_engine.engine.training.train_state.os.makedirs", read_only)
     line = refused(capsys, sft_args(synthetic_pairs, tmp_path / "ro", "--max-steps", "1"), tmp_path / "ro")
     assert "Read-only file system" in line
 
@@ -231,7 +231,7 @@ def test_a_rotation_killed_midway_leaves_no_checkpoint_that_resume_takes(tmp_pat
 
 
 def test_a_full_disk_during_a_save_names_the_last_good_checkpoint(synthetic_pairs, tmp_path, capsys, monkeypatch):
-    import rlhf_engine.engine.train_state as train_state
+    import rlhf_engine.engine.training.train_state as train_state
     real, saves = train_state.write_stage_model, []
 
     def fill_up(folder, *a, **k):
@@ -315,7 +315,7 @@ class NotATensor:
 
 
 def test_pickled_objects_are_refused_naming_the_file(synthetic_pairs, tmp_path, capsys):
-    from rlhf_engine.engine.config import ModelConfig
+    from rlhf_engine.engine.model.config import ModelConfig
     _, tok = synthetic_pairs
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -358,7 +358,7 @@ ARMED = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train
-import rlhf_engine.engine.train_state as ts
+import rlhf_engine.engine.training.train_state as ts
 kind, nth = (os.environ["FAULT"].split(":") + ["0"])[:2]
 calls = []
 
@@ -422,7 +422,7 @@ def check_checkpoints(out, stage):
     """Every folder `--resume auto` could take is complete: its trainer state and model files load."""
     from safetensors.torch import load_file
 
-    from rlhf_engine.engine.checkpoint import load_checkpoint
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
     dist = init_dist("cpu")
     for _, path in list_checkpoints(str(out)):
         load_trainer_state(dist, path)

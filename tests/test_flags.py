@@ -12,8 +12,8 @@ import pytest
 
 import train
 from rlhf_engine.engine.flags import config_from_args, config_parser
-from rlhf_engine.engine.generate import SamplingConfig
-from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.model.generate import SamplingConfig
+from rlhf_engine.engine.model.lora import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Recorder:
 @pytest.fixture(scope="module")
 def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
     """The synthetic data, a tiny random LLaMA checkpoint and a reward model made from it."""
-    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
     pairs, tok = synthetic_pairs
     rm = str(tmp_path_factory.mktemp("flags") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), rm, tokenizer_path=tok, pad_token_id=0)
@@ -164,9 +164,9 @@ def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
 
 def stage_configs(tiny_base, tmp_path):
     from rlhf_engine.data.synthetic import write_synthetic_posts
-    from rlhf_engine.engine.adapter_files import save_adapter
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.lora import apply_lora
+    from rlhf_engine.engine.weights.adapters import save_adapter
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.model.lora import apply_lora
     pairs, tok, base, rm = tiny_base
     posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 60, seed=0)
     lora = LoRAConfig(r=2, targets=("all-linear",))

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.generate import SamplingConfig, filter_logits, generate, left_pad
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.generate import SamplingConfig, filter_logits, generate, left_pad
+from rlhf_engine.engine.model.llama import LLaMA
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=96, max_seq_len=128)
 PROMPTS = [[1, 5, 9, 13, 17], [1, 40], [1, 7, 7, 7, 7, 7, 7, 7, 30]]
@@ -129,7 +129,7 @@ def test_row_seeds_make_a_row_independent_of_its_batch():
 
 def test_inverse_cdf_sampling_by_hand():
     """The batch is picked by one cumsum + searchsorted: the first token whose cumulative mass exceeds u."""
-    from rlhf_engine.engine.generate import sample_next
+    from rlhf_engine.engine.model.generate import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(7, 4)
     u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999])
     tokens, logprobs = sample_next(logits, SamplingConfig(), u)
@@ -142,7 +142,7 @@ def test_inverse_cdf_sampling_by_hand():
 
 
 def test_inverse_cdf_sampling_matches_the_distribution():
-    from rlhf_engine.engine.generate import sample_next
+    from rlhf_engine.engine.model.generate import sample_next
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     n = 40_000
     tokens, _ = sample_next(probs.log().expand(n, 4), SamplingConfig(temperature=1.0),

@@ -22,7 +22,7 @@ import importlib.util, json, sys
 from transformers import LlamaConfig, LlamaForCausalLM
 import peft
 import rlhf_engine.kernels.logprobs as ours
-import rlhf_engine.engine.model as model
+import rlhf_engine.engine.model.llama as model
 theirs = importlib.util.find_spec("kernels")
 print(json.dumps({"ours": ours.__file__, "model": model.__file__, "peft": peft.__file__,
                   "theirs": theirs.origin if theirs else None, "llama": LlamaForCausalLM.__name__}))
@@ -84,7 +84,7 @@ def test_a_regular_install_owns_one_name_and_works_from_another_folder(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith((".dist-info", ".data"))} == {"rlhf_engine"}, top
-    assert "rlhf_engine/kernels/logprobs.py" in names and "rlhf_engine/engine/model.py" in names
+    assert "rlhf_engine/kernels/logprobs.py" in names and "rlhf_engine/engine/model/llama.py" in names
 
     # A scratch venv that sees this venv's packages (torch, transformers, peft, kernels) through a .pth file
     # and gets the engine itself from the wheel, not from the editable finder.

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_engine.engine.int8 import Int8Linear, dequantize_int8, quantize_int8, quantize_linear_state, quantize_model
+from rlhf_engine.engine.model.int8 import Int8Linear, dequantize_int8, quantize_int8, quantize_linear_state, quantize_model
 from rlhf_engine.kernels import int8_matmul
 
 IMPLS = [impl for impl in int8_matmul.IMPLS if int8_matmul.available(impl, "cpu")]
@@ -269,7 +269,7 @@ def test_layers_below_and_above_frozen_int8_layers_learn(impl):
 
 
 def test_lora_on_an_int8_base_trains_and_merges_to_full_precision():
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable, merge_lora
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable, merge_lora
     torch.manual_seed(6)
     model = quantize_model(make_net())
     x = torch.randn(64, 16)
@@ -307,9 +307,9 @@ def test_lora_gradients_of_an_8bit_model_match_the_float_model(dtype):
     """The 8-bit speed path end to end: int8 forward and int8 input-gradient backward through every frozen
     linear of a model, then the LoRA gradients of a PPO-style log-prob loss, against the float model's.
     Measured relative error on this seed: ~2e-2 in fp32 and ~3e-2 under bf16 autocast; bound 5e-2."""
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+    from rlhf_engine.engine.model.llama import LLaMA
     from rlhf_engine.kernels.logprobs import hidden_token_logprobs
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 256})
     base = LLaMA(cfg).init_weights(std=0.05, generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,7 @@
 """The stdout line: printed on the step interval and, on a slow machine, at least every 30 s; its ETA is
 the pace since the first line, not since start-up."""
-import rlhf_engine.engine.logging as logging_module
-from rlhf_engine.engine.logging import Logger
+import rlhf_engine.engine.training.logging as logging_module
+from rlhf_engine.engine.training.logging import Logger
 
 
 def test_lines_come_on_time_and_the_eta_ignores_start_up(tmp_path, capsys, monkeypatch):
@@ -27,7 +27,7 @@ def test_threads_per_rank_share_the_cores_unless_omp_num_threads_says(monkeypatc
 
     import torch
 
-    from rlhf_engine.engine.dist import set_threads
+    from rlhf_engine.engine.training.dist import set_threads
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -41,7 +41,7 @@ def test_threads_per_rank_share_the_cores_unless_omp_num_threads_says(monkeypatc
 
 
 def test_each_stage_says_its_thread_count_first(synthetic_pairs, tmp_path, capsys):
-    from rlhf_engine.engine.dist import init_dist
+    from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.sft import SFTConfig, train
     pairs, tok = synthetic_pairs
     train(SFTConfig(model="tiny", tokenizer=tok, data=f"{pairs}/finetune", out=str(tmp_path), lora=None, seq_len=32,

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from rlhf_engine.engine.adapter_files import load_adapter, save_adapter, write_adapter
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.lora import (
+from rlhf_engine.engine.weights.adapters import load_adapter, save_adapter, write_adapter
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.lora import (
     LoRAConfig,
     apply_lora,
     disable_lora,
@@ -13,7 +13,7 @@ from rlhf_engine.engine.lora import (
     merge_lora,
     use_adapter,
 )
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=64)
 TOKENS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def hf_base(tmp_path, seed=0):
-    from rlhf_engine.engine.checkpoint import save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
     save_model_folder(base_model(seed), str(tmp_path / "base"))
     return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
 
@@ -253,7 +253,7 @@ def test_reward_adapter_with_its_head_loads_apart_from_the_model(tmp_path):
     policy = apply_lora(base_model(), LoRAConfig(r=4))
     with pytest.raises(ValueError, match="score.weight matches no parameter"):
         load_adapter(base_model(), str(tmp_path / "rm"), name="reward")
-    from rlhf_engine.engine.adapter_files import load_adapter_weights, read_adapter_config
+    from rlhf_engine.engine.weights.adapters import load_adapter_weights, read_adapter_config
     apply_lora(policy, read_adapter_config(str(tmp_path / "rm")), name="reward")
     extras = load_adapter_weights(policy, str(tmp_path / "rm"), name="reward", extras="return")
     assert list(extras) == ["score.weight"] and torch.equal(extras["score.weight"], rm.score.weight)

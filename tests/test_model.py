@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.generate import left_pad
-from rlhf_engine.engine.model import KVCache, LLaMA, attention_mask_for, positions_from_padding
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.generate import left_pad
+from rlhf_engine.engine.model.llama import KVCache, LLaMA, attention_mask_for, positions_from_padding
 
 GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
 MHA = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, hidden_dim=80, max_seq_len=64)
@@ -111,7 +111,7 @@ def test_decode_attention_equals_sdpa(n_kv):
     """The bf16 decode step's two-matmul attention (grouped heads, padding mask) is SDPA's math: equal in fp32."""
     import torch.nn.functional as F
 
-    from rlhf_engine.engine.model import decode_attention
+    from rlhf_engine.engine.model.llama import decode_attention
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 8, 1, 16, generator=g)
     k, v = torch.randn(3, n_kv, 10, 16, generator=g), torch.randn(3, n_kv, 10, 16, generator=g)

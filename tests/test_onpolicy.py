@@ -13,9 +13,9 @@ from conftest import ROOT
 from ppo_run import config, reward_multiple_of_4
 
 import rlhf_engine.engine.ppo as ppo
-import rlhf_engine.engine.rollout as rollout_module
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.ppo_diagnostics import first_minibatch_tolerance, onpolicy_metrics, sampler_tolerance
+import rlhf_engine.engine.rl.rollout as rollout_module
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.rl.diagnostics import first_minibatch_tolerance, onpolicy_metrics, sampler_tolerance
 
 
 def run(ppo_base, out, **kw):

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ppo_run import config, reward_multiple_of_4
 
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.ppo import train
-from rlhf_engine.engine.rlhf_math import full_kl
+from rlhf_engine.engine.rl.rlhf_math import full_kl
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def test_first_minibatch_ratio_must_be_exactly_one(base, tmp_path, monkeypatch):
 
 
 def policy_and_value(base_dir):
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.lora import LoRAConfig, apply_lora
-    from rlhf_engine.engine.rollout import PolicyAndValue
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
+    from rlhf_engine.engine.rl.rollout import PolicyAndValue
     policy = apply_lora(load_checkpoint(base_dir), LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
     with torch.no_grad():
         for n, p in policy.named_parameters():
@@ -58,9 +58,9 @@ def policy_and_value(base_dir):
 
 
 def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
-    from rlhf_engine.engine.checkpoint import load_checkpoint
-    from rlhf_engine.engine.generate import left_pad
-    from rlhf_engine.engine.rollout import score_responses
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.model.generate import left_pad
+    from rlhf_engine.engine.rl.rollout import score_responses
     pv = policy_and_value(base[0])
     plain = load_checkpoint(base[0]).eval()
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50]]
@@ -96,7 +96,7 @@ def test_exact_full_kl_is_never_negative(seed, scale):
 
 
 def test_masked_positions_change_nothing():
-    from rlhf_engine.engine.rlhf_math import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
+    from rlhf_engine.engine.rl.rlhf_math import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
     g = torch.Generator().manual_seed(0)
     B, T = 3, 6
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).float()

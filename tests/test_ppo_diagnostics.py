@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.ppo_diagnostics import (
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.rl.diagnostics import (
     length_metrics,
     negative_kl_metrics,
     repeated_token_share,
@@ -92,7 +92,7 @@ def test_negative_kl_warning_fires_beyond_rounding_and_sampling_noise_only():
 def test_kl_per_response_reports_the_k1_standard_error():
     from types import SimpleNamespace
 
-    from rlhf_engine.engine.ppo_diagnostics import kl_per_response
+    from rlhf_engine.engine.rl.diagnostics import kl_per_response
     # Per-response k1 sums 1, 3, -1, 5: mean 2, population variance (1+1+9+9)/4 = 5, stderr sqrt(5/4).
     logprobs = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [3.0, 2.0]])
     rollout = SimpleNamespace(logprobs=logprobs, ref_logprobs=torch.zeros(4, 2), kl_full=torch.zeros(4, 2),
@@ -114,7 +114,7 @@ def test_reward_hacking_warning_needs_rising_reward_and_collapsing_diversity():
 def test_closing_summary_says_what_happened_and_what_to_do_next():
     from types import SimpleNamespace
 
-    from rlhf_engine.engine.ppo_diagnostics import closing_summary, kl_verdict
+    from rlhf_engine.engine.rl.diagnostics import closing_summary, kl_verdict
     cfg = SimpleNamespace(kl_target=6.0, model="runs/sft", max_steps=20, adaptive_kl=True)
     history = [{"env/reward_mean": float(i), "objective/kl": 2.0} for i in range(20)]
     lines = closing_summary(cfg, history, 0.05, "runs/ppo/checkpoint-000020")

@@ -6,7 +6,7 @@ import os
 import pytest
 from ppo_run import config, reward_multiple_of_4
 
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.ppo import train
 
 

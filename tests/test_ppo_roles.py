@@ -8,16 +8,16 @@ import torch
 from conftest import read_metrics
 from ppo_run import config, reward_multiple_of_4
 
-from rlhf_engine.engine.builder import build_model
-from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.lora import LoRAConfig, apply_lora, lora_layers
+from rlhf_engine.engine.weights.builder import build_model
+from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, lora_layers
 from rlhf_engine.engine.merge import merge
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.ppo import train
-from rlhf_engine.engine.ppo_roles import reward_model_fn
-from rlhf_engine.engine.rollout import PolicyAndValue
+from rlhf_engine.engine.rl.roles import reward_model_fn
+from rlhf_engine.engine.rl.rollout import PolicyAndValue
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50]]
 RESPONSES = [[7, 8, 9], [10, 2, 0]]  # row 1 ends with EOS (2), then one padding slot
@@ -27,7 +27,7 @@ RESPONSES = [[7, 8, 9], [10, 2, 0]]  # row 1 ends with EOS (2), then one padding
 def setup(synthetic_pairs, tmp_path_factory):
     """(base, rl data, RM adapter folder trained-looking on that base, the same RM merged)."""
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.train_state import write_stage_model
+    from rlhf_engine.engine.training.train_state import write_stage_model
     pairs, tok = synthetic_pairs
     folder = tmp_path_factory.mktemp("roles")
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
@@ -48,7 +48,7 @@ def setup(synthetic_pairs, tmp_path_factory):
 
 
 def batch():
-    from rlhf_engine.engine.generate import left_pad
+    from rlhf_engine.engine.model.generate import left_pad
     tokens, mask = left_pad(PROMPTS, 0)
     full = torch.cat([tokens, torch.tensor(RESPONSES)], 1)
     full_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], 1)
@@ -57,7 +57,7 @@ def batch():
 
 def roles_for(setup, tmp_path, reward, value_model):
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.ppo_roles import build_roles
+    from rlhf_engine.engine.rl.roles import build_roles
     base, data, adapter, merged = setup
     cfg = config(base, data, str(tmp_path), reward_model=adapter if reward == "adapter" else merged,
                  value_model=value_model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ppo_run import config, reward_multiple_of_4
 
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.ppo import train
 
 

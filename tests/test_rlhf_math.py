@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.engine.rlhf_math import (adaptive_kl_coef, clipped_value_loss, explained_variance, full_kl, gae,
+from rlhf_engine.engine.rl.rlhf_math import (adaptive_kl_coef, clipped_value_loss, explained_variance, full_kl, gae,
                               kl_estimate, kl_penalized_rewards, last_token_index, masked_mean, masked_moments,
                               masked_whiten, moments_to_stats, pairwise_loss, ppo_policy_loss,
                               running_moments_update)
@@ -127,7 +127,7 @@ def test_running_moments_match_the_whole_sample():
 
 
 def test_shape_scores():
-    from rlhf_engine.engine.rlhf_math import shape_scores
+    from rlhf_engine.engine.rl.rlhf_math import shape_scores
     scores, ended = t([3.0, -1.0, 10.0]), t([True, True, False])
     # Baseline 1: (2, −2, 9); normalised by mean 0, var 4: (1, −1, 4.5); clipped to ±2: (1, −1, 2).
     assert close(shape_scores(scores, ended, baseline=1.0, norm=(0.0, 4.0), clip=2.0), [1.0, -1.0, 2.0])

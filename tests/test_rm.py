@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import read_metrics
 
-from rlhf_engine.engine.dist import init_dist
+from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.rm import RMConfig, train
 
 WORDS = "how do i store coffee beans the best way is an airtight container keep them away from light".split()
@@ -60,12 +60,12 @@ def test_rm_resume_is_exact(separable_pairs, tiny_tokenizer_path, tmp_path):
 
 def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs, tiny_tokenizer_path, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from rlhf_engine.engine.adapter_files import load_adapter
-    from rlhf_engine.engine.checkpoint import load_checkpoint, save_model_folder
-    from rlhf_engine.engine.config import ModelConfig
-    from rlhf_engine.engine.lora import LoRAConfig
+    from rlhf_engine.engine.weights.adapters import load_adapter
+    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.model.config import ModelConfig
+    from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.merge import merge
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.model.llama import LLaMA
     base = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})).init_weights()
     save_model_folder(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
     train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"),

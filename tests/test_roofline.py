@@ -1,12 +1,12 @@
-"""engine/roofline.py: FLOP and byte accounting on hand-computed configs (4·N for a frozen base, 6·N for full
+"""engine/training/roofline.py: FLOP and byte accounting on hand-computed configs (4·N for a frozen base, 6·N for full
 fine-tuning, attention per attended key), the PPO step report's fractions, and the measured peaks."""
 import math
 
 import pytest
 import torch
 
-from rlhf_engine.engine import roofline
-from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.training import roofline
+from rlhf_engine.engine.model.config import ModelConfig
 
 # dim 8, 2 layers, 2 heads of 4, hidden 16, vocab 10. Per layer: q, k, v, o = 4 x 8 x 8 = 256 weights; the MLP
 # 3 x 8 x 16 = 384. N = 2 x 640 = 1280; the LM head 10 x 8 = 80.
@@ -39,7 +39,7 @@ def test_decode_bytes_and_weight_bytes():
     # Every weight once per step, plus keys and values: 2 x layers x kv heads x head_dim x bytes per slot read.
     assert roofline.decode_bytes(SMALL, model_bytes=1000, steps=3, kv_reads=7, kv_element_bytes=4) == \
         1000 * 3 + 2 * 2 * 2 * 4 * 4 * 7
-    from rlhf_engine.engine.model import LLaMA
+    from rlhf_engine.engine.model.llama import LLaMA
     model = LLaMA(SMALL)
     # The layers' linears and the LM head, float32; not the embedding (a row lookup) nor the norms (vectors).
     assert roofline.weight_bytes(model) == (1280 + 80) * 4

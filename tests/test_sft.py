@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics
 
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.model.lora import LoRAConfig
 from rlhf_engine.engine.sft import SFTConfig, train
 
 TINY = dict(model="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=5, log_every=1, eval_every=0,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_engine.engine.dist import init_dist
-from rlhf_engine.engine.train_state import (
+from rlhf_engine.engine.training.dist import init_dist
+from rlhf_engine.engine.training.train_state import (
     TRAINER_STATE,
     list_checkpoints,
     load_trainer_state,

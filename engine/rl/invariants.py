@@ -2,7 +2,7 @@
 returns a named `Invariant` (what it measured, the tolerance, passed or not).
 
 1. Padding is invisible: a row's logits alone equal its logits inside a left-padded batch, whatever
-   the other rows are (positions come from the attention mask, engine/model.py).
+   the other rows are (positions come from the attention mask, engine/model/llama.py).
 2. The KV-cache decode that samples equals the full forward that trains.
 3. The sampler's log-probs are the trainer's (PolicyAndValue, under the trainer's autocast): else the
    first importance ratio is not 1 and the KL is not what it claims (StackLLaMA's negative KL).
@@ -24,14 +24,14 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.loaders import pad
 from rlhf_engine.data.pairs_io import read_pairs
-from rlhf_engine.engine.generate import Generation, SamplingConfig, generate, left_pad
-from rlhf_engine.engine.lora import DEFAULT, LoRALinear, lora_layers
-from rlhf_engine.engine.model import LLaMA
-from rlhf_engine.engine.ppo_roles import RewardFn
-from rlhf_engine.engine.precision import autocast
-from rlhf_engine.engine.rlhf_math import pairwise_loss
+from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate, left_pad
+from rlhf_engine.engine.model.lora import DEFAULT, LoRALinear, lora_layers
+from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.model.precision import autocast
+from rlhf_engine.engine.rl.rlhf_math import pairwise_loss
 from rlhf_engine.engine.rm import PairScores
-from rlhf_engine.engine.rollout import PolicyAndValue
+from rlhf_engine.engine.rl.rollout import PolicyAndValue
 from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 
 

@@ -1,6 +1,6 @@
 """Importers for the two non-HF LLaMA formats: Meta's consolidated.*.pth folders and llama2.c's legacy
 .bin. Each returns (ModelConfig, a lazy stream of (source file, HF tensor name, getter)) that
-engine/checkpoint.py's loader assigns like an HF folder's tensors; both reorder q/k rows from the
+engine/weights/hf_folder.py's loader assigns like an HF folder's tensors; both reorder q/k rows from the
 interleaved rotary layout to HF's split-half one.
 
 References: transformers' convert_llama_weights_to_hf.py (rotary permutation, Meta shard layout),
@@ -15,8 +15,8 @@ import os
 import numpy as np
 import torch
 
-from rlhf_engine.engine.checkpoint import CheckpointError, torch_load_weights
-from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.weights.hf_folder import CheckpointError, torch_load_weights
+from rlhf_engine.engine.model.config import ModelConfig
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

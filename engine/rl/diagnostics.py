@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.engine import roofline
-from rlhf_engine.engine.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
-from rlhf_engine.engine.rlhf_math import kl_estimate, masked_sum
+from rlhf_engine.engine.training import roofline
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
+from rlhf_engine.engine.rl.rlhf_math import kl_estimate, masked_sum
 
 KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
 
@@ -208,7 +208,7 @@ def closing_summary(cfg, history: list[dict], kl_coef: float, saved: str | None)
 
 
 def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: int) -> roofline.StepReport:
-    """This rank's step against the machine's measured limits (engine/roofline.py): generate against memory
+    """This rank's step against the machine's measured limits (engine/training/roofline.py): generate against memory
     bandwidth, the scoring forwards and the update against the matmul peak of the base's dtype."""
     peaks = roofline.measured_peaks(rollout.tokens.device.type)
     B = rollout.tokens.shape[0]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_engine.engine.generate import SamplingConfig, generate, left_pad
-from rlhf_engine.engine.ppo_roles import RewardFn
-from rlhf_engine.engine.precision import autocast
-from rlhf_engine.engine.rlhf_math import full_kl_from_log_softmax
+from rlhf_engine.engine.model.generate import SamplingConfig, generate, left_pad
+from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.model.precision import autocast
+from rlhf_engine.engine.rl.rlhf_math import full_kl_from_log_softmax
 
 
 def sample_answers(model, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig, eos_id: int,

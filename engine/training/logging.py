@@ -3,7 +3,7 @@
 Scalars are namespaced (`train/loss`, `ppo/clipfrac`, `perf/tokens_per_s`, ...). Other ranks get a
 logger that does nothing, so training code calls it unconditionally. A resumed run first drops what
 the steps it will redo had logged (metrics.jsonl rewritten atomically, TensorBoard's purge_step), so
-its logs read as one clean run. MFU and the step report against measured peaks are engine/roofline.py's.
+its logs read as one clean run. MFU and the step report against measured peaks are engine/training/roofline.py's.
 """
 from __future__ import annotations
 

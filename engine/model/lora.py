@@ -5,7 +5,7 @@ the same state-dict keys and holds any number of named adapters, one active at a
 stage trains is "default" (as in PEFT); PPO adds "reward" and "value" adapters to the same frozen
 base, so one base serves policy, reference (`disable_lora`), reward and value. `lora_b` starts at
 zero, so a new adapter changes nothing until training moves it. Adapters on disk (PEFT's layout) are
-engine/adapter_files.py.
+engine/weights/adapters.py.
 
 References: torchtune modules/peft/lora.py, litgpt lora.py (idempotent merge), PEFT's LoRA layer
 (key names `lora_A.weight`/`lora_B.weight`, kaiming-uniform init of A, named adapters).

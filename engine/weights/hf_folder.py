@@ -1,5 +1,5 @@
 """Model folders in the Hugging Face LLaMA layout: written here, read here (Meta's and llama2.c's formats
-come through engine/checkpoint_import.py).
+come through engine/weights/foreign.py).
 
 Layout written and read: config.json + model.safetensors (or model-0000i-of-0000n.safetensors with
 model.safetensors.index.json) + tokenizer.model, tensor names exactly as transformers names them.
@@ -7,7 +7,7 @@ Loading builds the model on the meta device and assigns tensors read from memory
 so a 7B checkpoint never exists twice in memory. Pickles are never unpickled: Meta's .pth files and
 old pytorch_model.bin shards go through torch.load(weights_only=True).
 
-Writes are atomic (engine/atomic.py): a folder with the final name is always complete.
+Writes are atomic (engine/weights/atomic.py): a folder with the final name is always complete.
 
 References: gpt-fast (meta-device loading with assign=True); transformers' LLaMA tensor names.
 """
@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rlhf_engine.engine.atomic import atomic_dir, write_json
-from rlhf_engine.engine.config import ModelConfig
-from rlhf_engine.engine.model import LLaMA
+from rlhf_engine.engine.weights.atomic import atomic_dir, write_json
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.llama import LLaMA
 
 CONFIG, SAFETENSORS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
@@ -131,7 +131,7 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         tensors = _hf_tensors(path)
     else:
         # Imported here, not at the top: checkpoint_import imports this module's error and reader.
-        from rlhf_engine.engine.checkpoint_import import llama2c_checkpoint, meta_checkpoint
+        from rlhf_engine.engine.weights.foreign import llama2c_checkpoint, meta_checkpoint
         cfg, tensors = meta_checkpoint(path) if fmt == "meta" else llama2c_checkpoint(path)
     with torch.device("meta"):
         model = LLaMA(cfg, head=head)

@@ -79,7 +79,7 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     """End this process at once when its parent, the launcher, is gone. On Linux the kernel sends
     SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent pid every `poll_s` seconds.
     Nothing is lost by dying this way: checkpoints are written atomically and the run lock is the
-    kernel's (engine/train_state.py)."""
+    kernel's (engine/training/train_state.py)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:

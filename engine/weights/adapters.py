@@ -1,7 +1,7 @@
 """Adapters on disk in PEFT's layout: adapter_model.safetensors + adapter_config.json, keyed
 `base_model.model.<module>.lora_A.weight` / `lora_B.weight`, so an adapter written here loads in PEFT and
 one written by PEFT loads here. Tensors saved whole beside an adapter (PEFT's `modules_to_save`, e.g. a
-reward model's `score.weight`) travel with it. The layer itself is engine/lora.py.
+reward model's `score.weight`) travel with it. The layer itself is engine/model/lora.py.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rlhf_engine.engine.atomic import atomic_dir, write_json
-from rlhf_engine.engine.lora import DEFAULT, LoRAConfig, LoRALinear, apply_lora, lora_layers
+from rlhf_engine.engine.weights.atomic import atomic_dir, write_json
+from rlhf_engine.engine.model.lora import DEFAULT, LoRAConfig, LoRALinear, apply_lora, lora_layers
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_engine.engine.config import PRESETS
-from rlhf_engine.engine.lora import LoRAConfig
+from rlhf_engine.engine.model.config import PRESETS
+from rlhf_engine.engine.model.lora import LoRAConfig
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from rlhf_engine.engine.adapter_files import is_adapter_folder, load_adapter_weights, read_adapter_base, read_adapter_config
-from rlhf_engine.engine.checkpoint import load_checkpoint
-from rlhf_engine.engine.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers, use_adapter
-from rlhf_engine.engine.model import LLaMA
-from rlhf_engine.engine.precision import torch_dtype
-from rlhf_engine.engine.rlhf_math import last_token_index
+from rlhf_engine.engine.weights.adapters import is_adapter_folder, load_adapter_weights, read_adapter_base, read_adapter_config
+from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+from rlhf_engine.engine.model.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers, use_adapter
+from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.precision import torch_dtype
+from rlhf_engine.engine.rl.rlhf_math import last_token_index
 
 REWARD, VALUE = "reward", "value"
 

@@ -1,6 +1,6 @@
 """What a training stage starts from: its tokenizer, and the network it trains, built from a base
 checkpoint (or a preset, randomly initialised) with an optional 8-bit frozen base, optional LoRA
-adapters, the storage precision (engine/precision.py) and activation checkpointing.
+adapters, the storage precision (engine/model/precision.py) and activation checkpointing.
 
 Precision: with LoRA the frozen base is stored in the compute dtype (bf16 halves its memory) and the
 adapters stay float32; full fine-tuning keeps float32 master weights.
@@ -12,12 +12,12 @@ import os
 import torch
 
 from rlhf_engine.data.tokenizer import Tokenizer
-from rlhf_engine.engine.checkpoint import TOKENIZER, load_checkpoint
-from rlhf_engine.engine.config import PRESETS, ModelConfig
-from rlhf_engine.engine.int8 import quantize_on_load
-from rlhf_engine.engine.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
-from rlhf_engine.engine.model import LLaMA
-from rlhf_engine.engine.precision import torch_dtype
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint
+from rlhf_engine.engine.model.config import PRESETS, ModelConfig
+from rlhf_engine.engine.model.int8 import quantize_on_load
+from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
+from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.precision import torch_dtype
 
 
 def check_model_name(model: str) -> None:

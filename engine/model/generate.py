@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine.data.loaders import pad
-from rlhf_engine.engine.model import KVCache, LLaMA
+from rlhf_engine.engine.model.llama import KVCache, LLaMA
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What a PPO checkpoint holds beyond the policy's adapter files, and how a run resumes from it: the
 optimizer, the prompt cursor, the KL controller's β, the running reward moments, the value head and
-value adapter, and the config. Written and found like every stage's checkpoints (engine/train_state.py).
+value adapter, and the config. Written and found like every stage's checkpoints (engine/training/train_state.py).
 """
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import asdict
 
 import torch
 
-from rlhf_engine.engine.adapter_files import load_adapter_weights
-from rlhf_engine.engine.dist import Dist
-from rlhf_engine.engine.lora import lora_state_dict
-from rlhf_engine.engine.ppo_roles import VALUE
-from rlhf_engine.engine.rlhf_math import RunningMoments
-from rlhf_engine.engine.rollout import PolicyAndValue
-from rlhf_engine.engine.train_state import load_trainer_state, save_training_checkpoint, write_stage_model
+from rlhf_engine.engine.weights.adapters import load_adapter_weights
+from rlhf_engine.engine.training.dist import Dist
+from rlhf_engine.engine.model.lora import lora_state_dict
+from rlhf_engine.engine.rl.roles import VALUE
+from rlhf_engine.engine.rl.rlhf_math import RunningMoments
+from rlhf_engine.engine.rl.rollout import PolicyAndValue
+from rlhf_engine.engine.training.train_state import load_trainer_state, save_training_checkpoint, write_stage_model
 
 
 def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts, kl_coef: float,

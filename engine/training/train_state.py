@@ -29,10 +29,10 @@ from typing import IO, Callable
 import numpy as np
 import torch
 
-from rlhf_engine.engine.adapter_files import load_adapter_weights, write_adapter
-from rlhf_engine.engine.atomic import atomic_dir
-from rlhf_engine.engine.checkpoint import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
-from rlhf_engine.engine.dist import Dist, all_gather_objects, broadcast_object
+from rlhf_engine.engine.weights.adapters import load_adapter_weights, write_adapter
+from rlhf_engine.engine.weights.atomic import atomic_dir
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"
 LOCK = ".lock"

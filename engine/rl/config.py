@@ -1,20 +1,20 @@
 """PPOConfig: every flag `train.py ppo` honours, with StackLLaMA's defaults (rl_training.py): lr 1.4e-5,
 4 PPO epochs, init KL coef 0.2 adaptive to target 6 over horizon 10000, response length 32–128, LoRA
 r=16 α=32 dropout 0.05, γ=1, λ=0.95, clip 0.2, value clip 0.2, vf_coef 0.1, reward baseline 0.
-The shared fields (model, out, optimiser, LoRA, precision, resume) come from engine/stage_config.py.
+The shared fields (model, out, optimiser, LoRA, precision, resume) come from engine/training/stage_config.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_engine.engine.estimators import CRITIC_FREE, ESTIMATORS
-from rlhf_engine.engine.stage_config import StageConfig, require_positive
+from rlhf_engine.engine.rl.estimators import CRITIC_FREE, ESTIMATORS
+from rlhf_engine.engine.training.stage_config import StageConfig, require_positive
 
 
 @dataclass(frozen=True)
 class PPOConfig(StageConfig):
     estimator: str = field(default="ppo", metadata={
-        "help": "advantage estimator: ppo (GAE with a learned critic) or a critic-free one (engine/estimators.py)",
+        "help": "advantage estimator: ppo (GAE with a learned critic) or a critic-free one (engine/rl/estimators.py)",
         "choices": list(ESTIMATORS)})
     samples_per_prompt: int = field(default=1, metadata={"help": "responses sampled per query (a group); rloo, "
                                                                  "grpo and dr_grpo need >= 2"})
@@ -74,7 +74,7 @@ class PPOConfig(StageConfig):
                                                                  "workspace): two runs give identical metrics"})
     eval_every: int = field(default=0, metadata={"help": "every N steps and at the end, the policy and the "
                                                           "reference answer --eval-prompts held-out questions "
-                                                          "(0 = off; see engine/ppo_eval.py)"})
+                                                          "(0 = off; see engine/eval/ppo_eval.py)"})
     eval_data: str | None = field(default=None, metadata={"help": "pairs whose questions --eval-every asks (the "
                                                                    "evaluation split)"})
     eval_prompts: int = field(default=64, metadata={"help": "questions per evaluation"})

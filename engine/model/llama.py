@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

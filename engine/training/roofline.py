@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_engine.engine.config import ModelConfig
+from rlhf_engine.engine.model.config import ModelConfig
 
 
 class Peaks(NamedTuple):

@@ -1,0 +1,1 @@
+"""Judging answers: bootstrap statistics, the report, scoring answers, evaluation during PPO."""

@@ -1,0 +1,1 @@
+"""What every training stage shares: torchrun as values, the optimiser, logging, resume, shared flags, the roofline."""
