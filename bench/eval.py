@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
 
@@ -38,7 +38,8 @@ def build(args, work: str):
     from rlhf_engine.data.synthetic import write_synthetic_posts
     from rlhf_engine.data.train_tokenizer import corpus_texts
     from rlhf_engine.engine.weights.adapters import save_adapter
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1500, seed=0)

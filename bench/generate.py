@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "--root" in sys.argv:  # the engine under test comes from this checkout (before any engine import)
     ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
 sys.path.insert(0, ROOT)
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from bench.common import emit_json  # noqa: E402  (from --root's checkout too: it has the same helper)
 from rlhf_engine.engine.model.config import ModelConfig  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 from rlhf_engine.kernels import int8_matmul as K  # noqa: E402
 
 CACHE_BYTES = 96 * 2**20  # rotate weight copies until this much: 3x the 32 MiB L3 measured here

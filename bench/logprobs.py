@@ -29,7 +29,7 @@ def run_variant(name: str, args) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+    import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
     from rlhf_engine.kernels import logprobs as lp_kernel
 
     clock = time.perf_counter

@@ -50,7 +50,7 @@ VARIANTS = ("fp32", "bf16", "8bit")
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 from bench.common import emit_json  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def trim():
 def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int) -> dict:
     import torch
     sys.path.insert(0, ROOT)
-    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+    import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.int8 import quantize_model
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
@@ -146,7 +146,7 @@ def run_one(preset: str, variant: str, batch: int, seq: int, r: int, steps: int)
 
 def estimate_7b(m60: dict, r: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, ROOT)
-    import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+    import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
     sys.path.insert(0, HERE)
     from memory import analytic  # bench/memory.py
 

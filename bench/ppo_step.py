@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "--root" in sys.argv:  # the engine under test comes from this checkout (before any engine import)
     ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
 sys.path.insert(0, ROOT)
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
@@ -79,11 +79,11 @@ def run_config(spec: dict) -> dict:
     """Run PPO for spec["steps"] steps and summarise every step after the first."""
     import torch
 
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.ppo import PPOConfig, train
-    from rlhf_engine.engine.rl.roles import reward_model_fn
+    from rlhf_engine.engine.rl.reward import reward_model_fn
     from rlhf_engine.engine.model.precision import torch_dtype
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls

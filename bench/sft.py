@@ -44,7 +44,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
 
@@ -139,7 +139,7 @@ def cross_evaluate(cfg) -> dict:
     from rlhf_engine.data.packing import sft_documents
     from rlhf_engine.data.pairs_io import read_pairs
     from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.sft import CausalLMLoss, evaluate, held_out_rows
     from rlhf_engine.engine.training.train_state import checkpoint_path

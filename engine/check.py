@@ -26,7 +26,7 @@ from rlhf_engine.engine.weights.adapters import (
     read_adapter_config,
 )
 from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
-from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.generate import SamplingConfig, left_pad
 from rlhf_engine.engine.model.int8 import quantize_on_load
 from rlhf_engine.engine.rl.invariants import (
@@ -45,7 +45,7 @@ from rlhf_engine.engine.rl.invariants import (
 )
 from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.rl.roles import reward_model_fn
+from rlhf_engine.engine.rl.reward import reward_model_fn
 from rlhf_engine.engine.model.precision import autocast, torch_dtype
 from rlhf_engine.kernels.int8_matmul import default_impl
 

@@ -17,7 +17,6 @@ response tokens (0 for the baseline itself; not defined for human answers).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,17 +24,17 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.data.tokenizer import format_prompt
-from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from rlhf_engine.engine.weights.adapters import is_adapter_folder, load_adapter, read_adapter_base
 from rlhf_engine.engine.weights.builder import resolve_tokenizer
-from rlhf_engine.engine.weights.hf_folder import CONFIG, load_checkpoint
+from rlhf_engine.engine.weights.hf_folder import CONFIG
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.training.dist import Dist, all_gather_objects
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.model.int8 import quantize_on_load
-from rlhf_engine.engine.model.lora import DEFAULT
-from rlhf_engine.engine.rl.roles import RewardFn, reward_model_fn
+from rlhf_engine.engine.eval.questions import Question, load_questions
+from rlhf_engine.engine.rl.reward import load_reward_model
 from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
 from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
 
@@ -92,40 +91,12 @@ def named(spec: str) -> tuple[str, str]:
     return "/".join(parts[-2:]), spec
 
 
-class Question(NamedTuple):
-    index: int  # position in the evaluation set: seeds and sharding derive from it
-    text: str
-    better: str  # response_j: the human answer voted better
-    worse: str  # response_k
-
-
 class Response(NamedTuple):
     question: int
     arm: str
     sample: int
     tokens: list[int]  # the response alone (ends with EOS when the model ended it)
     kl: float  # exact KL(arm ‖ baseline) summed over the response; nan for human answers
-
-
-def load_questions(path: str, limit: int | None, tok=None, max_prompt_tokens: int | None = None) -> list[Question]:
-    """One entry per distinct question (its first pair's two answers), in file order; with `tok`, only the
-    questions whose prompt fits in `max_prompt_tokens` (an answer must fit in the context after it).
-    The first `limit` of those."""
-    table = read_pairs(path, columns=("question", "response_j", "response_k"))
-    seen, out = set(), []
-    for q, j, k in zip(*(table[c].to_pylist() for c in ("question", "response_j", "response_k"))):
-        if q not in seen:
-            seen.add(q)
-            out.append(Question(len(out), q, j, k))
-    if not out:
-        raise ValueError(f"{path} has no questions to evaluate on")
-    if tok is not None and max_prompt_tokens is not None:
-        lengths = [len(ids) for ids in tok.encode_batch([format_prompt(q.text) for q in out], bos=True)]
-        out = [q for q, n in zip(out, lengths) if n <= max_prompt_tokens]
-        if not out:
-            raise ValueError(f"{path}: no question's prompt fits in {max_prompt_tokens} tokens (the model's context "
-                             "less the answer's length)")
-    return out[:limit] if limit else out
 
 
 def load_policy(path: str, tok, dtype: str, device, load_in_8bit: bool):
@@ -139,36 +110,6 @@ def load_policy(path: str, tok, dtype: str, device, load_in_8bit: bool):
     if adapter is not None:
         load_adapter(model, adapter)
     return model.eval()
-
-
-def is_reward_model(path: str) -> bool:
-    """A train.py rm adapter (PEFT task SEQ_CLS, score head beside it) or a merged RM folder (transformers'
-    LlamaForSequenceClassification); anything else has no trained score head."""
-    if is_adapter_folder(path):
-        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
-            return json.load(f).get("task_type") == "SEQ_CLS"
-    config = os.path.join(path, CONFIG)
-    if not os.path.exists(config):
-        return False
-    with open(config) as f:
-        return "LlamaForSequenceClassification" in json.load(f).get("architectures", [])
-
-
-def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
-    """A merged RM folder, or an RM adapter folder (with its score head) on its base. A network without a
-    trained score head is refused: its scores would be random."""
-    if not is_reward_model(path):
-        raise ValueError(f"{path} is not a reward model (no trained score head: expected a train.py rm checkpoint "
-                         "or a merged RM)")
-    base = read_adapter_base(path) if is_adapter_folder(path) else path
-    net = load_checkpoint(base, head="score", dtype=torch_dtype(dtype), device=device,
-                          transform=quantize_on_load if load_in_8bit else None)
-    tok.check_model_vocab(net.cfg.vocab_size, base)
-    adapter = None  # reward_model_fn switches to this adapter while scoring; None = the network as it is
-    if is_adapter_folder(path):
-        load_adapter(net, path)
-        adapter = DEFAULT
-    return reward_model_fn(net.eval(), adapter=adapter)
 
 
 def sample_responses(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_engine.engine.weights.adapters import load_adapter
 from rlhf_engine.engine.weights.builder import resolve_tokenizer
-from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.generate import SamplingConfig, generate
 from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
 

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint, save_model_folder
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER, save_model_folder
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.lora import merge_and_unload
 from rlhf_engine.engine.model.precision import DTYPES
 

@@ -34,7 +34,8 @@ from rlhf_engine.engine.rl.diagnostics import (closing_summary, first_minibatch_
                                     negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
                                     reward_metrics, sample_table, sampler_tolerance, step_report, warnings)
 from rlhf_engine.engine.eval.ppo_eval import PPOEval
-from rlhf_engine.engine.rl.roles import RewardFn, build_roles, mib
+from rlhf_engine.engine.rl.reward import RewardFn
+from rlhf_engine.engine.rl.roles import build_roles, mib
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
                               kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,

@@ -27,7 +27,8 @@ from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.model.lora import LoRAConfig
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from rlhf_engine.engine.model.precision import autocast
-from rlhf_engine.engine.rl.rlhf_math import last_token_index, pairwise_loss
+from rlhf_engine.engine.rl.reward import PairScores
+from rlhf_engine.engine.rl.rlhf_math import pairwise_loss
 from rlhf_engine.engine.training.roofline import measured_peaks, mfu, training_flops_per_token
 from rlhf_engine.engine.training.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from rlhf_engine.engine.training.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
@@ -61,18 +62,6 @@ class RMConfig(ScheduledStageConfig):
         require_non_negative(self, "max_steps", "eval_every", "eval_batches")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("need --epochs > 0 or --max-steps > 0")
-
-
-class PairScores(nn.Module):
-    """Rewards of chosen and rejected in one forward: DDP wraps this."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, mask):
-        scores = self.model(tokens, attention_mask=mask)  # [2B, L]
-        return scores.float().gather(1, last_token_index(mask)[:, None]).squeeze(1)  # [2B]
 
 
 def stack_pairs(chosen, chosen_mask, rejected, rejected_mask, pad_id):

@@ -6,7 +6,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout (train.use_checkout)
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 WORDS = ("how do i store coffee beans the best way is an airtight container keep them away from light "
@@ -92,7 +92,8 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_rm(ppo_base, synthetic_pairs, tmp_path_factory):
     """A reward model made from the PPO base with a random score head (a merged RM folder)."""
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.weights.load import load_checkpoint
     folder = str(tmp_path_factory.mktemp("random_rm") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer_path=synthetic_pairs[1],
                       pad_token_id=0)

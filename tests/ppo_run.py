@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402,F401  binds rlhf_engine to this checkout
+import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from rlhf_engine.engine.training.dist import close_dist, init_dist  # noqa: E402
 from rlhf_engine.engine.model.lora import LoRAConfig  # noqa: E402

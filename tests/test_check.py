@@ -13,7 +13,8 @@ import train
 from rlhf_engine.data.pairs_io import PairWriter
 from rlhf_engine.engine import check
 from rlhf_engine.engine.weights.adapters import save_adapter
-from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+from rlhf_engine.engine.weights.hf_folder import save_model_folder
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, lora_layers
 from rlhf_engine.engine.merge import merge
@@ -156,15 +157,15 @@ def test_a_reference_that_keeps_its_adapter_fails(run_dir, capsys, monkeypatch):
     assert code == 1
 
 
-@pytest.mark.parametrize("module, row", [("rlhf_engine.engine.rl.roles", "reward read at the last real token"),
-                                         ("rlhf_engine.engine.rm", "RM score: padded batch = rows alone")])
-def test_a_score_read_at_the_last_column_fails(run_dir, capsys, monkeypatch, module, row):
+@pytest.mark.parametrize("row", ["reward read at the last real token", "RM score: padded batch = rows alone"])
+def test_a_score_read_at_the_last_column_fails(run_dir, capsys, monkeypatch, row):
     """The reward read at the last column (a padding slot for every shorter row), in PPO's reward
-    function or in the RM trainer's scorer."""
-    import importlib
+    function or in the RM trainer's scorer (both in rl/reward.py)."""
+    import rlhf_engine.engine.rl.reward as reward
+
     def last_column(mask):
         return torch.full((mask.shape[0],), mask.shape[1] - 1, device=mask.device)
-    monkeypatch.setattr(importlib.import_module(module), "last_token_index", last_column)
+    monkeypatch.setattr(reward, "last_token_index", last_column)
     code, rows, _ = check_table(capsys, run_dir)
     assert rows[row][1] == "FAIL"
     assert code == 1

@@ -7,7 +7,9 @@ import struct
 import pytest
 import torch
 
-from rlhf_engine.engine.weights.hf_folder import CheckpointError, load_checkpoint, save_model_folder
+from rlhf_engine.engine.weights.hf_folder import CheckpointError, save_model_folder
+
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.llama import LLaMA
 

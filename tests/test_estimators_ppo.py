@@ -97,7 +97,7 @@ def test_remax_baseline_is_the_greedy_responses_total_reward(ppo_base):
     (Σ_t log π − log π_ref under the sampling temperature), not the score alone, which sat above every
     sampled total by about β·KL and made nearly every advantage negative."""
     from rlhf_engine.engine.weights.builder import resolve_tokenizer
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.generate import SamplingConfig, generate
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     from rlhf_engine.engine.rl.rollout import PolicyAndValue, greedy_baseline

@@ -20,7 +20,7 @@ from rlhf_engine.engine.model.generate import SamplingConfig
 def arms(ppo_base, synthetic_pairs, tmp_path_factory):
     """(base checkpoint, an adapter on it that changes its answers, the evaluation split)."""
     from rlhf_engine.engine.weights.adapters import save_adapter
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
     model = apply_lora(load_checkpoint(ppo_base[0]), lora)
@@ -141,8 +141,8 @@ def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
     """A judge given as an RM adapter folder is scored with its adapter active (not the bare base)."""
     from rlhf_engine.data.tokenizer import Tokenizer
     from rlhf_engine.engine.weights.adapters import save_adapter
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
-    from rlhf_engine.engine.evaluate import load_reward_model
+    from rlhf_engine.engine.weights.load import load_checkpoint
+    from rlhf_engine.engine.rl.reward import load_reward_model
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     from rlhf_engine.engine.merge import merge
     lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
@@ -164,7 +164,7 @@ def test_an_rm_adapter_judge_scores_like_its_merged_rm(ppo_base, tmp_path):
 
 def test_questions_whose_prompt_leaves_no_room_for_an_answer_are_left_out(arms):
     from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
-    from rlhf_engine.engine.evaluate import load_questions
+    from rlhf_engine.engine.eval.questions import load_questions
     base, _, data = arms
     tok = Tokenizer(os.path.join(base, "tokenizer.model"))
     everything = load_questions(data, None)

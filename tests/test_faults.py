@@ -422,7 +422,7 @@ def check_checkpoints(out, stage):
     """Every folder `--resume auto` could take is complete: its trainer state and model files load."""
     from safetensors.torch import load_file
 
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     dist = init_dist("cpu")
     for _, path in list_checkpoints(str(out)):
         load_trainer_state(dist, path)

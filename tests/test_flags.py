@@ -155,7 +155,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
     """The synthetic data, a tiny random LLaMA checkpoint and a reward model made from it."""
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.weights.load import load_checkpoint
     pairs, tok = synthetic_pairs
     rm = str(tmp_path_factory.mktemp("flags") / "rm")
     save_model_folder(load_checkpoint(ppo_base[0], head="score"), rm, tokenizer_path=tok, pad_token_id=0)
@@ -165,7 +166,7 @@ def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
 def stage_configs(tiny_base, tmp_path):
     from rlhf_engine.data.synthetic import write_synthetic_posts
     from rlhf_engine.engine.weights.adapters import save_adapter
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.lora import apply_lora
     pairs, tok, base, rm = tiny_base
     posts = write_synthetic_posts(tmp_path / "site" / "Posts.xml", 60, seed=0)

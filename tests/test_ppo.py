@@ -46,7 +46,7 @@ def test_first_minibatch_ratio_must_be_exactly_one(base, tmp_path, monkeypatch):
 
 
 def policy_and_value(base_dir):
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
     from rlhf_engine.engine.rl.rollout import PolicyAndValue
     policy = apply_lora(load_checkpoint(base_dir), LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
@@ -58,7 +58,7 @@ def policy_and_value(base_dir):
 
 
 def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.generate import left_pad
     from rlhf_engine.engine.rl.rollout import score_responses
     pv = policy_and_value(base[0])

@@ -9,14 +9,15 @@ from conftest import read_metrics
 from ppo_run import config, reward_multiple_of_4
 
 from rlhf_engine.engine.weights.builder import build_model
-from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+from rlhf_engine.engine.weights.hf_folder import save_model_folder
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, lora_layers
 from rlhf_engine.engine.merge import merge
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.ppo import train
-from rlhf_engine.engine.rl.roles import reward_model_fn
+from rlhf_engine.engine.rl.reward import reward_model_fn
 from rlhf_engine.engine.rl.rollout import PolicyAndValue
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50]]

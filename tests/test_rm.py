@@ -61,7 +61,8 @@ def test_rm_resume_is_exact(separable_pairs, tiny_tokenizer_path, tmp_path):
 def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs, tiny_tokenizer_path, tmp_path):
     transformers = pytest.importorskip("transformers")
     from rlhf_engine.engine.weights.adapters import load_adapter
-    from rlhf_engine.engine.weights.hf_folder import load_checkpoint, save_model_folder
+    from rlhf_engine.engine.weights.hf_folder import save_model_folder
+    from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.lora import LoRAConfig
     from rlhf_engine.engine.merge import merge

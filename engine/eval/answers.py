@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine.engine.model.generate import SamplingConfig, generate, left_pad
-from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import full_kl_from_log_softmax
 

@@ -18,10 +18,10 @@ import torch
 from rlhf_engine.data.tokenizer import format_prompt
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named
 from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
-from rlhf_engine.engine.evaluate import load_questions, load_reward_model
+from rlhf_engine.engine.eval.questions import load_questions
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.model.lora import disable_lora
-from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.rl.reward import RewardFn, load_reward_model
 
 
 class PPOEval:

@@ -27,10 +27,9 @@ from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate, left_pad
 from rlhf_engine.engine.model.lora import DEFAULT, LoRALinear, lora_layers
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.rl.reward import PairScores, RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import pairwise_loss
-from rlhf_engine.engine.rm import PairScores
 from rlhf_engine.engine.rl.rollout import PolicyAndValue
 from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 

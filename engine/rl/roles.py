@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from rlhf_engine.engine.weights.adapters import is_adapter_folder, load_adapter_weights, read_adapter_base, read_adapter_config
-from rlhf_engine.engine.weights.hf_folder import load_checkpoint
-from rlhf_engine.engine.model.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers, use_adapter
+from rlhf_engine.engine.weights.load import load_checkpoint
+from rlhf_engine.engine.model.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.model.precision import torch_dtype
-from rlhf_engine.engine.rl.rlhf_math import last_token_index
+from rlhf_engine.engine.rl.reward import RewardFn, reward_model_fn
 
 REWARD, VALUE = "reward", "value"
 
 # A reward function maps (tokens [B, L], attention mask [B, L] of the whole query+response) to scores [B].
-RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 class Roles(NamedTuple):
     reward_fn: RewardFn
     value_net: LLaMA | None  # None: the value head reads the policy's hidden states
@@ -133,23 +130,3 @@ def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Li
     return head.requires_grad_(False)
 
 
-def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | None = None) -> RewardFn:
-    """Scores from a reward network at the last real token of each row: `net`'s own score head, or
-    `head` on its hidden states with adapter `adapter` active (a reward adapter on the policy's base).
-    `adapter` None scores with every adapter off: right for a merged RM (which may carry a value
-    adapter), wrong for an RM loaded as an adapter, whose adapter must be named.
-
-    Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
-    each row's real tokens are packed to the left first.
-    """
-    head = head if head is not None else net.score
-
-    @torch.no_grad()
-    def score(tokens, attention_mask):
-        order = torch.argsort((~attention_mask.bool()).int(), dim=1, stable=True)  # real tokens first, in order
-        packed, packed_mask = tokens.gather(1, order), attention_mask.gather(1, order)
-        with use_adapter(net, adapter):
-            hidden = net.model(packed, attention_mask=packed_mask)
-        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
-        return head(last.to(head.weight.dtype)).squeeze(-1).float()
-    return score

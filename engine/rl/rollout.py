@@ -23,7 +23,7 @@ from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.generate import SamplingConfig, generate
 from rlhf_engine.engine.model.lora import disable_lora, use_adapter
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.rl.roles import RewardFn
+from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import kl_estimate
 from rlhf_engine.kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs

@@ -31,7 +31,8 @@ import torch
 
 from rlhf_engine.engine.weights.adapters import load_adapter_weights, write_adapter
 from rlhf_engine.engine.weights.atomic import atomic_dir
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint, torch_load_weights, write_model_files
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER, torch_load_weights, write_model_files
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.training.dist import Dist, all_gather_objects, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"

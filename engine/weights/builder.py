@@ -12,7 +12,8 @@ import os
 import torch
 
 from rlhf_engine.data.tokenizer import Tokenizer
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER, load_checkpoint
+from rlhf_engine.engine.weights.hf_folder import TOKENIZER
+from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import PRESETS, ModelConfig
 from rlhf_engine.engine.model.int8 import quantize_on_load
 from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable

@@ -1,0 +1,87 @@
+"""The reward as the RL stages see it: a function from (tokens, attention_mask) to one score per row,
+the network behind it, and the one loader of a reward model from disk. train.py rm trains through
+PairScores; PPO, eval, check and evaluation during PPO score through RewardFn.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from rlhf_engine.engine.model.int8 import quantize_on_load
+from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
+from rlhf_engine.engine.model.precision import torch_dtype
+from rlhf_engine.engine.rl.rlhf_math import last_token_index
+from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from rlhf_engine.engine.weights.hf_folder import CONFIG
+from rlhf_engine.engine.weights.load import load_checkpoint
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PairScores(nn.Module):
+    """Rewards of chosen and rejected in one forward: DDP wraps this."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, mask):
+        scores = self.model(tokens, attention_mask=mask)  # [2B, L]
+        return scores.float().gather(1, last_token_index(mask)[:, None]).squeeze(1)  # [2B]
+
+
+def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | None = None) -> RewardFn:
+    """Scores from a reward network at the last real token of each row: `net`'s own score head, or
+    `head` on its hidden states with adapter `adapter` active (a reward adapter on the policy's base).
+    `adapter` None scores with every adapter off: right for a merged RM (which may carry a value
+    adapter), wrong for an RM loaded as an adapter, whose adapter must be named.
+
+    Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
+    each row's real tokens are packed to the left first.
+    """
+    head = head if head is not None else net.score
+
+    @torch.no_grad()
+    def score(tokens, attention_mask):
+        order = torch.argsort((~attention_mask.bool()).int(), dim=1, stable=True)  # real tokens first, in order
+        packed, packed_mask = tokens.gather(1, order), attention_mask.gather(1, order)
+        with use_adapter(net, adapter):
+            hidden = net.model(packed, attention_mask=packed_mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
+    return score
+
+
+def is_reward_model(path: str) -> bool:
+    """A train.py rm adapter (PEFT task SEQ_CLS, score head beside it) or a merged RM folder (transformers'
+    LlamaForSequenceClassification); anything else has no trained score head."""
+    if is_adapter_folder(path):
+        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+            return json.load(f).get("task_type") == "SEQ_CLS"
+    config = os.path.join(path, CONFIG)
+    if not os.path.exists(config):
+        return False
+    with open(config) as f:
+        return "LlamaForSequenceClassification" in json.load(f).get("architectures", [])
+
+
+def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
+    """A merged RM folder, or an RM adapter folder (with its score head) on its base. A network without a
+    trained score head is refused: its scores would be random."""
+    if not is_reward_model(path):
+        raise ValueError(f"{path} is not a reward model (no trained score head: expected a train.py rm checkpoint "
+                         "or a merged RM)")
+    base = read_adapter_base(path) if is_adapter_folder(path) else path
+    net = load_checkpoint(base, head="score", dtype=torch_dtype(dtype), device=device,
+                          transform=quantize_on_load if load_in_8bit else None)
+    tok.check_model_vocab(net.cfg.vocab_size, base)
+    adapter = None  # reward_model_fn switches to this adapter while scoring; None = the network as it is
+    if is_adapter_folder(path):
+        load_adapter(net, path)
+        adapter = DEFAULT
+    return reward_model_fn(net.eval(), adapter=adapter)
