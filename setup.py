@@ -29,6 +29,8 @@ setup(
         "tensorboard>=2.14",
         "bitsandbytes>=0.43",
         "markdownify>=0.11",
+        "tokenizers>=0.20",  # byte-level BPE (SmolLM2's vocabulary), the same code transformers runs
+        "gguf>=0.10",  # llama.cpp's own GGUF reader and dequantiser
         "matplotlib>=3.7",  # train.py eval's frontier plot
     ],
     extras_require={

@@ -31,7 +31,7 @@ def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
     from rlhf_engine.engine.model.llama import LLaMA
     if not os.path.isdir(folder):
         model = LLaMA(cfg).init_weights(generator=torch.Generator().manual_seed(0))
-        save_model_folder(model, folder, tokenizer_path=tok_path)
+        save_model_folder(model, folder, tokenizer=tok_path)
     return folder
 
 

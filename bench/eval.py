@@ -57,7 +57,7 @@ def build(args, work: str):
             if name.endswith("lora_b"):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
     save_adapter(model, lora, os.path.join(work, "tuned"), base_model=base)
-    save_model_folder(load_checkpoint(base, head="score"), os.path.join(work, "judge"), tokenizer_path=tok,
+    save_model_folder(load_checkpoint(base, head="score"), os.path.join(work, "judge"), tokenizer=tok,
                       pad_token_id=0)
     table = read_pairs(os.path.join(work, "pairs", "evaluation"))
     rows = table.to_pylist()

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from rlhf_engine.data.tokenizer import find_tokenizer
 from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER, save_model_folder
+from rlhf_engine.engine.weights.hf_folder import save_model_folder
 from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.lora import merge_and_unload
 from rlhf_engine.engine.model.precision import DTYPES
@@ -35,9 +36,8 @@ def merge(base: str, adapter: str, out: str, dtype: str = "fp32", tokenizer: str
         raise ValueError(f"{adapter}: a SEQ_CLS adapter without its score head (modules_to_save); the merged "
                          "reward model would have a random head")
     merge_and_unload(model).to(DTYPES[dtype])
-    tok = tokenizer or next((p for p in (os.path.join(adapter, TOKENIZER), os.path.join(base, TOKENIZER))
-                             if os.path.exists(p)), None)
-    save_model_folder(model, out, tokenizer_path=tok, pad_token_id=0 if head == "score" else None)
+    tok = tokenizer or find_tokenizer(adapter) or find_tokenizer(base)
+    save_model_folder(model, out, tokenizer=tok, pad_token_id=0 if head == "score" else None)
     return out
 
 

@@ -163,7 +163,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
                  f"rate peaks at {cfg.lr * max_steps / cfg.warmup_steps:.3g} instead of --lr {cfg.lr:g}")
 
     def save(step):
-        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
+        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok, optimizer, loader, guard.count)
         log.info(f"rm: saved {path}")
 
     def next_global_batch():

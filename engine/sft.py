@@ -174,7 +174,7 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
                  f"learning rate peaks at {cfg.lr * cfg.max_steps / cfg.warmup_steps:.3g} instead of --lr {cfg.lr:g}")
 
     def save(step):
-        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok.path, optimizer, loader, guard.count)
+        path = save_stage_checkpoint(dist, cfg, step, model, lora, tok, optimizer, loader, guard.count)
         log.info(f"sft: saved {path}")
 
     flops_token = training_flops_per_token(model.cfg, cfg.seq_len, full=lora is None)

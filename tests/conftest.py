@@ -85,7 +85,7 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ppo_base")
-    save_model_folder(LLaMA(cfg).init_weights(std=0.15), str(folder), tokenizer_path=tok)
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), str(folder), tokenizer=tok)
     return str(folder), os.path.join(pairs, "rl")
 
 
@@ -95,7 +95,7 @@ def random_rm(ppo_base, synthetic_pairs, tmp_path_factory):
     from rlhf_engine.engine.weights.hf_folder import save_model_folder
     from rlhf_engine.engine.weights.load import load_checkpoint
     folder = str(tmp_path_factory.mktemp("random_rm") / "rm")
-    save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer_path=synthetic_pairs[1],
+    save_model_folder(load_checkpoint(ppo_base[0], head="score"), folder, tokenizer=synthetic_pairs[1],
                       pad_token_id=0)
     return folder
 

@@ -42,7 +42,7 @@ def run_dir(tiny_tokenizer_path, tmp_path_factory):
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})
     torch.manual_seed(0)
     base = str(folder / "base")
-    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tiny_tokenizer_path)
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer=tiny_tokenizer_path)
     lora = LoRAConfig(r=4, targets=("q_proj", "v_proj", "down_proj"), dropout=0.0)
     g = torch.Generator().manual_seed(1)
     for head, name in (("lm", "adapter"), ("score", "rm")):

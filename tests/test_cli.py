@@ -30,7 +30,7 @@ def test_generate_prints_the_greedy_continuation(tmp_path, tiny_tokenizer_path):
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
     torch.manual_seed(0)
     model = LLaMA(cfg).init_weights(std=0.2).eval()
-    save_model_folder(model, str(tmp_path / "ckpt"), tokenizer_path=tiny_tokenizer_path)
+    save_model_folder(model, str(tmp_path / "ckpt"), tokenizer=tiny_tokenizer_path)
     tok = Tokenizer(tiny_tokenizer_path)
     expected = generate(model, [tok.encode("how do i", bos=True)], SamplingConfig(max_new_tokens=8, temperature=0),
                         tok.eos_id, tok.pad_id)
@@ -45,7 +45,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_tokenizer_path):
     out = train_py("generate", "--model", str(tmp_path / "missing"))
     assert out.returncode == 2 and out.stderr.strip() == f"error: no checkpoint at {tmp_path / 'missing'}"
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=64)
-    save_model_folder(LLaMA(cfg).init_weights(), str(tmp_path / "ckpt"), tokenizer_path=tiny_tokenizer_path)
+    save_model_folder(LLaMA(cfg).init_weights(), str(tmp_path / "ckpt"), tokenizer=tiny_tokenizer_path)
     out = train_py("generate", "--model", str(tmp_path / "ckpt"))
     assert out.returncode == 2 and "vocab size mismatch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = train_py("generate", "--model", str(tmp_path / "ckpt"), "--top-p", "2")
@@ -69,7 +69,7 @@ def test_generate_with_an_adapter_differs_from_the_base(tmp_path, tiny_tokenizer
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
     torch.manual_seed(0)
     model = LLaMA(cfg).init_weights(std=0.2).eval()
-    save_model_folder(model, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
+    save_model_folder(model, str(tmp_path / "base"), tokenizer=tiny_tokenizer_path)
     lcfg = LoRAConfig(r=4, targets=("all-linear",))
     apply_lora(model, lcfg)
     with torch.no_grad():

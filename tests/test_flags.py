@@ -159,7 +159,7 @@ def tiny_base(synthetic_pairs, ppo_base, tmp_path_factory):
     from rlhf_engine.engine.weights.load import load_checkpoint
     pairs, tok = synthetic_pairs
     rm = str(tmp_path_factory.mktemp("flags") / "rm")
-    save_model_folder(load_checkpoint(ppo_base[0], head="score"), rm, tokenizer_path=tok, pad_token_id=0)
+    save_model_folder(load_checkpoint(ppo_base[0], head="score"), rm, tokenizer=tok, pad_token_id=0)
     return pairs, tok, ppo_base[0], rm
 
 

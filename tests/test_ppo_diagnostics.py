@@ -28,15 +28,17 @@ class Pieces:
     """A tokenizer stand-in: id -> sentencepiece piece."""
     PIECES = {0: "<unk>", 1: "\u2581the", 2: ",", 3: "\u2581", 4: "\u258142", 5: "<0x0A>"}
 
-    class sp:
-        @staticmethod
-        def IdToPiece(i):
-            return Pieces.PIECES[i]
+    @staticmethod
+    def piece(i):
+        return Pieces.PIECES[i]
 
 
 @pytest.mark.parametrize("piece, kind", [("\u2581the", "word"), (",", "punctuation"), ("```", "punctuation"),
                                          ("\u2581", "whitespace"), ("\u258142", "digit"), ("<0x0A>", "special/byte"),
-                                         ("</s>", "special/byte"), ("x2", "word")])
+                                         ("</s>", "special/byte"), ("x2", "word"),
+                                         # byte-level BPE spells a space Ġ and a newline Ċ
+                                         ("Ġthe", "word"), ("Ġ", "whitespace"), ("ĊĠĠ", "whitespace"),
+                                         ("4", "digit"), ("Ġ```", "punctuation"), ("<|im_end|>", "special/byte")])
 def test_token_kind(piece, kind):
     assert token_kind(piece) == kind
 

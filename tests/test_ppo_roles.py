@@ -34,7 +34,7 @@ def setup(synthetic_pairs, tmp_path_factory):
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
     torch.manual_seed(0)
     base = str(folder / "base")
-    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer_path=tok)
+    save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer=tok)
     rm = build_model(base, Tokenizer(tok), head="score", lora=LoRAConfig(r=4, targets=("all-linear",), dropout=0.0))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

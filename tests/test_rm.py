@@ -68,7 +68,7 @@ def test_lora_rm_merges_into_a_transformers_sequence_classifier(separable_pairs,
     from rlhf_engine.engine.merge import merge
     from rlhf_engine.engine.model.llama import LLaMA
     base = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})).init_weights()
-    save_model_folder(base, str(tmp_path / "base"), tokenizer_path=tiny_tokenizer_path)
+    save_model_folder(base, str(tmp_path / "base"), tokenizer=tiny_tokenizer_path)
     train(rm_cfg(separable_pairs, tiny_tokenizer_path, tmp_path / "rm", model=str(tmp_path / "base"),
                  lora=LoRAConfig(r=8, dropout=0.1, targets=("all-linear",)), epochs=1), init_dist("cpu"))
     adapter = str(sorted((tmp_path / "rm").glob("checkpoint-*"))[-1])

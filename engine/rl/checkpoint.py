@@ -28,7 +28,7 @@ def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts
              "value_head": pv.value_head.state_dict() if pv.value_head is not None else {},
              "value_adapter": lora_state_dict(pv.value_net, VALUE) if pv.value_net is not None else {}}
     save_training_checkpoint(dist, cfg.out, step,
-                             lambda folder: write_stage_model(folder, pv.policy, cfg.lora, tok.path, cfg.model),
+                             lambda folder: write_stage_model(folder, pv.policy, cfg.lora, tok, cfg.model),
                              state, keep=cfg.keep)
 
 

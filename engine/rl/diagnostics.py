@@ -17,8 +17,9 @@ KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
 
 
 def token_kind(piece: str) -> str:
-    """Coarse type of a sentencepiece piece, to see where negative KL concentrates."""
-    text = piece.replace("\u2581", " ")
+    """Coarse type of a vocabulary entry (sentencepiece's ▁ or byte-level BPE's Ġ/Ċ for a space/newline),
+    to see where negative KL concentrates."""
+    text = piece.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n").replace("\u0109", "\t")
     if piece.startswith("<") and piece.endswith(">"):
         return "special/byte"
     if not text.strip():
@@ -68,7 +69,7 @@ def negative_kl_metrics(dist: Dist, log_ratio: torch.Tensor, response_mask: torc
     negative = (log_ratio < 0) & response_mask.bool()
     counts = {kind: 0.0 for kind in KINDS}
     for token in tokens[negative].tolist():
-        counts[token_kind(tok.sp.IdToPiece(int(token)))] += 1
+        counts[token_kind(tok.piece(token))] += 1
     counts = all_reduce_named(dist, {**{k: torch.tensor(v, dtype=torch.float64, device=tokens.device)
                                         for k, v in counts.items()},
                                      "tokens": response_mask.sum().double()})

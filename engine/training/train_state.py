@@ -31,8 +31,9 @@ import torch
 
 from rlhf_engine.engine.weights.adapters import load_adapter_weights, write_adapter
 from rlhf_engine.engine.weights.atomic import atomic_dir
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER, torch_load_weights, write_model_files
+from rlhf_engine.engine.weights.hf_folder import torch_load_weights, write_model_files
 from rlhf_engine.engine.weights.load import load_checkpoint
+from rlhf_engine.data.tokenizer import Tokenizer
 from rlhf_engine.engine.training.dist import Dist, all_gather_objects, broadcast_object
 
 TRAINER_STATE = "trainer_state.pt"
@@ -239,19 +240,19 @@ def _read_trainer_state(dist: Dist, path: str, mmap: bool) -> dict:
     return state
 
 
-def write_stage_model(folder: str, model, lora, tokenizer_path: str, base_model: str) -> None:
+def write_stage_model(folder: str, model, lora, tokenizer, base_model: str) -> None:
     """A stage's model files: PEFT adapter files (a reward model's new score head saved whole beside
     them, as PEFT's SEQ_CLS task does) or a full HF folder, plus the tokenizer."""
     if lora is None:
         pad_token_id = 0 if model.head == "score" else None  # transformers' sequence classifier needs one
-        write_model_files(model, folder, tokenizer_path=tokenizer_path, pad_token_id=pad_token_id)
+        write_model_files(model, folder, tokenizer=tokenizer, pad_token_id=pad_token_id)
         return
     if model.head == "score":
         write_adapter(model, lora, folder, base_model=base_model, task_type="SEQ_CLS",
                       modules_to_save={"score.weight": model.score.weight})
     else:
         write_adapter(model, lora, folder, base_model=base_model)
-    shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER))
+    (tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)).save(folder)
 
 
 def restore_training(dist: Dist, path: str, model, lora, optimizer, loader) -> dict:
@@ -277,10 +278,10 @@ def resume_if_asked(dist: Dist, cfg, model, lora, optimizer, loader, guard) -> t
     return state["step"], resume_from
 
 
-def save_stage_checkpoint(dist: Dist, cfg, step: int, model, lora, tokenizer_path: str, optimizer, loader,
+def save_stage_checkpoint(dist: Dist, cfg, step: int, model, lora, tokenizer, optimizer, loader,
                           bad_steps: int) -> str:
     """SFT's and RM's checkpoint: their model files plus optimizer, loader cursor and config."""
     return save_training_checkpoint(
-        dist, cfg.out, step, lambda folder: write_stage_model(folder, model, lora, tokenizer_path, cfg.model),
+        dist, cfg.out, step, lambda folder: write_stage_model(folder, model, lora, tokenizer, cfg.model),
         {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "bad_steps": bad_steps,
          "config": asdict(cfg)}, keep=cfg.keep)

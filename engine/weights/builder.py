@@ -11,8 +11,7 @@ import os
 
 import torch
 
-from rlhf_engine.data.tokenizer import Tokenizer
-from rlhf_engine.engine.weights.hf_folder import TOKENIZER
+from rlhf_engine.data.tokenizer import Tokenizer, find_tokenizer
 from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import PRESETS, ModelConfig
 from rlhf_engine.engine.model.int8 import quantize_on_load
@@ -29,15 +28,15 @@ def check_model_name(model: str) -> None:
 
 
 def resolve_tokenizer(model: str, tokenizer: str | None) -> Tokenizer:
-    """--tokenizer if given, else tokenizer.model beside the checkpoint."""
+    """--tokenizer if given, else the one that travels with the checkpoint (data.tokenizer.find_tokenizer)."""
     check_model_name(model)
     if tokenizer:
         return Tokenizer(tokenizer)
-    folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
-    candidate = os.path.join(folder, TOKENIZER)
-    if model in PRESETS or not os.path.exists(candidate):
-        raise FileNotFoundError(f"no tokenizer for --model {model}: pass --tokenizer FILE")
-    return Tokenizer(candidate)
+    found = None if model in PRESETS else find_tokenizer(model)
+    if found is None:
+        raise FileNotFoundError(f"no tokenizer for --model {model} (no tokenizer.model or tokenizer.json beside it, "
+                                "and not a GGUF file): pass --tokenizer FILE")
+    return Tokenizer(found)
 
 
 def build_model(model: str, tokenizer: Tokenizer, *, head: str = "lm", dtype: str = "fp32",

@@ -18,17 +18,16 @@ import json
 import os
 import pickle
 import re
-import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rlhf_engine.data.tokenizer import Tokenizer
 from rlhf_engine.engine.weights.atomic import atomic_dir, write_json
 from rlhf_engine.engine.model.llama import LLaMA
 
 CONFIG, SAFETENSORS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-TOKENIZER = "tokenizer.model"
 
 
 class CheckpointError(ValueError):
@@ -78,7 +77,7 @@ def hf_config(model: LLaMA, dtype: torch.dtype, pad_token_id: int | None = None)
     return cfg
 
 
-def write_model_files(model: LLaMA, folder: str, tokenizer_path: str | None = None, max_shard_bytes: int = 5 * 2**30,
+def write_model_files(model: LLaMA, folder: str, tokenizer: Tokenizer | str | None = None, max_shard_bytes: int = 5 * 2**30,
                 pad_token_id: int | None = None) -> None:
     """Write `model`'s HF files into an existing folder (no atomicity: see save_model_folder)."""
     state = export_state_dict(model)
@@ -87,15 +86,15 @@ def write_model_files(model: LLaMA, folder: str, tokenizer_path: str | None = No
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     save_tensors(state, folder, max_shard_bytes)
     write_json(os.path.join(folder, CONFIG), hf_config(model, dtype, pad_token_id))
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER))
+    if tokenizer is not None:  # a Tokenizer, or the path of one: it travels with the weights
+        (tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)).save(folder)
 
 
-def save_model_folder(model: LLaMA, out_dir: str, tokenizer_path: str | None = None,
+def save_model_folder(model: LLaMA, out_dir: str, tokenizer: Tokenizer | str | None = None,
                     max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> str:
     """Write `model` as an HF LLaMA folder at out_dir, atomically. Returns out_dir."""
     with atomic_dir(out_dir) as tmp:
-        write_model_files(model, tmp, tokenizer_path, max_shard_bytes, pad_token_id)
+        write_model_files(model, tmp, tokenizer, max_shard_bytes, pad_token_id)
     return out_dir
 
 

@@ -1,5 +1,5 @@
 """Load any supported checkpoint into an LLaMA: this file picks the format, the format's module reads
-the tensors (HF folders: hf_folder.py; Meta's and llama2.c's: foreign.py), and the model is built on the
+the tensors (HF folders: hf_folder.py; GGUF files: gguf_file.py; Meta's and llama2.c's: foreign.py), and the model is built on the
 meta device and filled tensor by tensor, so a checkpoint never exists twice in memory.
 
 References: gpt-fast (meta-device loading with assign=True).
@@ -14,13 +14,14 @@ import torch
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.weights.foreign import llama2c_checkpoint, meta_checkpoint
+from rlhf_engine.engine.weights.gguf_file import gguf_checkpoint, is_gguf
 from rlhf_engine.engine.weights.hf_folder import CONFIG, CheckpointError, hf_tensors
 
 
 def detect_format(path: str) -> str:
-    """'hf', 'meta' or 'llama2c', from what is at `path`."""
+    """'hf', 'meta', 'gguf' or 'llama2c', from what is at `path`."""
     if os.path.isfile(path):
-        return "llama2c"
+        return "gguf" if is_gguf(path) else "llama2c"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if os.path.exists(os.path.join(path, CONFIG)):
@@ -44,7 +45,8 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         cfg = ModelConfig.from_hf(os.path.join(path, CONFIG))
         tensors = hf_tensors(path)
     else:
-        cfg, tensors = meta_checkpoint(path) if fmt == "meta" else llama2c_checkpoint(path)
+        cfg, tensors = (gguf_checkpoint(path, dtype) if fmt == "gguf"  # dequantised straight into dtype
+                        else meta_checkpoint(path) if fmt == "meta" else llama2c_checkpoint(path))
     with torch.device("meta"):
         model = LLaMA(cfg, head=head)
     if transform is not None:
