@@ -59,7 +59,7 @@ class CheckConfig:
                                                                    "adapter folder, as `train.py ppo` takes"})
     data: str | None = field(default=None, metadata={"help": "pairs file or folder (a `train.py prepare` output: "
                                                            "its splits are also checked for shared questions)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: beside --model, or a GGUF's own)"})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": ["fp32", "bf16"]})
     load_in_8bit: bool = field(default=False, metadata={"help": "store the frozen base in 8 bits, as PPO would"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})

@@ -61,8 +61,8 @@ class EvalConfig:
     human: bool = field(default=True, metadata={"help": "score the data's two human answers as arms"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over questions) per interval"})
     examples: int = field(default=5, metadata={"help": "questions shown side by side in report.md"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside the first "
-                                                                  "model)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: "
+                                                                  "beside the first model, or its GGUF's own)"})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": sorted(DTYPES)})
     load_in_8bit: bool = field(default=False, metadata={"help": "store every network in 8 bits"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})

@@ -20,8 +20,8 @@ class GenerateConfig:
     model: str = field(default=None, metadata={"help": "checkpoint: HF folder, Meta folder (params.json + "
                                                        "consolidated.*.pth) or llama2.c .bin"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder (ours or PEFT's) to apply"})
-    tokenizer: str | None = field(default=None, metadata={"help": "sentencepiece tokenizer.model (default: the "
-                                                                  "one beside the checkpoint)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: "
+                                                                  "the one beside the checkpoint, or a GGUF's own)"})
     prompt: tuple[str, ...] = field(default=("",), metadata={"help": "one or more prompts, answered as a batch"})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": sorted(DTYPES)})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})

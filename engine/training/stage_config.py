@@ -17,10 +17,11 @@ from rlhf_engine.engine.model.lora import LoRAConfig
 
 @dataclass(frozen=True)
 class StageConfig:
-    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, llama2.c .bin) or a "
+    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, GGUF file, llama2.c .bin) or a "
                                                        "preset for a random init: " + ", ".join(PRESETS)})
     out: str = field(default=None, metadata={"help": "output folder (checkpoints, tb logs, metrics.jsonl)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model (default: beside --model)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json "
+                                                                "(default: the one beside --model, or a GGUF's own)"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout, sampling)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
