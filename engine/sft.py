@@ -184,7 +184,8 @@ def train(cfg: SFTConfig, dist: Dist) -> dict:
         t0 = time.time()
         lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         set_lr(optimizer, lr)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+        # Step 0 too, on a fresh run: the base's held-out loss is what the run is judged against.
+        if cfg.eval_every and step % cfg.eval_every == 0 and (step > 0 or not resume_from):
             eval_loss, ppl = evaluate(cfg, loss_fn, eval_rows, dist)
             log.scalars(step, {"eval/loss": eval_loss, "eval/ppl": ppl})
             log.info(f"sft: step {step} eval loss {eval_loss:.4f} ppl {ppl:.2f}")
