@@ -17,7 +17,8 @@ setup(
     version="0.1.0",
     description="StackLLaMA-style RLHF (SFT, reward model, PPO) written in raw PyTorch",
     python_requires=">=3.10",
-    packages=[f"rlhf_engine.{name}{sub}" for name in SUBPACKAGES for sub in ["", *(f".{p}" for p in find_packages(name))]],
+    packages=[f"rlhf_engine.{name}{sub}" for name in SUBPACKAGES
+              for sub in ["", *(f".{p}" for p in find_packages(name))]],
     package_dir={f"rlhf_engine.{name}": name for name in SUBPACKAGES},
     scripts=["train.py"],
     install_requires=[

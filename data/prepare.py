@@ -29,7 +29,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from rlhf_engine.data.pairs import DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits, stable_seed
+from rlhf_engine.data.pairs import (DEFAULT_SPLITS, SPLITS, askell_score, assign_split, make_pairs, parse_splits,
+                                    stable_seed)
 from rlhf_engine.data.pairs_io import PairWriter
 from rlhf_engine.data.stackexchange import Answer, ParseStats, Question, html_to_markdown, iter_posts, question_text
 

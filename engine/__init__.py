@@ -5,11 +5,14 @@ step as a numbered story, 1. rollout ... 6. log), evaluate.py (`eval`), check.py
 generate_text.py (`generate`), demo.py, and flags.py (configs -> command-line flags). The parts sit
 in five drawers, read in this order; a drawer imports only from the drawers above it, never a command:
 
-| drawer | what it holds |
-| --- | --- |
-| model/ | the network and what runs inside it: config presets, llama.py, LoRA, 8-bit linears, dtypes, sampling |
-| weights/ | weights on disk: Hugging Face folders, foreign formats, PEFT adapters, atomic writes, the builder a stage starts from |
-| training/ | what every training stage shares: torchrun as values, the optimiser, logging, resume, shared flags, the roofline |
-| rl/ | the RLHF part: rlhf_math.py (pure functions), estimators, the rollout, PPO's roles, config, diagnostics, checkpoints, invariants |
-| eval/ | judging answers: bootstrap statistics, the report, scoring answers, evaluation during PPO |
+- model/: the network and what runs inside it: config presets, llama.py, LoRA, 8-bit linears, dtypes,
+  sampling.
+- weights/: weights on disk: Hugging Face folders, GGUF and other foreign formats, load.py (which picks the
+  format), PEFT adapters, atomic writes, the builder a stage starts from.
+- training/: what every training stage shares: torchrun as values, the optimiser, logging, resume, shared
+  flags, the roofline.
+- rl/: the RLHF part: rlhf_math.py (pure functions), estimators, the rollout, the reward, PPO's roles,
+  config, diagnostics and checkpoints, the invariants `check` measures.
+- eval/: judging answers: the held-out questions, bootstrap statistics, the report, scoring answers,
+  evaluation during PPO.
 """

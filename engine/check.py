@@ -19,30 +19,17 @@ import torch
 
 from rlhf_engine.data.pairs_io import pair_files, read_pairs
 from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
-from rlhf_engine.engine.weights.adapters import (
-    is_adapter_folder,
-    load_adapter_weights,
-    read_adapter_base,
-    read_adapter_config,
-)
+from rlhf_engine.engine.weights.adapters import (is_adapter_folder, load_adapter_weights, read_adapter_base,
+                                                 read_adapter_config)
 from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
 from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.generate import SamplingConfig, left_pad
 from rlhf_engine.engine.model.int8 import quantize_on_load
-from rlhf_engine.engine.rl.invariants import (
-    Invariant,
-    cache_matches_full_forward,
-    disabled_equals_base,
-    int8_matches_reference,
-    log_softmax,
-    padding_invariance,
-    reward_reads_last_real_token,
-    rm_padding_invariance,
-    sample_and_score,
-    sampler_logprobs_match,
-    sampler_runs_trainers_adapter,
-    splits_share_no_question,
-)
+from rlhf_engine.engine.rl.invariants import (Invariant, cache_matches_full_forward, disabled_equals_base,
+                                              int8_matches_reference, log_softmax, padding_invariance,
+                                              reward_reads_last_real_token, rm_padding_invariance, sample_and_score,
+                                              sampler_logprobs_match, sampler_runs_trainers_adapter,
+                                              splits_share_no_question)
 from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.rl.reward import reward_model_fn
@@ -59,7 +46,8 @@ class CheckConfig:
                                                                    "adapter folder, as `train.py ppo` takes"})
     data: str | None = field(default=None, metadata={"help": "pairs file or folder (a `train.py prepare` output: "
                                                            "its splits are also checked for shared questions)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: beside --model, or a GGUF's own)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: "
+                                                                  "beside --model, or a GGUF's own)"})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype", "choices": ["fp32", "bf16"]})
     load_in_8bit: bool = field(default=False, metadata={"help": "store the frozen base in 8 bits, as PPO would"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})

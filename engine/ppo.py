@@ -24,24 +24,27 @@ from rlhf_engine.engine.rl import checkpoint as ppo_checkpoint
 from rlhf_engine.engine.training import roofline
 from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
 from rlhf_engine.engine.rl.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
-                               rloo_advantages)
-from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named, all_reduce_sum, grad_sync
+                                              rloo_advantages)
+from rlhf_engine.engine.training.dist import (Dist, all_gather_objects, all_reduce_max, all_reduce_named,
+                                              all_reduce_sum, grad_sync)
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step
 from rlhf_engine.engine.rl.config import PPOConfig
-from rlhf_engine.engine.rl.diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response, length_metrics,
-                                    negative_kl_metrics, onpolicy_metrics, onpolicy_warning, repeated_token_share,
-                                    reward_metrics, sample_table, sampler_tolerance, step_report, warnings)
+from rlhf_engine.engine.rl.diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response,
+                                               length_metrics, negative_kl_metrics, onpolicy_metrics, onpolicy_warning,
+                                               repeated_token_share, reward_metrics, sample_table, sampler_tolerance,
+                                               step_report, warnings)
 from rlhf_engine.engine.eval.ppo_eval import PPOEval
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.rl.roles import build_roles, mib
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
-                              kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
-                              moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
+                                             kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
+                                             moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
 from rlhf_engine.engine.rl.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
-from rlhf_engine.engine.training.train_state import checkpoint_path, lock_run_folder, resolve_resume, resumed_step, seed_everything
+from rlhf_engine.engine.training.train_state import (checkpoint_path, lock_run_folder, resolve_resume, resumed_step,
+                                                     seed_everything)
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
@@ -132,7 +135,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                 advantages = whiten_over_ranks(dist, advantages, response_mask)
         else:
             greedy = None
-            if cfg.estimator == "remax":  # the greedy response's total reward: its score − β·Σ KL_t, as the others'
+            # ReMax: the greedy response's total reward, its score − β·Σ KL_t, as the others'
+            if cfg.estimator == "remax":
                 g = greedy_baseline(pv, reference, roles.reward_fn, prompt_lists[::k], sampling, tok, cfg.dtype,
                                     cfg.kl_estimator)
                 greedy = shape(g.raw_scores, g.ended) - kl_coef * g.kl

@@ -32,7 +32,7 @@ from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.training.roofline import measured_peaks, mfu, training_flops_per_token
 from rlhf_engine.engine.training.stage_config import ScheduledStageConfig, require_non_negative, require_positive
 from rlhf_engine.engine.training.train_state import (lock_run_folder, resume_if_asked, save_stage_checkpoint,
-                                seed_everything)
+                                                     seed_everything)
 from rlhf_engine.kernels.logprobs import hidden_token_logprobs
 
 

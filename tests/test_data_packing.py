@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_engine.data.packing import (PackingLoader, document_causal_mask, make_documents, sft_documents, shard_documents)
+from rlhf_engine.data.packing import PackingLoader, document_causal_mask, make_documents, sft_documents, shard_documents
 from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
 
 BOS, EOS = 1, 2

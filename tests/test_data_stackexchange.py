@@ -1,8 +1,8 @@
 """Posts.xml parsing: records, HTML -> Markdown, and every kind of bad input the dumps can hold."""
 import pytest
 
-from rlhf_engine.data.stackexchange import (Answer, ParseStats, PostsFormatError, Question, html_to_markdown, iter_posts,
-                                question_text)
+from rlhf_engine.data.stackexchange import (Answer, ParseStats, PostsFormatError, Question, html_to_markdown,
+                                            iter_posts, question_text)
 from rlhf_engine.data.synthetic import posts_xml
 
 HEAD = '<?xml version="1.0" encoding="utf-8"?>\n<posts>\n'

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.engine.rl.estimators import grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go, rloo_advantages
+from rlhf_engine.engine.rl.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
+                                              rloo_advantages)
 from rlhf_engine.engine.rl.rlhf_math import kl_estimate
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_engine.engine.eval.stats import (bootstrap_mean, bootstrap_win_rate, length_controlled_win_rate, mean_with_interval,
-                               proxy_judge_gap, win_rate, win_rate_by_length_bucket)
+from rlhf_engine.engine.eval.stats import (bootstrap_mean, bootstrap_win_rate, length_controlled_win_rate,
+                                           mean_with_interval, proxy_judge_gap, win_rate, win_rate_by_length_bucket)
 
 
 def test_win_rate_counts_ties_as_half():

@@ -28,8 +28,8 @@ from test_sft import free_port
 
 import train as cli
 from rlhf_engine.engine.training.dist import init_dist
-from rlhf_engine.engine.training.train_state import (LOCK, list_checkpoints, lock_run_folder, load_trainer_state, resolve_resume,
-                                save_training_checkpoint)
+from rlhf_engine.engine.training.train_state import (LOCK, list_checkpoints, lock_run_folder, load_trainer_state,
+                                                     resolve_resume, save_training_checkpoint)
 
 TIMING = ("time/", "perf/")  # the only fields two equal runs may differ in
 
@@ -107,7 +107,8 @@ def wait_for(condition, timeout_s: float, what: str):
 # ---- 1. one run per --out --------------------------------------------------------------------------
 
 HOLD = ("import sys; sys.path.insert(0, {root!r})\n"
-        "import train\nfrom rlhf_engine.engine.training.dist import init_dist\nfrom rlhf_engine.engine.training.train_state import lock_run_folder\n"
+        "import train\nfrom rlhf_engine.engine.training.dist import init_dist\n"
+        "from rlhf_engine.engine.training.train_state import lock_run_folder\n"
         "lock_run_folder(init_dist('cpu'), {out!r}); print('locked', flush=True); sys.stdin.read()")
 
 

@@ -301,8 +301,8 @@ def test_smollm_tokenizer_matches_transformers_on_two_dumps():
     """Every question and answer of two shared dumps, as prepare writes them (Markdown), token for token
     against transformers' GGUF tokenizer, once its pre-tokenizer is the one the file names: transformers
     5.25 ignores tokenizer.ggml.pre = smollm and keeps GPT-2's regex, which differs from llama.cpp's smollm
-    pre-tokenizer (digits split off first) only on whitespace before a digit ("\\n  40g": ĊĠĠ·4 here and in llama.cpp,
-    ĊĠ·Ġ4 there); that case is asserted by hand in test_gguf_bpe_tokenizer_by_hand's "hello 12"."""
+    pre-tokenizer (digits split off first) only on whitespace before a digit ("\\n  40g": ĊĠĠ·4 here and in
+    llama.cpp, ĊĠ·Ġ4 there); that case is asserted by hand in test_gguf_bpe_tokenizer_by_hand's "hello 12"."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import pre_tokenizers as pt
     tok = Tokenizer(SMOLLM)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_engine.engine.model.int8 import Int8Linear, dequantize_int8, quantize_int8, quantize_linear_state, quantize_model
+from rlhf_engine.engine.model.int8 import (Int8Linear, dequantize_int8, quantize_int8, quantize_linear_state,
+                                           quantize_model)
 from rlhf_engine.kernels import int8_matmul
 
 IMPLS = [impl for impl in int8_matmul.IMPLS if int8_matmul.available(impl, "cpu")]

@@ -4,15 +4,8 @@ import torch
 
 from rlhf_engine.engine.weights.adapters import load_adapter, save_adapter, write_adapter
 from rlhf_engine.engine.model.config import ModelConfig
-from rlhf_engine.engine.model.lora import (
-    LoRAConfig,
-    apply_lora,
-    disable_lora,
-    lora_state_dict,
-    mark_only_lora_trainable,
-    merge_lora,
-    use_adapter,
-)
+from rlhf_engine.engine.model.lora import (LoRAConfig, apply_lora, disable_lora, lora_state_dict,
+                                           mark_only_lora_trainable, merge_lora, use_adapter)
 from rlhf_engine.engine.model.llama import LLaMA
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=64)

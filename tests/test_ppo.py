@@ -96,7 +96,8 @@ def test_exact_full_kl_is_never_negative(seed, scale):
 
 
 def test_masked_positions_change_nothing():
-    from rlhf_engine.engine.rl.rlhf_math import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
+    from rlhf_engine.engine.rl.rlhf_math import (clipped_value_loss, gae, kl_penalized_rewards, masked_whiten,
+                                                 ppo_policy_loss)
     g = torch.Generator().manual_seed(0)
     B, T = 3, 6
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).float()

@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from rlhf_engine.engine.training.dist import init_dist
-from rlhf_engine.engine.rl.diagnostics import (
-    length_metrics,
-    negative_kl_metrics,
-    repeated_token_share,
-    reward_metrics,
-    token_kind,
-    warnings,
-)
+from rlhf_engine.engine.rl.diagnostics import (length_metrics, negative_kl_metrics, repeated_token_share,
+                                               reward_metrics, token_kind, warnings)
 
 
 class Log:

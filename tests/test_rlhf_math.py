@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rlhf_engine.engine.rl.rlhf_math import (adaptive_kl_coef, clipped_value_loss, explained_variance, full_kl, gae,
-                              kl_estimate, kl_penalized_rewards, last_token_index, masked_mean, masked_moments,
-                              masked_whiten, moments_to_stats, pairwise_loss, ppo_policy_loss,
-                              running_moments_update)
+                                             kl_estimate, kl_penalized_rewards, last_token_index, masked_mean,
+                                             masked_moments, masked_whiten, moments_to_stats, pairwise_loss,
+                                             ppo_policy_loss, running_moments_update)
 
 t = torch.tensor
 close = lambda a, b, tol=1e-4: torch.allclose(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=tol)  # noqa

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from rlhf_engine.engine.training.dist import init_dist
-from rlhf_engine.engine.training.train_state import (
-    TRAINER_STATE,
-    list_checkpoints,
-    load_trainer_state,
-    resolve_resume,
-    rng_state,
-    save_training_checkpoint,
-)
+from rlhf_engine.engine.training.train_state import (TRAINER_STATE, list_checkpoints, load_trainer_state,
+                                                     resolve_resume, rng_state, save_training_checkpoint)
 
 
 def write(folder):

@@ -1,1 +1,2 @@
-"""Judging answers: bootstrap statistics, the report, scoring answers, evaluation during PPO."""
+"""Judging answers: the held-out questions, bootstrap statistics, the report, scoring answers, evaluation
+during PPO."""

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from rlhf_engine.engine.eval.stats import (bootstrap_mean, bootstrap_win_rate, length_controlled_win_rate, proxy_judge_gap,
-                               win_rate_by_length_bucket)
+from rlhf_engine.engine.eval.stats import (bootstrap_mean, bootstrap_win_rate, length_controlled_win_rate,
+                                           proxy_judge_gap, win_rate_by_length_bucket)
 
 HUMAN = ("human (better)", "human (other)")
 

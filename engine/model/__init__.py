@@ -1,1 +1,2 @@
-"""The network and what runs inside it: config presets, the LLaMA model, LoRA, 8-bit linears, dtypes, sampling."""
+"""The network and what runs inside it: config presets, the LLaMA model, LoRA, 8-bit linears, dtypes,
+sampling."""

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from rlhf_engine.engine.weights.adapters import is_adapter_folder, load_adapter_weights, read_adapter_base, read_adapter_config
+from rlhf_engine.engine.weights.adapters import (is_adapter_folder, load_adapter_weights, read_adapter_base,
+                                                 read_adapter_config)
 from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers
 from rlhf_engine.engine.model.llama import LLaMA

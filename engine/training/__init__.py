@@ -1,1 +1,2 @@
-"""What every training stage shares: torchrun as values, the optimiser, logging, resume, shared flags, the roofline."""
+"""What every training stage shares: torchrun as values, the optimiser, logging, resume, shared flags,
+the roofline."""

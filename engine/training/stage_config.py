@@ -17,8 +17,8 @@ from rlhf_engine.engine.model.lora import LoRAConfig
 
 @dataclass(frozen=True)
 class StageConfig:
-    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, GGUF file, llama2.c .bin) or a "
-                                                       "preset for a random init: " + ", ".join(PRESETS)})
+    model: str = field(default=None, metadata={"help": "base checkpoint (HF/Meta folder, GGUF file, llama2.c .bin) "
+                                                       "or a preset for a random init: " + ", ".join(PRESETS)})
     out: str = field(default=None, metadata={"help": "output folder (checkpoints, tb logs, metrics.jsonl)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json "
                                                                 "(default: the one beside --model, or a GGUF's own)"})

@@ -77,7 +77,8 @@ def hf_config(model: LLaMA, dtype: torch.dtype, pad_token_id: int | None = None)
     return cfg
 
 
-def write_model_files(model: LLaMA, folder: str, tokenizer: Tokenizer | str | None = None, max_shard_bytes: int = 5 * 2**30,
+def write_model_files(model: LLaMA, folder: str, tokenizer: Tokenizer | str | None = None,
+                      max_shard_bytes: int = 5 * 2**30,
                 pad_token_id: int | None = None) -> None:
     """Write `model`'s HF files into an existing folder (no atomicity: see save_model_folder)."""
     state = export_state_dict(model)

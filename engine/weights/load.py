@@ -1,6 +1,6 @@
-"""Load any supported checkpoint into an LLaMA: this file picks the format, the format's module reads
-the tensors (HF folders: hf_folder.py; GGUF files: gguf_file.py; Meta's and llama2.c's: foreign.py), and the model is built on the
-meta device and filled tensor by tensor, so a checkpoint never exists twice in memory.
+"""Load any supported checkpoint into an LLaMA: this file picks the format, the format's module reads the
+tensors (HF folders: hf_folder.py; GGUF files: gguf_file.py; Meta's and llama2.c's: foreign.py), and the model
+is built on the meta device and filled tensor by tensor, so a checkpoint never exists twice in memory.
 
 References: gpt-fast (meta-device loading with assign=True).
 """
