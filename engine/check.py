@@ -30,9 +30,9 @@ from rlhf_engine.engine.rl.invariants import (Invariant, cache_matches_full_forw
                                               reward_reads_last_real_token, rm_padding_invariance, sample_and_score,
                                               sampler_logprobs_match, sampler_runs_trainers_adapter,
                                               splits_share_no_question)
-from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, disable_lora
+from rlhf_engine.engine.model.lora import disable_lora
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.rl.reward import reward_model_fn
+from rlhf_engine.engine.rl.reward import load_reward_network, reward_model_fn
 from rlhf_engine.engine.model.precision import autocast, torch_dtype
 from rlhf_engine.kernels.int8_matmul import default_impl
 
@@ -147,25 +147,6 @@ def base_logprobs(cfg: CheckConfig, tok: Tokenizer, device: torch.device, tokens
         return log_softmax(base(tokens, attention_mask=attention_mask))
 
 
-def load_reward_model(cfg: CheckConfig, tok: Tokenizer, device: torch.device) -> LLaMA:
-    """A merged RM folder, or an RM adapter (with its score head) on the base it was trained on. (PPO
-    puts an RM adapter on the policy's own base; a base of its own here tests the reward, not the sharing,
-    which tests/test_ppo_roles.py covers.)"""
-    path = cfg.reward_model
-    if not is_adapter_folder(path):
-        rm = load_checkpoint(path, head="score", dtype=torch_dtype(cfg.dtype), device=device)
-    else:
-        base = read_adapter_base(path)
-        base = base if base and os.path.exists(base) else cfg.model
-        rm = load_checkpoint(base, head="score", dtype=torch_dtype(cfg.dtype), device=device)
-        apply_lora(rm, dataclasses.replace(read_adapter_config(path), dropout=0.0))
-        for p in adapter_parameters(rm):  # float32 adapters beside the base, as PPO holds them
-            p.data = p.data.float()
-        load_adapter_weights(rm, path)  # the adapter, and its score head into rm.score
-    tok.check_model_vocab(rm.cfg.vocab_size, path)
-    return rm.eval().requires_grad_(False)
-
-
 def capped(ids: list[int], cap: int) -> list[int]:
     """At most `cap` tokens: the first (BOS) and the last cap - 1 (the prompt's end, "Answer: ")."""
     return ids if len(ids) <= cap else ids[:1] + ids[len(ids) - cap + 1:]
@@ -232,9 +213,11 @@ def run(cfg: CheckConfig) -> int:
         results.append(sampler_runs_trainers_adapter(rollout))
     # 5. the reward, as PPO reads it and as the RM trainer does
     if cfg.reward_model:
-        rm = load_reward_model(cfg, tok, device)
-        # An RM adapter is scored with that adapter active (None would switch every adapter off).
-        reward_fn = reward_model_fn(rm, adapter=DEFAULT if is_adapter_folder(cfg.reward_model) else None)
+        # The loader PPO's eval and `train.py eval` use; an adapter's missing base falls back to --model. (PPO
+        # puts an RM adapter on the policy's own base; tests/test_ppo_roles.py covers that sharing.)
+        rm, adapter = load_reward_network(cfg.reward_model, tok, cfg.dtype, device, cfg.load_in_8bit,
+                                          base_fallback=cfg.model)
+        reward_fn = reward_model_fn(rm, adapter=adapter)
         results.append(reward_reads_last_real_token(reward_fn, rollout.tokens, rollout.attention_mask,
                                                     tok.pad_id, rm.cfg.vocab_size, cfg.seed, logprob_tol))
         pair_cap = min(PAIR_TOKENS, rm.cfg.max_seq_len - 5)

@@ -200,3 +200,23 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert train.main(["check", "--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --model ") and "no such file or folder" in err
+
+
+@pytest.mark.parametrize("rm", ["rm", "rm_adapter"])
+def test_the_reward_model_is_stored_in_8bit_under_load_in_8bit(run_dir, capsys, monkeypatch, rm):
+    """check loads its reward model through the one RM loader (rl/reward.py), which honours --load-in-8bit:
+    before, check's own loader ignored the flag and measured a float RM beside an 8-bit policy."""
+    import rlhf_engine.engine.check as check_module
+    from rlhf_engine.engine.model.int8 import Int8Linear
+    loaded = []
+    real = check_module.load_reward_network
+
+    def spy(*args, **kwargs):
+        net, adapter = real(*args, **kwargs)
+        loaded.append(net)
+        return net, adapter
+    monkeypatch.setattr(check_module, "load_reward_network", spy)
+    code, rows, _ = check_table(capsys, run_dir, "--load-in-8bit", rm=rm)
+    (net,) = loaded
+    assert any(isinstance(m, Int8Linear) for m in net.modules())
+    assert rows["reward read at the last real token"][1] == "PASS" and code == 0

@@ -4,6 +4,7 @@ PairScores; PPO, eval, check and evaluation during PPO score through RewardFn.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -13,10 +14,11 @@ import torch.nn as nn
 
 from rlhf_engine.engine.model.int8 import quantize_on_load
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
+from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, use_adapter
 from rlhf_engine.engine.model.precision import torch_dtype
 from rlhf_engine.engine.rl.rlhf_math import last_token_index
-from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder, load_adapter, read_adapter_base
+from rlhf_engine.engine.weights.adapters import (ADAPTER_CONFIG, is_adapter_folder, load_adapter_weights,
+                                                 read_adapter_base, read_adapter_config)
 from rlhf_engine.engine.weights.hf_folder import CONFIG
 from rlhf_engine.engine.weights.load import load_checkpoint
 
@@ -70,18 +72,35 @@ def is_reward_model(path: str) -> bool:
         return "LlamaForSequenceClassification" in json.load(f).get("architectures", [])
 
 
-def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
-    """A merged RM folder, or an RM adapter folder (with its score head) on its base. A network without a
-    trained score head is refused: its scores would be random."""
+def load_reward_network(path: str, tok, dtype: str, device, load_in_8bit: bool,
+                        base_fallback: str | None = None) -> tuple[LLaMA, str | None]:
+    """The one reward-model loader: (network, the adapter to score with). A merged RM folder scores with
+    every adapter off (None); an RM adapter folder (with its score head) goes on the base its
+    adapter_config.json names, or on `base_fallback` when that path is not here (check passes --model),
+    with float32 adapters beside the base, as PPO holds them. A network without a trained score head is
+    refused: its scores would be random."""
     if not is_reward_model(path):
         raise ValueError(f"{path} is not a reward model (no trained score head: expected a train.py rm checkpoint "
                          "or a merged RM)")
-    base = read_adapter_base(path) if is_adapter_folder(path) else path
+    base, adapter = path, None
+    if is_adapter_folder(path):
+        base, adapter = read_adapter_base(path), DEFAULT
+        if not (base and os.path.exists(base)):
+            if base_fallback is None:
+                raise ValueError(f"{path}: the adapter's base {base!r} (adapter_config.json) is not here")
+            base = base_fallback
     net = load_checkpoint(base, head="score", dtype=torch_dtype(dtype), device=device,
                           transform=quantize_on_load if load_in_8bit else None)
     tok.check_model_vocab(net.cfg.vocab_size, base)
-    adapter = None  # reward_model_fn switches to this adapter while scoring; None = the network as it is
-    if is_adapter_folder(path):
-        load_adapter(net, path)
-        adapter = DEFAULT
-    return reward_model_fn(net.eval(), adapter=adapter)
+    if adapter is not None:
+        apply_lora(net, dataclasses.replace(read_adapter_config(path), dropout=0.0))
+        for p in adapter_parameters(net):
+            p.data = p.data.float()
+        load_adapter_weights(net, path)  # the adapter, and its score head into net.score
+    return net.eval().requires_grad_(False), adapter
+
+
+def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
+    """A reward model from disk as the function PPO, eval and evaluation during PPO score with."""
+    net, adapter = load_reward_network(path, tok, dtype, device, load_in_8bit)
+    return reward_model_fn(net, adapter=adapter)
