@@ -53,8 +53,9 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == MAGIC
 
 
-def read_metadata(path: str, keys_prefix: str = "") -> tuple[dict, list[TensorInfo]]:
-    """({key: value} of the metadata under `keys_prefix`, the tensors' places), with the file closed."""
+def read_metadata(path: str) -> tuple[dict, list[TensorInfo]]:
+    """({key: value} of the model's metadata, the tensors' places), with the file closed. The tokenizer's
+    arrays (data/tokenizer.py reads them) are left out; tokenizer.ggml.tokens gives only its length."""
     import gguf  # llama.cpp's reader: imported here so that HF-only users never need it at start-up
 
     try:
@@ -63,7 +64,9 @@ def read_metadata(path: str, keys_prefix: str = "") -> tuple[dict, list[TensorIn
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     metadata = {}
     for key, field in reader.fields.items():
-        if key.startswith(keys_prefix) and not key.startswith("GGUF."):
+        if key == "tokenizer.ggml.tokens":
+            metadata[key] = len(field.data)
+        elif not key.startswith(("GGUF.", "tokenizer.")):
             try:
                 metadata[key] = field.contents()
             except (ValueError, IndexError):  # a value type this gguf release cannot decode: not ours to need
@@ -86,7 +89,7 @@ def gguf_config(path: str, metadata: dict, tensor_names: set[str]) -> ModelConfi
         return value
 
     n_heads = int(get("attention.head_count"))
-    vocab = metadata.get("llama.vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ())) or None
+    vocab = metadata.get("llama.vocab_size") or metadata.get("tokenizer.ggml.tokens") or None
     if vocab is None:
         raise CheckpointError(f"{path}: GGUF metadata gives no vocabulary size (llama.vocab_size or tokens)")
     try:
