@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_engine.engine.weights.adapters import load_adapter
-from rlhf_engine.engine.weights.builder import resolve_tokenizer
-from rlhf_engine.engine.weights.load import load_checkpoint
+from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
 from rlhf_engine.engine.model.generate import SamplingConfig, generate
-from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.model.precision import DTYPES
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,7 @@ def run(cfg: GenerateConfig) -> int:
         raise FileNotFoundError(f"no checkpoint at {cfg.model}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
-    model = load_checkpoint(cfg.model, dtype=torch_dtype(cfg.dtype), device=device).eval()
-    tok.check_model_vocab(model.cfg.vocab_size, cfg.model)
-    if cfg.adapter:
-        load_adapter(model, cfg.adapter)
-        model.eval()
+    model = load_model(cfg.model, tok, adapter=cfg.adapter, dtype=cfg.dtype, device=device)
     out = generate(model, [tok.encode(p, bos=True) for p in cfg.prompt], cfg.sampling, tok.eos_id, tok.pad_id)
     for i in range(len(cfg.prompt)):
         ids = out.response_tokens[i][out.response_mask[i].bool()].tolist()

@@ -4,7 +4,6 @@ PairScores; PPO, eval, check and evaluation during PPO score through RewardFn.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Callable
@@ -12,15 +11,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from rlhf_engine.engine.model.int8 import quantize_on_load
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.model.lora import DEFAULT, adapter_parameters, apply_lora, use_adapter
-from rlhf_engine.engine.model.precision import torch_dtype
+from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
 from rlhf_engine.engine.rl.rlhf_math import last_token_index
-from rlhf_engine.engine.weights.adapters import (ADAPTER_CONFIG, is_adapter_folder, load_adapter_weights,
-                                                 read_adapter_base, read_adapter_config)
+from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder
+from rlhf_engine.engine.weights.builder import load_model
 from rlhf_engine.engine.weights.hf_folder import CONFIG
-from rlhf_engine.engine.weights.load import load_checkpoint
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,30 +70,17 @@ def is_reward_model(path: str) -> bool:
 
 def load_reward_network(path: str, tok, dtype: str, device, load_in_8bit: bool,
                         base_fallback: str | None = None) -> tuple[LLaMA, str | None]:
-    """The one reward-model loader: (network, the adapter to score with). A merged RM folder scores with
-    every adapter off (None); an RM adapter folder (with its score head) goes on the base its
-    adapter_config.json names, or on `base_fallback` when that path is not here (check passes --model),
-    with float32 adapters beside the base, as PPO holds them. A network without a trained score head is
-    refused: its scores would be random."""
+    """A reward model from disk through the one checkpoint loader (weights/builder.load_model): (network, the
+    adapter to score with). A merged RM folder scores with every adapter off (None); an RM adapter folder
+    (its score head beside it) goes on the base its adapter_config.json names, or on `base_fallback` when
+    that path is not here (check passes --model). A network without a trained score head is refused: its
+    scores would be random."""
     if not is_reward_model(path):
         raise ValueError(f"{path} is not a reward model (no trained score head: expected a train.py rm checkpoint "
                          "or a merged RM)")
-    base, adapter = path, None
-    if is_adapter_folder(path):
-        base, adapter = read_adapter_base(path), DEFAULT
-        if not (base and os.path.exists(base)):
-            if base_fallback is None:
-                raise ValueError(f"{path}: the adapter's base {base!r} (adapter_config.json) is not here")
-            base = base_fallback
-    net = load_checkpoint(base, head="score", dtype=torch_dtype(dtype), device=device,
-                          transform=quantize_on_load if load_in_8bit else None)
-    tok.check_model_vocab(net.cfg.vocab_size, base)
-    if adapter is not None:
-        apply_lora(net, dataclasses.replace(read_adapter_config(path), dropout=0.0))
-        for p in adapter_parameters(net):
-            p.data = p.data.float()
-        load_adapter_weights(net, path)  # the adapter, and its score head into net.score
-    return net.eval().requires_grad_(False), adapter
+    net = load_model(path, tok, head="score", dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                     base_fallback=base_fallback)
+    return net, DEFAULT if is_adapter_folder(path) else None
 
 
 def load_reward_model(path: str, tok, dtype: str, device, load_in_8bit: bool) -> RewardFn:
