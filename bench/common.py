@@ -1,9 +1,11 @@
-"""Pieces the benchmarks share: synthetic-data tokenizers, random base checkpoints, JSON-line output."""
+"""Pieces the benchmarks share: synthetic pairs, their tokenizers, random base checkpoints, a best-of timer,
+JSON-line output."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import time
 
 FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
 
@@ -21,6 +23,40 @@ def tokenizer_for(vocab_size: int, texts: list[str], work: str, llama_tokenizer:
         path = os.path.join(work, f"tok{FALLBACK_VOCAB}.model")
         note = f"synthetic {FALLBACK_VOCAB} (fallback: no {vocab_size}-piece tokenizer)"
         return (path if os.path.exists(path) else train_tokenizer(texts, FALLBACK_VOCAB, path)), note
+
+
+def synthetic_pairs(work: str, posts: int, text_split: str | None = None) -> tuple[str, list[str]]:
+    """`train.py prepare` of `posts` synthetic Stack Exchange posts into work/pairs, once (reused if present);
+    returns (the pairs folder, the texts to train a tokenizer on: every split's, or `text_split`'s)."""
+    from rlhf_engine.data.prepare import PrepareConfig, prepare
+    from rlhf_engine.data.synthetic import write_synthetic_posts
+    from rlhf_engine.data.train_tokenizer import corpus_texts
+    pairs = os.path.join(work, "pairs")
+    if not os.path.exists(os.path.join(pairs, "summary.json")):
+        written = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), posts, seed=0)
+        prepare(PrepareConfig(out=pairs, posts=(written,), progress_seconds=1e9))
+    return pairs, list(corpus_texts([os.path.join(pairs, text_split) if text_split else pairs]))
+
+
+def preset_base_checkpoint(preset: str, tok_path: str, work: str) -> str:
+    """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF, once."""
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.model.config import ModelConfig
+    vocab = Tokenizer(tok_path).vocab_size
+    return random_base_checkpoint(ModelConfig.preset(preset, vocab_size=vocab), tok_path,
+                                  os.path.join(work, f"{preset}-v{vocab}-base"))
+
+
+def best_time(fn, repeats: int, clock=time.perf_counter) -> float:
+    """The fastest of `repeats` calls after one warm-up call (first-call allocations, kernel selection):
+    other jobs on the shared cores only ever add time."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = clock()
+        fn()
+        best = min(best, clock() - t)
+    return best
 
 
 def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:

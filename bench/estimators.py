@@ -35,8 +35,8 @@ sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
 from bench.common import emit_json, random_base_checkpoint, run_worker  # noqa: E402
+from rlhf_engine.engine.rl.estimators import ESTIMATORS  # noqa: E402
 
-ESTIMATORS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "remax")
 RESPONSES_PER_STEP = 32
 DEMO_PPO_FLAGS = ["--mini-batch-size", "16", "--response-min-length", "24", "--response-max-length", "48",
                   "--lr", "3e-4", "--lora-r", "16", "--lora-dropout", "0", "--lora-targets", "all-linear",
@@ -333,7 +333,7 @@ def run_memory(args, out: str) -> list[dict]:
     from rlhf_engine.engine.model.config import ModelConfig
     paths = demo_paths(args.run)
     vocab = Tokenizer(paths["tokenizer"]).vocab_size
-    cfg = ModelConfig(**{**ModelConfig.preset("llama-60m").to_dict(), "vocab_size": vocab})
+    cfg = ModelConfig.preset("llama-60m", vocab_size=vocab)
     base = random_base_checkpoint(cfg, paths["tokenizer"], os.path.join(out, "memory", f"llama-60m-v{vocab}"))
     rows = []
     for name, (sub, est, extra) in MEMORY_RUNS.items():

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
-from bench.common import emit_json, random_base_checkpoint, tokenizer_for  # noqa: E402
+from bench.common import emit_json, random_base_checkpoint, synthetic_pairs, tokenizer_for  # noqa: E402
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 
@@ -34,21 +34,15 @@ def build(args, work: str):
     import torch
 
     from rlhf_engine.data.pairs_io import PairWriter, read_pairs
-    from rlhf_engine.data.prepare import PrepareConfig, prepare
-    from rlhf_engine.data.synthetic import write_synthetic_posts
-    from rlhf_engine.data.train_tokenizer import corpus_texts
     from rlhf_engine.engine.weights.adapters import save_adapter
     from rlhf_engine.engine.weights.hf_folder import save_model_folder
     from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora
-    posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1500, seed=0)
-    prepare(PrepareConfig(out=os.path.join(work, "pairs"), posts=(posts,), progress_seconds=1e9))
-    cfg = ModelConfig.preset(args.preset)
-    tok, note = tokenizer_for(cfg.vocab_size, list(corpus_texts([os.path.join(work, "pairs")])), work,
-                              args.llama_tokenizer)
+    _, texts = synthetic_pairs(work, 1500)
+    tok, note = tokenizer_for(ModelConfig.preset(args.preset).vocab_size, texts, work, args.llama_tokenizer)
     from rlhf_engine.data.tokenizer import Tokenizer
-    cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": Tokenizer(tok).vocab_size})
+    cfg = ModelConfig.preset(args.preset, vocab_size=Tokenizer(tok).vocab_size)
     base = random_base_checkpoint(cfg, tok, os.path.join(work, "base"))
     lora = LoRAConfig(r=16, targets=("q_proj", "v_proj"), dropout=0.0)
     model = apply_lora(load_checkpoint(base), lora)

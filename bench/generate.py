@@ -23,7 +23,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
@@ -33,7 +32,7 @@ if "--root" in sys.argv:  # the engine under test comes from this checkout (befo
 sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
-from bench.common import emit_json  # noqa: E402  (from --root's checkout too: it has the same helper)
+from common import best_time, emit_json  # noqa: E402  (this script's own bench/common.py, whatever --root is)
 from rlhf_engine.engine.model.config import ModelConfig  # noqa: E402
 from rlhf_engine.engine.model.generate import SamplingConfig, generate, left_pad  # noqa: E402
 from rlhf_engine.engine.model.llama import LLaMA  # noqa: E402
@@ -48,16 +47,6 @@ def no_cache_greedy(model, prompts, max_new_tokens, pad_id=0):
         tokens = torch.cat([tokens, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return tokens[:, -max_new_tokens:]
-
-
-def timed(fn, repeats):
-    fn()  # warm-up: first-call allocations and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def ppo_decode(args) -> list[dict]:
@@ -84,7 +73,7 @@ def ppo_decode(args) -> list[dict]:
                 def run():
                     with autocast(torch.device("cpu"), dtype):
                         generate(model, prompts, sampling, eos_id=-1, pad_id=0, row_seeds=list(range(B)), **kw)
-                seconds = timed(run, args.repeats)
+                seconds = best_time(run, args.repeats)
                 rows.append(dict(bench="generate_ppo", engine=ROOT, dtype=dtype, batch=B, static_cache=static,
                                  prompt_len=64, new_tokens=48, seconds=round(seconds, 3),
                                  tok_s=round(B * 48 / seconds, 1), threads=torch.get_num_threads(),
@@ -123,8 +112,8 @@ def main():
             prompts = [torch.randint(3, cfg.vocab_size, (int(args.prompt_len * (0.5 + 0.5 * i / max(B - 1, 1))),),
                                      generator=g).tolist() for i in range(B)]
             sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0)
-            ours = timed(lambda: generate(model, prompts, sampling, eos_id=-1, pad_id=0), args.repeats)
-            plain = timed(lambda: no_cache_greedy(model, prompts, args.new_tokens), args.repeats)
+            ours = best_time(lambda: generate(model, prompts, sampling, eos_id=-1, pad_id=0), args.repeats)
+            plain = best_time(lambda: no_cache_greedy(model, prompts, args.new_tokens), args.repeats)
             check = generate(model, prompts, sampling, eos_id=-1, pad_id=0).response_tokens
             same = bool(torch.equal(check, no_cache_greedy(model, prompts, args.new_tokens)))
             n = B * args.new_tokens

@@ -44,34 +44,14 @@ if "--root" in sys.argv:  # the engine under test comes from this checkout (befo
 sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
-from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
+from bench.common import (add_run_args, emit_json, preset_base_checkpoint, run_worker, synthetic_pairs,  # noqa: E402
+                          tokenizer_for)
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
 
 
 # ---- setup (parent process) -----------------------------------------------------------------------
-
-def prepare_prompts(work: str) -> tuple[str, list[str]]:
-    """Synthetic posts -> pairs; returns (rl split folder, training texts for tokenizers)."""
-    from rlhf_engine.data.prepare import PrepareConfig, prepare
-    from rlhf_engine.data.synthetic import write_synthetic_posts
-    from rlhf_engine.data.train_tokenizer import corpus_texts
-    pairs = os.path.join(work, "pairs")
-    if not os.path.isdir(os.path.join(pairs, "rl")):
-        posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 1000, seed=0)
-        prepare(PrepareConfig(out=pairs, posts=(posts,), progress_seconds=1e9))
-    return os.path.join(pairs, "rl"), list(corpus_texts([pairs]))
-
-
-def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
-    """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    from rlhf_engine.data.tokenizer import Tokenizer
-    from rlhf_engine.engine.model.config import ModelConfig
-    vocab = Tokenizer(tok_path).vocab_size
-    cfg = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
-    return random_base_checkpoint(cfg, tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
-
 
 # ---- one configuration (child process) ------------------------------------------------------------
 
@@ -144,7 +124,7 @@ class RandomPrompts:
         while True:
             tokens = torch.randint(3, self.vocab, (self.batch_size, self.n_tokens), generator=self.generator)
             tokens[:, 0] = self.bos
-            yield QueryBatch(tokens, torch.ones_like(tokens, dtype=torch.bool), [""] * self.batch_size)
+            yield QueryBatch(tokens, torch.ones_like(tokens, dtype=torch.bool))
 
     def state_dict(self) -> dict:
         return {}
@@ -189,13 +169,14 @@ def main():
 def run_all(args, work: str) -> list[dict]:
     from rlhf_engine.data.tokenizer import Tokenizer
     from rlhf_engine.engine.model.config import ModelConfig
-    data, texts = prepare_prompts(work)
+    pairs, texts = synthetic_pairs(work, 1000)
+    data = os.path.join(pairs, "rl")
     rows = []
     for preset in args.presets:
         tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
-        base = base_checkpoint(preset, tok, work)
+        base = preset_base_checkpoint(preset, tok, work)
         vocab = Tokenizer(tok).vocab_size
-        params = ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab}).num_params()
+        params = ModelConfig.preset(preset, vocab_size=vocab).num_params()
         for dtype in args.dtypes:
             name = f"{preset}-{dtype}"
             out = os.path.join(work, "runs", name)

@@ -46,35 +46,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
-from bench.common import add_run_args, emit_json, random_base_checkpoint, run_worker, tokenizer_for  # noqa: E402
+from bench.common import (add_run_args, emit_json, preset_base_checkpoint, run_worker, synthetic_pairs,  # noqa: E402
+                          tokenizer_for)
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 
 
 # ---- setup (parent process) -----------------------------------------------------------------------
 
-def prepare_pairs(work: str) -> tuple[str, list[str]]:
-    """Synthetic posts -> pairs splits; returns (pairs folder, training texts for tokenizers)."""
-    from rlhf_engine.data.prepare import PrepareConfig, prepare
-    from rlhf_engine.data.synthetic import write_synthetic_posts
-    from rlhf_engine.data.train_tokenizer import corpus_texts
-    pairs = os.path.join(work, "pairs")
-    if not os.path.isdir(os.path.join(pairs, "evaluation")):
-        posts = write_synthetic_posts(os.path.join(work, "site", "Posts.xml"), 3000, seed=0)
-        prepare(PrepareConfig(out=pairs, posts=(posts,), progress_seconds=1e9))
-    return pairs, list(corpus_texts([os.path.join(pairs, "finetune")]))
-
-
-def base_checkpoint(preset: str, tok_path: str, work: str) -> str:
-    """A randomly initialised LLaMA of the preset's shape and the tokenizer's vocabulary, saved as HF."""
-    from rlhf_engine.data.tokenizer import Tokenizer
-    vocab = Tokenizer(tok_path).vocab_size
-    return random_base_checkpoint(model_config(preset, vocab), tok_path, os.path.join(work, f"{preset}-v{vocab}-base"))
-
-
 def model_config(preset: str, vocab: int):
     from rlhf_engine.engine.model.config import ModelConfig
-    return ModelConfig(**{**ModelConfig.preset(preset).to_dict(), "vocab_size": vocab})
+    return ModelConfig.preset(preset, vocab_size=vocab)
 
 
 # ---- one run (child process) ----------------------------------------------------------------------
@@ -183,7 +165,7 @@ def main():
     work = args.workdir or tempfile.mkdtemp(prefix="bench_sft_")
     os.makedirs(work, exist_ok=True)
     try:
-        pairs, texts = prepare_pairs(work)
+        pairs, texts = synthetic_pairs(work, 3000, text_split="finetune")
         throughput = run_throughput(args, work, pairs, texts) if args.part in ("all", "throughput") else []
         throughput += run_throughput(args, work, pairs, texts, "rm") if args.part in ("all", "rm") else []
         mask = run_mask(args, work, pairs, texts) if args.part in ("all", "mask") else []
@@ -227,7 +209,7 @@ def run_throughput(args, work: str, pairs: str, texts: list[str], stage: str = "
         vocab = Tokenizer(tok).vocab_size
         for mode in args.modes:
             # LoRA on a random preset is refused by the engine (it learns little): adapt a saved random base.
-            model = base_checkpoint(preset, tok, work) if mode == "lora" else preset
+            model = preset_base_checkpoint(preset, tok, work) if mode == "lora" else preset
             for dtype, attention in itertools.product(args.dtypes, args.attention if stage == "sft" else ["cross"]):
                 lora = {"r": args.lora_r} if mode == "lora" else None
                 if stage == "rm":  # pairs of the reward split, as many per step as SFT has rows

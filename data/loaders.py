@@ -39,7 +39,6 @@ class PairBatch(NamedTuple):
 class QueryBatch(NamedTuple):
     tokens: torch.Tensor  # [B, L] int64, left-padded with pad_id
     attention_mask: torch.Tensor  # [B, L] bool
-    questions: list[str]  # [B] the question of each row, for the reward model's text
 
 
 class PairCounts(NamedTuple):
@@ -151,7 +150,7 @@ class PromptLoader:
         if not mine:
             raise ValueError(f"{len(keep)} of {len(questions)} questions are shorter than max_length={max_length} "
                              f"tokens; rank {rank} of {world_size} gets none")
-        self.questions, self.queries = [questions[i] for i in mine], [queries[i] for i in mine]
+        self.queries = [queries[i] for i in mine]
         self.too_long = len(questions) - len(keep)
         self.pad_id, self.batch_size, self.seed, self.rank, self.world_size = (
             tokenizer.pad_id, batch_size, seed, rank, world_size)
@@ -166,8 +165,7 @@ class PromptLoader:
                     orders = {p // n: _epoch_order(n, self.seed, self.rank, p // n, True)}
                 rows.append(int(orders[p // n][p % n]))
             self.position += self.batch_size
-            yield QueryBatch(*pad([self.queries[i] for i in rows], self.pad_id, left=True),
-                             [self.questions[i] for i in rows])
+            yield QueryBatch(*pad([self.queries[i] for i in rows], self.pad_id, left=True))
 
     def _layout(self) -> dict:
         return dict(batch_size=self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,

@@ -8,11 +8,12 @@ in five drawers, read in this order; a drawer imports only from the drawers abov
 - model/: the network and what runs inside it: config presets, llama.py, LoRA, 8-bit linears, dtypes,
   sampling.
 - weights/: weights on disk: Hugging Face folders, GGUF and other foreign formats, load.py (which picks the
-  format), PEFT adapters, atomic writes, the builder a stage starts from.
+  format), PEFT adapters, atomic writes, the builder a stage starts from and load_model, the one loader of a
+  checkpoint plus adapter.
 - training/: what every training stage shares: torchrun as values, the optimiser, logging, resume, shared
   flags, the roofline.
-- rl/: the RLHF part: rlhf_math.py (pure functions), estimators, the rollout, the reward, PPO's roles,
-  config, diagnostics and checkpoints, the invariants `check` measures.
+- rl/: the RLHF part: rlhf_math.py (pure functions), estimators, the rollout (PPO's steps 1-2), the update
+  (step 5), the reward, PPO's roles, config, diagnostics and checkpoints, the invariants `check` measures.
 - eval/: judging answers: the held-out questions, bootstrap statistics, the report, scoring answers,
   evaluation during PPO.
 """

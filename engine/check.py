@@ -9,31 +9,27 @@ in seconds on a small model.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from rlhf_engine.data.pairs_io import pair_files, read_pairs
 from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
-from rlhf_engine.engine.weights.adapters import (is_adapter_folder, load_adapter_weights, read_adapter_base,
-                                                 read_adapter_config)
-from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
-from rlhf_engine.engine.weights.load import load_checkpoint
+from rlhf_engine.engine.weights.adapters import is_adapter_folder, read_adapter_base
+from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
 from rlhf_engine.engine.model.generate import SamplingConfig, left_pad
-from rlhf_engine.engine.model.int8 import quantize_on_load
-from rlhf_engine.engine.rl.invariants import (Invariant, cache_matches_full_forward, disabled_equals_base,
-                                              int8_matches_reference, log_softmax, padding_invariance,
+from rlhf_engine.engine.rl.invariants import (INT8_TOLERANCE, Invariant, cache_matches_full_forward, disabled_equals_base,
+                                              int8_matches_reference, log_softmax, logprob_tolerance,
+                                              padding_invariance,
                                               reward_reads_last_real_token, rm_padding_invariance, sample_and_score,
                                               sampler_logprobs_match, sampler_runs_trainers_adapter,
                                               splits_share_no_question)
 from rlhf_engine.engine.model.lora import disable_lora
-from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.rl.reward import load_reward_network, reward_model_fn
-from rlhf_engine.engine.model.precision import autocast, torch_dtype
+from rlhf_engine.engine.training.train_state import row_seed
+from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.kernels.int8_matmul import default_impl
 
 
@@ -63,30 +59,6 @@ class CheckConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-class Tolerances(NamedTuple):
-    logprob: float  # max |Δ| of log-probs (nats) and of RM scores between two computations that should agree
-    int8: float  # relative error of an 8-bit linear against its dequantised float reference
-
-
-# fp32: prefill (a [T, S] attention, one big matmul) and decode (one query against the cache) reduce
-# in different orders, and a padded batch runs other kernel shapes: ~1e-6 on the demo model, so 1e-4
-# leaves room and still catches a bug (a pad leak moves log-probs by > 1 nat, a stale cache by > 0.1).
-# CUDA fp32 picks kernels per shape (split-K matmuls, flash attention): 1e-3. bf16 keeps 8 bits of
-# mantissa (4e-3 relative on every activation): 5e-2. int8: the kernel also rounds each activation
-# row to 8 bits (LLM.int8; kernels/int8_matmul.py measures 1.2-1.6e-2 against the float weight).
-TOLERANCES = {
-    ("cpu", "fp32"): Tolerances(logprob=1e-4, int8=3e-2),
-    ("cuda", "fp32"): Tolerances(logprob=1e-3, int8=3e-2),
-    ("cpu", "bf16"): Tolerances(logprob=5e-2, int8=3e-2),
-    ("cuda", "bf16"): Tolerances(logprob=5e-2, int8=3e-2),
-}
-# Added to the log-prob tolerance with an 8-bit base: its outlier columns (|x| >= 6, kept in float) are
-# chosen from the whole batch, so padding, neighbours and decode vs prefill move a row: measured 2.5e-2
-# on the demo model, 8e-2 and 0.13 on a random tiny one (init std 0.15: many activations past the
-# threshold) for two different sampler draws. A pad leak still shows (> 1 nat); a stale cache (> 0.1)
-# shows in the fp32 check, not reliably in the 8-bit one.
-INT8_LOGPROB = 2e-1
-
 # Built-in prompts and pairs when no --data is given (question, better answer, worse answer).
 BUILT_IN = (
     ("How do I store coffee beans?", "Keep them in an airtight container away from light.", "In the fridge."),
@@ -96,12 +68,6 @@ BUILT_IN = (
 )
 # The invariants are about numbers, not content: short rows keep the check to seconds.
 PROMPT_TOKENS, PAIR_TOKENS = 48, 64
-
-
-def sampler_model(policy: LLaMA) -> LLaMA:
-    """The network PPO samples from: the policy itself (build_rollout samples from pv.policy). An engine
-    with a separate inference copy (vLLM, a sync step) must hand its copy here, so the check sees it."""
-    return policy
 
 
 def split_folders(data: str) -> dict[str, str]:
@@ -127,22 +93,10 @@ def read_rows(data: str | None, n: int) -> tuple[list[tuple[str, str, str]], str
     return list(zip(table["question"], table["response_j"], table["response_k"])), f"prompts from {source}"
 
 
-def load_policy(cfg: CheckConfig, tok: Tokenizer, device: torch.device) -> LLaMA:
-    """The policy as PPO builds it (engine/weights/builder.py), with --adapter's weights in its LoRA layers."""
-    lora = dataclasses.replace(read_adapter_config(cfg.adapter), dropout=0.0) if cfg.adapter else None
-    policy = build_model(cfg.model, tok, dtype=cfg.dtype, lora=lora, load_in_8bit=cfg.load_in_8bit,
-                         device=device, seed=cfg.seed)
-    if cfg.adapter:
-        load_adapter_weights(policy, cfg.adapter)
-    return policy.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def base_logprobs(cfg: CheckConfig, tok: Tokenizer, device: torch.device, tokens, attention_mask) -> torch.Tensor:
     """Log-probs [B, T, V] of --model loaded alone (no adapter), stored as the LoRA policy's base is."""
-    base = load_checkpoint(cfg.model, dtype=torch_dtype(cfg.dtype), device=device,
-                           transform=quantize_on_load if cfg.load_in_8bit else None).eval()
-    tok.check_model_vocab(base.cfg.vocab_size, cfg.model)
+    base = load_model(cfg.model, tok, dtype=cfg.dtype, device=device, load_in_8bit=cfg.load_in_8bit)
     with autocast(device, cfg.dtype):
         return log_softmax(base(tokens, attention_mask=attention_mask))
 
@@ -172,8 +126,7 @@ def run(cfg: CheckConfig) -> int:
                          f"({read_adapter_base(cfg.model) or 'the checkpoint it was trained on'}) as --model")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    tol = TOLERANCES.get((device.type, cfg.dtype), TOLERANCES[("cuda", cfg.dtype)])  # other accelerators: as CUDA
-    logprob_tol = tol.logprob + (INT8_LOGPROB if cfg.load_in_8bit else 0.0)
+    logprob_tol = logprob_tolerance(device, cfg.dtype, cfg.load_in_8bit)  # PPO's on-policy warning's bar
     tok = resolve_tokenizer(cfg.model, cfg.tokenizer)
     rows, source = read_rows(cfg.data, cfg.prompts)
     eight_bit = f"on (kernel {default_impl(device)})" if cfg.load_in_8bit else "off"
@@ -184,8 +137,9 @@ def run(cfg: CheckConfig) -> int:
     if cfg.adapter:  # the reference comes first, so the base and the policy are never in memory together
         base_tokens, base_mask = left_pad([capped(ids, PROMPT_TOKENS) for ids in prompt_lists], tok.pad_id, device)
         reference = base_logprobs(cfg, tok, device, base_tokens, base_mask)
-    policy = load_policy(cfg, tok, device)
-    sampler = sampler_model(policy)
+    # The policy as PPO holds it (base in --dtype or 8-bit, float32 adapter beside it), loaded as eval loads it.
+    policy = load_model(cfg.model, tok, adapter=cfg.adapter, dtype=cfg.dtype, device=device,
+                        load_in_8bit=cfg.load_in_8bit)
     cap = min(PROMPT_TOKENS, policy.cfg.max_seq_len - cfg.max_new_tokens - 8)  # room for generation and padding
     if cap < 2:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
@@ -194,19 +148,19 @@ def run(cfg: CheckConfig) -> int:
 
     # 1. padding, 2. the KV cache
     results += padding_invariance(policy, prompts, tok.pad_id, cfg.dtype, logprob_tol)
-    results.append(cache_matches_full_forward(sampler, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                                              logprob_tol))
+    results.append(cache_matches_full_forward(policy, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                              cfg.dtype, logprob_tol))
     # 3. sampler = trainer, as PPO samples (temperature 1, a seed per row); 4. the adapter in each
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed)
-    row_seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts))]
+    row_seeds = [row_seed(cfg.seed, i) for i in range(len(prompts))]
 
     def sample():
-        return sample_and_score(sampler, policy, prompts, sampling, row_seeds, tok.eos_id, tok.pad_id, cfg.dtype)
+        return sample_and_score(policy, prompts, sampling, row_seeds, tok.eos_id, tok.pad_id, cfg.dtype)
     rollout = sample()
     on = " (adapter on)" if cfg.adapter else ""
     results.append(sampler_logprobs_match(rollout, f"sampler log-probs = trainer's{on}", logprob_tol))
     if cfg.adapter:
-        with disable_lora(sampler), disable_lora(policy):
+        with disable_lora(policy):
             results.append(sampler_logprobs_match(sample(), "sampler log-probs = trainer's (adapters off)",
                                                   logprob_tol))
             results.append(disabled_equals_base(policy, reference, base_tokens, base_mask, cfg.dtype, logprob_tol))
@@ -231,7 +185,7 @@ def run(cfg: CheckConfig) -> int:
         results += splits_share_no_question(splits)
     # 7. 8-bit storage
     if cfg.load_in_8bit:
-        results.append(int8_matches_reference(policy, rollout.tokens, rollout.attention_mask, cfg.dtype, tol.int8))
+        results.append(int8_matches_reference(policy, rollout.tokens, rollout.attention_mask, cfg.dtype, INT8_TOLERANCE))
 
     print(format_table(results))
     failed = [r.name for r in results if not r.passed]

@@ -25,17 +25,16 @@ from typing import NamedTuple
 import torch
 
 from rlhf_engine.data.tokenizer import format_prompt
-from rlhf_engine.engine.weights.adapters import is_adapter_folder, load_adapter, read_adapter_base
-from rlhf_engine.engine.weights.builder import resolve_tokenizer
+from rlhf_engine.engine.weights.adapters import is_adapter_folder, read_adapter_base
+from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
 from rlhf_engine.engine.weights.hf_folder import CONFIG
-from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.training.dist import Dist, all_gather_objects
+from rlhf_engine.engine.training.train_state import row_seed
 from rlhf_engine.engine.model.generate import SamplingConfig
-from rlhf_engine.engine.model.int8 import quantize_on_load
 from rlhf_engine.engine.eval.questions import Question, load_questions
 from rlhf_engine.engine.rl.reward import load_reward_model
-from rlhf_engine.engine.model.precision import DTYPES, torch_dtype
+from rlhf_engine.engine.model.precision import DTYPES
 from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
 
 
@@ -99,20 +98,7 @@ class Response(NamedTuple):
     kl: float  # exact KL(arm ‖ baseline) summed over the response; nan for human answers
 
 
-def load_policy(path: str, tok, dtype: str, device, load_in_8bit: bool):
-    """A checkpoint, or an adapter folder applied to the base its config names, ready to sample."""
-    base, adapter = (read_adapter_base(path), path) if is_adapter_folder(path) else (path, None)
-    if adapter is not None and not (base and os.path.exists(base)):
-        raise ValueError(f"{path}: the adapter's base {base!r} (adapter_config.json) is not a folder here")
-    model = load_checkpoint(base, dtype=torch_dtype(dtype), device=device,
-                            transform=quantize_on_load if load_in_8bit else None)
-    tok.check_model_vocab(model.cfg.vocab_size, base)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    return model.eval()
-
-
-def sample_responses(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,
+def sample_arm(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,
                      sampling: SamplingConfig, batch_size: int, tok, log) -> list[list[int]]:
     """k responses per question, row (question i, sample j) seeded by (seed, i, j): independent of the batch."""
     rows, started = [(q.index, j) for q in questions for j in range(k)], time.time()
@@ -121,8 +107,7 @@ def sample_responses(model, arm: str, questions: list[Question], prompts: dict[i
         elapsed = time.time() - started
         log(f"eval: {arm}: {done}/{len(rows)} answers, {done / elapsed:.1f}/s, "
             f"eta {elapsed / done * (len(rows) - done):.0f}s")
-    return sample_answers(model, [prompts[i] for i, _ in rows], [sampling.seed * 1_000_003 + i * 1009 + j
-                                                                for i, j in rows],
+    return sample_answers(model, [prompts[i] for i, _ in rows], [row_seed(sampling.seed, i, j) for i, j in rows],
                           sampling, tok.eos_id, tok.pad_id, batch_size, progress)
 
 
@@ -161,12 +146,12 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
     baseline_model, max_seq_len = None, None
     seconds = {"sampling": 0.0, "kl": 0.0, "scoring": 0.0}  # this rank's wall time per phase
     for arm, path in arms:
-        model = load_policy(path, tok, cfg.dtype, dist.device, cfg.load_in_8bit)
+        model = load_model(path, tok, dtype=cfg.dtype, device=dist.device, load_in_8bit=cfg.load_in_8bit)
         max_seq_len = max_seq_len or model.cfg.max_seq_len
         room = model.cfg.max_seq_len - max([len(p) for p in prompts.values()] or [0])
         sampling = dataclasses.replace(cfg.sampling, max_new_tokens=min(cfg.sampling.max_new_tokens, max(room, 1)))
         t0 = time.time()
-        answers = sample_responses(model, arm, mine, prompts, k, sampling, cfg.batch_size, tok, log)
+        answers = sample_arm(model, arm, mine, prompts, k, sampling, cfg.batch_size, tok, log)
         seconds["sampling"] += time.time() - t0
         t0 = time.time()
         rows = [(q.index, j) for q in mine for j in range(k)]

@@ -1,8 +1,8 @@
 """PPO against a reward model with a per-token KL penalty (StackLLaMA step 3), as a numbered story.
 
 Read `train()` from its step loop: 1. rollout, 2. score, 3. KL-penalised rewards, 4. advantages,
-5. PPO epochs (`ppo_epochs` below), 6. log. Two files tell the whole step: this one and
-engine/rl/rollout.py, which builds the rollout and holds the forward the update differentiates. The
+5. PPO epochs, 6. log. Three files tell the whole step: this one, engine/rl/rollout.py, which builds the
+rollout and holds the forward the update differentiates, and engine/rl/update.py (step 5). The
 math is in engine/rl/rlhf_math.py, who plays which role (policy, reference, reward, value) in
 engine/rl/roles.py, the flags and their StackLLaMA defaults in engine/rl/config.py.
 
@@ -23,28 +23,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rlhf_engine.engine.rl import checkpoint as ppo_checkpoint
 from rlhf_engine.engine.training import roofline
 from rlhf_engine.engine.weights.builder import build_model, resolve_tokenizer
-from rlhf_engine.engine.rl.estimators import (grpo_advantages, k3_kl_loss, remax_advantages, returns_to_go,
-                                              rloo_advantages)
-from rlhf_engine.engine.training.dist import (Dist, all_gather_objects, all_reduce_max, all_reduce_named,
-                                              all_reduce_sum, grad_sync)
+from rlhf_engine.engine.rl.estimators import grpo_advantages, remax_advantages, returns_to_go, rloo_advantages
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_sum
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step
+from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw
 from rlhf_engine.engine.rl.config import PPOConfig
-from rlhf_engine.engine.rl.diagnostics import (closing_summary, first_minibatch_tolerance, kl_per_response,
-                                               length_metrics, negative_kl_metrics, onpolicy_metrics, onpolicy_warning,
-                                               repeated_token_share, reward_metrics, sample_table, sampler_tolerance,
-                                               step_report, warnings)
+from rlhf_engine.engine.rl.diagnostics import (closing_summary, failure_warnings, first_minibatch_tolerance,
+                                               onpolicy_warning, sample_table, step_metrics, step_report)
+from rlhf_engine.engine.rl.invariants import logprob_tolerance
 from rlhf_engine.engine.eval.ppo_eval import PPOEval
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.rl.roles import build_roles, mib
-from rlhf_engine.engine.model.precision import autocast
-from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, clipped_value_loss, gae, kl_estimate,
-                                             kl_penalized_rewards, masked_mean, masked_moments, masked_whiten,
-                                             moments_to_stats, ppo_policy_loss, running_moments_update, shape_scores)
-from rlhf_engine.engine.rl.rollout import PolicyAndValue, Rollout, build_rollout, greedy_baseline, prompt_loader
+from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, gae, kl_penalized_rewards,
+                                             masked_mean, masked_moments, masked_whiten, moments_to_stats, per_token_kl,
+                                             running_moments_update, shape_scores)
+from rlhf_engine.engine.rl.rollout import PolicyAndValue, build_rollout, greedy_baseline, prompt_loader
+from rlhf_engine.engine.rl.update import KL_IN_LOSS, Optimisation, UpdateBatch, ppo_epochs
 from rlhf_engine.engine.training.train_state import (checkpoint_path, lock_run_folder, resolve_resume, resumed_step,
-                                                     seed_everything)
+                                                     row_seed, seed_everything)
 
 
 def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict:
@@ -75,10 +72,12 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         log.info(f"ppo: resumed from {resume_from} at step {start}")
     evaluator = PPOEval(cfg, dist, tok, policy, reference, roles.reward_fn) if cfg.eval_every else None
 
-    exact = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
+    ratio_tolerance = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
     log.info("ppo: the first minibatch's importance ratio must be " + (
-        "exactly 1 (the update re-runs the rollout's deterministic kernels on the same rows)" if exact == 0 else
-        f"1 within |log ratio| <= {exact:g} ({dist.device.type} {cfg.dtype}; --deterministic makes it exact)"))
+        "exactly 1 (the update re-runs the rollout's deterministic kernels on the same rows)" if ratio_tolerance == 0
+        else f"1 within |log ratio| <= {ratio_tolerance:g} ({dist.device.type} {cfg.dtype}; --deterministic makes it "
+        "exact)"))
+    optimisation = Optimisation(ddp, optimizer, guard, ratio_tolerance)
 
     def save(step):
         ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments, log)
@@ -95,19 +94,20 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         #    response token with the policy, the value function and the reference, and read the RM's score.
         batch = next(queries)
         mine = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
-        k = cfg.samples_per_prompt  # each query k times in a row: a group, never split over ranks
-        prompt_lists = [t[m].tolist() for t, m in zip(batch.tokens[mine], batch.attention_mask[mine]) for _ in range(k)]
+        group = cfg.samples_per_prompt  # each query `group` times in a row: never split over ranks
+        prompt_lists = [t[m].tolist() for t, m in zip(batch.tokens[mine], batch.attention_mask[mine])
+                        for _ in range(group)]
         # One length cap per step, drawn from (seed, step) alone, so every rank draws the same cap.
-        max_new = random.Random(cfg.seed * 100_003 + step).randint(cfg.response_min_length, cfg.response_max_length)
+        max_new = random.Random(row_seed(cfg.seed, step)).randint(cfg.response_min_length, cfg.response_max_length)
         sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature)
         # A row's sampler is seeded by (seed, the row's global index): its sample ignores the world size.
         first_row = (step * dist.world_size + dist.rank) * len(prompt_lists)
         # Minibatch shuffles come from (seed, step, rank); epoch 0's order is also the order the rollout
         # scored the rows in, which is what makes the first minibatch's ratio exactly 1.
-        shuffler = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + dist.rank)
+        shuffler = torch.Generator().manual_seed(row_seed(cfg.seed, step, dist.rank))
         order = torch.randperm(len(prompt_lists), generator=shuffler).to(dist.device)
         rollout = build_rollout(pv, reference, roles.reward_fn, prompt_lists, sampling=sampling,
-                                row_seeds=[cfg.seed * 1_000_003 + first_row + i for i in range(len(prompt_lists))],
+                                row_seeds=[row_seed(cfg.seed, first_row + i) for i in range(len(prompt_lists))],
                                 eos_id=tok.eos_id, pad_id=tok.pad_id, order=order, chunk=micro, dtype=cfg.dtype)
         response_mask = rollout.response_mask
 
@@ -122,8 +122,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
 
         # 3. KL-penalised rewards: −β·KL_t on every response token, plus the score at the last real one
         #    (GRPO and Dr. GRPO leave the KL out of the reward: it is a loss term in step 5).
-        kl = (rollout.kl_full if cfg.kl_estimator == "full"
-              else kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator))
+        kl = per_token_kl(rollout.logprobs, rollout.ref_logprobs, rollout.kl_full, cfg.kl_estimator)
         rewards, penalty = kl_penalized_rewards(scores, kl, response_mask,
                                                 0.0 if cfg.estimator in KL_IN_LOSS else kl_coef)
 
@@ -137,48 +136,38 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             greedy = None
             # ReMax: the greedy response's total reward, its score − β·Σ KL_t, as the others'
             if cfg.estimator == "remax":
-                g = greedy_baseline(pv, reference, roles.reward_fn, prompt_lists[::k], sampling, tok, cfg.dtype,
+                g = greedy_baseline(pv, reference, roles.reward_fn, prompt_lists[::group], sampling, tok, cfg.dtype,
                                     cfg.kl_estimator)
                 greedy = shape(g.raw_scores, g.ended) - kl_coef * g.kl
             advantages = returns = critic_free_advantages(cfg, dist, scores, rewards, response_mask, greedy)
 
         # 5. PPO epochs over shuffled minibatches (epoch 0 in the rollout's order).
-        update = ppo_epochs(cfg, dist, ddp, optimizer, guard, log, step, rollout, advantages, returns, shuffler, exact,
-                            kl_coef)
-        update_seconds, t_end = update.pop("seconds"), time.time()
+        update = ppo_epochs(cfg, dist, optimisation, UpdateBatch(rollout, advantages, returns, kl_coef, shuffler),
+                            step, log)
+        t_end = time.time()
 
         # 6. Log (with how far each phase ran from this machine's limit); then move β towards the KL target.
-        report = step_report(cfg, policy, rollout, update_seconds, update["ppo/minibatches"])
-        kl_means = kl_per_response(dist, rollout)
-        used_kl = kl_means[cfg.kl_estimator]
-        metrics = {**update, **{f"objective/kl_{k}": v for k, v in kl_means.items()},
-                   "objective/kl": used_kl, "objective/kl_coef": kl_coef,
-                   "objective/non_score_reward": all_reduce_sum(dist, penalty.non_score_reward.sum()).item()
-                   / (len(prompt_lists) * dist.world_size),  # −β·Σ_t KL_t per response: the penalty's share
+        report = step_report(cfg, policy, rollout, update.seconds, update.metrics["ppo/minibatches"])
+        metrics = {**update.metrics, **step_metrics(dist, rollout, scores, penalty, cfg.kl_estimator, cfg.cliprange,
+                                                    tok, t_end - t0),
+                   "objective/kl_coef": kl_coef,
                    "ppo/returns_mean": masked_mean(returns, response_mask).item(),
                    "ppo/advantages_mean": masked_mean(advantages, response_mask).item(),
-                   **reward_metrics(dist, rollout.raw_scores, scores, rollout.ended),
-                   **length_metrics(dist, response_mask.sum(1).long(), rollout.ended),
-                   **negative_kl_metrics(dist, rollout.logprobs - rollout.ref_logprobs, response_mask,
-                                         rollout.response_tokens, tok),
-                   **onpolicy_metrics(dist, rollout.sampler_logprobs, rollout.logprobs, response_mask, cfg.cliprange),
-                   "env/repeated_token_share": repeated_token_share(rollout.response_tokens, response_mask),
                    **{f"time/{phase}": seconds for phase, seconds in rollout.seconds.items()},
-                   "time/update": update_seconds,
-                   "perf/tokens_per_s": all_reduce_sum(dist, rollout.attention_mask.sum()).item() / (t_end - t0),
+                   "time/update": update.seconds,
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30, **report.metrics}
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, used_kl, len(prompt_lists) * dist.world_size, cfg.kl_target,
-                                       cfg.kl_horizon)
-        warnings(log, step, metrics, history)
-        onpolicy_warning(log, step, metrics, history, sampler_tolerance(dist.device, cfg.dtype),
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], len(prompt_lists) * dist.world_size,
+                                       cfg.kl_target, cfg.kl_horizon)
+        failure_warnings(log, step, metrics, history)
+        onpolicy_warning(log, step, metrics, history, logprob_tolerance(dist.device, cfg.dtype, cfg.load_in_8bit),
                          cfg.onpolicy_warn_every)
-        history.append({k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)})
+        history.append({key: v for key, v in metrics.items() if not isinstance(v, torch.Tensor)})
         due = step % cfg.log_every == 0 or step == cfg.max_steps - 1
         if due:
             log.scalars(step, metrics)
-        log.line(step + 1, cfg.max_steps, {"reward": metrics["env/reward_mean"], "kl": used_kl, "beta": kl_coef,
-                                           "len": metrics["env/response_length_mean"],
+        log.line(step + 1, cfg.max_steps, {"reward": metrics["env/reward_mean"], "kl": metrics["objective/kl"],
+                                           "beta": kl_coef, "len": metrics["env/response_length_mean"],
                                            "clipfrac": metrics["ppo/clipfrac"], "s/step": round(t_end - t0, 2),
                                            "limit": report.line},
                  due=due)
@@ -191,10 +180,6 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         log.info(line)
     log.close()
     return {"history": history, **history[-1]} if history else {"history": history}
-
-
-TOKEN_WEIGHTED = ("clipfrac", "value_clipfrac", "approx_kl", "ratio_mean", "explained_variance")
-KL_IN_LOSS = ("grpo", "dr_grpo")  # estimators whose KL penalty is a loss term (k3), not part of the reward
 
 
 def whiten_over_ranks(dist: Dist, x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -214,93 +199,3 @@ def critic_free_advantages(cfg: PPOConfig, dist: Dist, scores, rewards, response
         total = by_group(rewards.sum(1))
         per_response = rloo_advantages(total) if cfg.estimator == "rloo" else remax_advantages(total, greedy_scores)
     return per_response.reshape(-1, 1) * response_mask
-
-
-def ppo_epochs(cfg: PPOConfig, dist: Dist, ddp, optimizer, guard: BadStepGuard, log, step: int, rollout: Rollout,
-               advantages: torch.Tensor, returns: torch.Tensor, shuffler: torch.Generator, exact: float,
-               kl_coef: float) -> dict:
-    """Step 5: `ppo_epochs` passes over the rollout in minibatches of `mini_batch_size` rows per rank. A
-    minibatch is one optimizer step, its gradient accumulated over `grad_accum` micro-batches; its loss
-    is a mean over the global minibatch's real tokens (Dr. GRPO: a sum over tokens divided by rows x the
-    response length cap, so long and short responses weigh alike per token). The first minibatch
-    re-scores the rollout's rows with the rollout's own function: its |log ratio| must not exceed
-    `exact`. Returns the minibatch statistics, averaged."""
-    t0 = time.time()
-    pv = ddp.module if isinstance(ddp, DDP) else ddp
-    response_mask, (B, R) = rollout.response_mask, rollout.response_mask.shape
-    mini, micro = cfg.mini_batch_size, cfg.mini_batch_size // cfg.grad_accum
-    minibatches, skipped, stopped_early, ratio_max, drift = [], 0, False, 0.0, 0.0
-    for epoch in range(cfg.ppo_epochs):
-        perm = rollout.order if epoch == 0 else torch.randperm(B, generator=shuffler).to(rollout.order.device)
-        for k in range(0, B, mini):
-            rows = perm[k:k + mini]
-            n_tokens = all_reduce_sum(dist, response_mask[rows].sum())
-            loss_tokens = n_tokens if cfg.estimator != "dr_grpo" else n_tokens.new_tensor(mini * dist.world_size * R)
-            minibatch_adv = advantages[rows]
-            if cfg.whiten == "minibatch" and cfg.estimator == "ppo":
-                minibatch_adv = masked_whiten(minibatch_adv, response_mask[rows])
-            sums, local_ratio_max = {}, torch.zeros((), device=response_mask.device)
-            for j in range(0, mini, micro):
-                with grad_sync(dist, ddp, sync=j + micro >= mini):  # gradients cross ranks once per minibatch
-                    loss, stats = micro_batch_loss(cfg, ddp, rollout, rows[j:j + micro], minibatch_adv[j:j + micro],
-                                                   returns, loss_tokens, kl_coef)
-                    (loss * dist.world_size).backward()  # DDP averages over ranks; the loss is already global
-                sums = {name: sums.get(name, 0) + value for name, value in stats.items() if not name.endswith("max")}
-                local_ratio_max = torch.maximum(local_ratio_max, stats["ratio_max"])
-                if epoch == 0 and k == 0:
-                    drift = max(drift, all_reduce_max(dist, stats["log_ratio_abs_max"]).item())
-                    if drift > exact:
-                        raise RuntimeError(f"ppo: the first minibatch's importance ratio is not 1 (max |log ratio| "
-                                           f"{drift:.2e} > {exact:g}): the update does not reproduce the rollout's "
-                                           "old log-probs")
-            ratio_max = max(ratio_max, all_reduce_max(dist, local_ratio_max).item())
-            total = all_reduce_named(dist, sums)
-            for name in TOKEN_WEIGHTED:
-                total[name] /= max(n_tokens.item(), 1.0)
-            minibatches.append(total)
-            if total["ratio_mean"] > cfg.ratio_threshold:  # TRL's guard against one wildly off-policy minibatch
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-            else:
-                loss = (total["policy_loss"] + cfg.vf_coef * total["value_loss"] + kl_coef * total["kl_loss"]
-                        - cfg.entropy_coef * total["entropy"])
-                clip_and_step(pv, optimizer, step, loss, cfg.grad_clip, guard, log)
-            if cfg.early_stop_kl and total["approx_kl"] > cfg.early_stop_kl:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-    mean = {name: sum(m[name] for m in minibatches) / len(minibatches) for name in minibatches[0]}
-    return {**{f"ppo/{name}": value for name, value in mean.items() if name != "entropy"},
-            "objective/entropy": mean["entropy"], "ppo/ratio_max": ratio_max, "ppo/skipped_minibatches": skipped,
-            "ppo/early_stopped": float(stopped_early), "ppo/minibatches": len(minibatches),
-            "onpolicy/first_minibatch_drift": drift,
-            "seconds": time.time() - t0}
-
-
-def micro_batch_loss(cfg: PPOConfig, ddp, rollout: Rollout, rows, advantages, returns, n_tokens, kl_coef: float):
-    """The loss of `rows`: the clipped policy surrogate, + vf_coef · the clipped value loss (PPO's critic),
-    + β · the k3 KL to the reference (GRPO), − the entropy bonus; each a sum over their tokens divided by
-    the global minibatch's `n_tokens`. And this micro-batch's statistics as named sums (token-weighted
-    ones multiplied by its local token count)."""
-    response_mask = rollout.response_mask[rows]
-    with autocast(rollout.tokens.device, cfg.dtype):
-        out = ddp(rollout.tokens[rows], rollout.attention_mask[rows], rollout.prompt_len, cfg.temperature)
-    pg_loss, pg = ppo_policy_loss(out.logprobs, rollout.logprobs[rows], advantages, response_mask, cfg.cliprange,
-                                  n_tokens)
-    zero = pg_loss.new_zeros(())
-    vf_loss, vf = clipped_value_loss(out.values, rollout.values[rows], returns[rows], response_mask,
-                                     cfg.cliprange_value, n_tokens) if cfg.estimator == "ppo" else (zero, None)
-    kl_loss = (k3_kl_loss(out.logprobs, rollout.ref_logprobs[rows], response_mask, n_tokens)
-               if cfg.estimator in KL_IN_LOSS else zero)
-    entropy = masked_mean(out.entropy, response_mask, n_tokens=n_tokens)
-    # With no entropy bonus no gradient reaches the entropy, and its backward pass over the vocabulary is skipped.
-    loss = pg_loss + cfg.vf_coef * vf_loss + kl_coef * kl_loss - (cfg.entropy_coef * entropy if cfg.entropy_coef else 0)
-    n_local = response_mask.sum()
-    return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "kl_loss": kl_loss.detach(),
-                  "entropy": entropy.detach(), "clipfrac": pg.clipfrac * n_local,
-                  "value_clipfrac": vf.clipfrac * n_local if vf else zero,
-                  "approx_kl": pg.approx_kl * n_local, "ratio_mean": pg.ratio_mean * n_local,
-                  "explained_variance": vf.explained_variance * n_local if vf else zero,
-                  "ratio_max": pg.ratio_max.detach(),
-                  "log_ratio_abs_max": ((out.logprobs.detach() - rollout.logprobs[rows]) * response_mask).abs().max()}

@@ -3,25 +3,19 @@
 PPO and the KL penalty need, for every position, the log-probability of one token and (for logging and
 an optional bonus) the entropy; never the full [B, T, V] log-softmax. Building it costs 4·B·T·V bytes
 (float32 at vocab 32000, B·T = 2048: 262 MB), and autograd keeps it plus the softmax until backward.
-Here the B·T rows are processed in chunks by a custom autograd Function whose backward recomputes each
-chunk from its input and the saved per-row logsumexp, so only [chunk, V] buffers are alive at once.
-From hidden states [B, T, D] and the LM-head weight [V, D] the logits never exist whole either
-(the "fused linear cross-entropy" trick of Liger-Kernel and Apple's Cut Cross-Entropy, Wijmans et al.
-2024, here in plain chunked torch). Softmax math runs in float32 (float64 inputs stay float64);
-the hidden-state matmul runs in the input dtype, exactly as `lm_head(hidden)` would.
+Here the B·T rows are processed in chunks by a custom autograd Function. Its backward reuses each chunk's
+float32 log-softmax block saved by the forward while they fit in SAVE_BYTES in all, and otherwise
+recomputes the block from the chunk's input and the saved per-row logsumexp; either way only [chunk, V]
+buffers beyond the saved blocks are alive at once. From hidden states [B, T, D] and the LM-head weight
+[V, D] the logits never exist whole either (the "fused linear cross-entropy" trick of Liger-Kernel and
+Apple's Cut Cross-Entropy, Wijmans et al. 2024, here in plain chunked torch). Softmax math runs in
+float32 (float64 inputs stay float64); the hidden-state matmul runs in the input dtype, exactly as
+`lm_head(hidden)` would.
 
 Temperature divides the logits first: PPO scores samples drawn at temperature T under that same
 distribution (TRL's PPOTrainer does `logits /= temperature` before its log-softmax). There is no
 top-k/top-p here: PPO refuses them, because the policy it scores is the full distribution.
-Measured by bench/logprobs.py --clock cpu (B 2, T 1024, V 32000, D 512, entropy included, forward +
-backward; peak RSS above the inputs, and one thread's CPU seconds as the machine's 2 cores are shared).
-Here the 250 MiB of log-softmax blocks fit SAVE_BYTES, so backward reuses them instead of recomputing:
-  from logits  fp32: reference 1257 MiB 1.52 s, chunked 573 MiB 1.12 s (250 MiB of it is d loss/d logits)
-               bf16: reference 1257 MiB 1.69 s, chunked 446 MiB 1.19 s
-  from hidden  fp32: reference 1200 MiB 4.28 s, chunked 394 MiB 3.64 s
-               bf16: reference 1231 MiB 2.88 s, chunked 515 MiB 2.32 s
-(With recomputation, before SAVE_BYTES: hidden fp32 chunked 209 MiB but 3.82 s against the reference's
-3.39 s in that window: the LM-head matmul ran again.)
+bench/logprobs.py measures time and peak memory against the reference (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -32,10 +26,8 @@ import torch.nn.functional as F
 
 CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V] buffer (512 rows at V = 32000)
 # Up to this many bytes of float32 log-softmax blocks are kept from forward for backward, which then
-# skips recomputing them (from hidden states, the LM-head matmul again). Measured at llama-60m, 1 thread:
-# a LoRA SFT step of 4 x 512 tokens (250 MiB kept) 6.68 -> 5.80 s; a PPO micro-batch of 4 x 48 response
-# tokens (24 MiB) about 5% faster. Larger inputs recompute, as before: memory stays one [N, V] buffer
-# at most, against autograd's several of a plain log_softmax.
+# skips recomputing them (from hidden states, the LM-head matmul again). Larger inputs recompute: memory
+# stays one [N, V] buffer at most, against autograd's several of a plain log_softmax.
 SAVE_BYTES = 256 * 2**20
 
 

@@ -82,7 +82,7 @@ def ppo_base(synthetic_pairs, tmp_path_factory):
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.llama import LLaMA
     pairs, tok = synthetic_pairs
-    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
+    cfg = ModelConfig.preset("tiny", vocab_size=512)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ppo_base")
     save_model_folder(LLaMA(cfg).init_weights(std=0.15), str(folder), tokenizer=tok)

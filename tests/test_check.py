@@ -39,7 +39,7 @@ def run_dir(tiny_tokenizer_path, tmp_path_factory):
     and the same RM merged, and four disjoint splits."""
     from rlhf_engine.engine.training.train_state import write_stage_model
     folder = tmp_path_factory.mktemp("check")
-    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 300})
+    cfg = ModelConfig.preset("tiny", vocab_size=300)
     torch.manual_seed(0)
     base = str(folder / "base")
     save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer=tiny_tokenizer_path)
@@ -99,6 +99,17 @@ def test_a_healthy_model_passes_every_invariant(run_dir, capsys, rm):
     assert rows[SPLITS_ROW][0] == 0 and rows["sampler runs the trainer's adapter"][0] == 0
 
 
+def test_bf16_check_holds_the_sampler_to_ppos_bar(run_dir, capsys):
+    """In bf16 check samples and scores through PPO's own calls under PPO's autocast, and holds the gap to
+    the bar PPO warns at (one table): real bf16 rounding shows (far above fp32's 1e-4) and stays below it."""
+    from rlhf_engine.engine.rl.invariants import logprob_tolerance
+    code, rows, mode = check_table(capsys, run_dir, "--dtype", "bf16")
+    assert mode.startswith("check: device cpu, dtype bf16, 8-bit off")
+    assert set(rows) == EVERY_ROW and code == 0, rows
+    gap = rows["sampler log-probs = trainer's (adapter on)"][0]
+    assert 1e-4 < gap <= logprob_tolerance(torch.device("cpu"), "bf16") == 0.25
+
+
 def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
     code, rows, mode = check_table(capsys, run_dir, "--load-in-8bit")
     assert "8-bit on (kernel " in mode
@@ -134,16 +145,21 @@ def test_a_forgetful_cache_fails_decode(run_dir, capsys, monkeypatch):
     assert code == 1
 
 
-def test_a_stale_sampler_adapter_fails(run_dir, capsys, monkeypatch):
-    """verl#7495: the sampler is a copy the trained adapter never reached (it still holds lora_b = 0)."""
-    def stale_copy(policy):
-        sampler = copy.deepcopy(policy)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_stale_sampler_adapter_fails(run_dir, capsys, monkeypatch, dtype):
+    """verl#7495: the sampler is a copy the trained adapter never reached (it still holds lora_b = 0). The
+    copy goes in where PPO samples (rollout.sample_rows' generate), the very call check measures."""
+    import rlhf_engine.engine.rl.rollout as rollout_module
+    real = rollout_module.generate
+
+    def stale_generate(model, *args, **kwargs):
+        sampler = copy.deepcopy(model)
         with torch.no_grad():
             for _, layer in lora_layers(sampler):
                 layer.lora_b.zero_()
-        return sampler
-    monkeypatch.setattr(check, "sampler_model", stale_copy)
-    code, rows, _ = check_table(capsys, run_dir)
+        return real(sampler, *args, **kwargs)
+    monkeypatch.setattr(rollout_module, "generate", stale_generate)
+    code, rows, _ = check_table(capsys, run_dir, "--dtype", dtype)
     assert rows["sampler runs the trainer's adapter"][1] == "FAIL"
     assert rows["sampler log-probs = trainer's (adapter on)"][1] == "FAIL"
     assert code == 1

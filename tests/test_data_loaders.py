@@ -22,6 +22,11 @@ class CharTokenizer:
     def encode_batch(self, texts, bos=False, eos=False):
         return [self.encode(t, bos, eos) for t in texts]
 
+    @staticmethod
+    def question(ids):
+        """The question back from a query's tokens (<bos> Question: q\n\nAnswer: ), padding dropped."""
+        return "".join(chr(i - 3) for i in ids if i > EOS)[len("Question: "):-len("\n\nAnswer: ")]
+
 
 TOK = CharTokenizer()
 
@@ -111,7 +116,7 @@ def test_pair_loader_with_nothing_short_enough():
 def test_prompts_are_left_padded_queries():
     table = pairs_table([("abc", "x", "y"), ("a", "x", "y")])
     batch = next(iter(PromptLoader(table, TOK, batch_size=2, seed=0)))
-    rows = {q: (t, m) for q, t, m in zip(batch.questions, batch.tokens, batch.attention_mask)}
+    rows = {TOK.question(t.tolist()): (t, m) for t, m in zip(batch.tokens, batch.attention_mask)}
     assert batch.tokens.shape == (2, 24)  # 21 + len("abc")
     assert rows["abc"][0].tolist() == [BOS] + TOK.encode("Question: abc\n\nAnswer: ")
     assert rows["a"][0].tolist() == [PAD, PAD] + [BOS] + TOK.encode(format_prompt("a"))
@@ -122,11 +127,11 @@ def test_prompts_are_left_padded_queries():
 def test_prompt_length_limit_and_dedupe():
     table = pairs_table([("abc", "x", "y"), ("abc", "z", "y"), ("abcd", "x", "y"), ("abcde", "x", "y")])
     loader = PromptLoader(table, TOK, batch_size=1, max_length=25)  # keeps fewer than 25 tokens
-    assert loader.questions == ["abc"] and loader.too_long == 2
+    assert [TOK.question(q) for q in loader.queries] == ["abc"] and loader.too_long == 2
 
 
 def take_questions(loader, n):
-    return [q for b in itertools.islice(iter(loader), n) for q in b.questions]
+    return [TOK.question(t.tolist()) for b in itertools.islice(iter(loader), n) for t in b.tokens]
 
 
 def test_prompts_cycle_epochs_with_a_new_shuffle():

@@ -112,8 +112,7 @@ def test_remax_baseline_is_the_greedy_responses_total_reward(ppo_base):
     length_reward = lambda tokens, mask: mask.sum(1).float()  # noqa: E731
     g = greedy_baseline(pv, None, length_reward, prompts, sampling, tok, "fp32", "k1")
     greedy = generate(policy, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0), tok.eos_id, tok.pad_id)
-    tokens = torch.cat([greedy.prompt_tokens, greedy.response_tokens], 1)
-    mask = torch.cat([greedy.prompt_mask, greedy.response_mask], 1)
+    tokens, mask, _ = greedy.rows()
     P = greedy.prompt_tokens.shape[1]
     with torch.no_grad():
         logp = torch.log_softmax(policy(tokens, attention_mask=mask)[:, P - 1:-1] / 0.7, -1)

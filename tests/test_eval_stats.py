@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_engine.engine.eval.stats import (bootstrap_mean, bootstrap_win_rate, length_controlled_win_rate,
-                                           mean_with_interval, proxy_judge_gap, win_rate, win_rate_by_length_bucket)
+                                           proxy_judge_gap, win_rate, win_rate_by_length_bucket)
 
 
 def test_win_rate_counts_ties_as_half():
@@ -127,10 +127,10 @@ def test_win_rate_by_length_bucket_by_hand():
     assert none_shorter.n == 0 and math.isnan(none_shorter.rate)
 
 
-def test_mean_with_interval_per_arm():
+def test_bootstrap_mean_per_arm():
     # KL per response summed over tokens; per-question means (1+3)/2, 2, 3, 6 -> mean (2 + 2 + 3 + 6) / 4 = 3.25.
     kl = {"ppo": [[1.0, 3.0], [2.0, 2.0], [3.0, 3.0], [6.0, 6.0]], "sft": [0.0, 0.0, 0.0, 0.0]}
-    result = mean_with_interval(kl, n_boot=400)
+    result = {arm: bootstrap_mean(values, n_boot=400) for arm, values in kl.items()}
     assert result["ppo"].mean == 3.25 and 2.0 <= result["ppo"].low < 3.25 < result["ppo"].high <= 6.0
     assert result["ppo"] == bootstrap_mean(kl["ppo"], n_boot=400)  # same seed, same resamples
     assert tuple(result["sft"]) == (0.0, 0.0, 0.0)
@@ -152,7 +152,6 @@ def test_proxy_judge_gap():
     (lambda: bootstrap_win_rate([1.0], [0.0], level=95), r"level must be in \(0, 1\)"),
     (lambda: length_controlled_win_rate([[1, 2]], [[0, 0]], [[5]], [[5, 5]]), "arm_lengths has shape"),
     (lambda: win_rate([1.0], [0.0], tie_margin=-1), "tie_margin must be >= 0"),
-    (lambda: mean_with_interval({}), "values_by_arm is empty"),
     (lambda: proxy_judge_gap(1.2, 0.5), r"proxy_win_rate must be a win rate in \[0, 1\]"),
 ])
 def test_bad_input_says_what_is_wrong(call, message):

@@ -12,7 +12,8 @@ from conftest import ROOT
 import train
 from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.eval.answers import sequence_kl
-from rlhf_engine.engine.evaluate import EvalConfig, evaluate, load_policy
+from rlhf_engine.engine.evaluate import EvalConfig, evaluate
+from rlhf_engine.engine.weights.builder import load_model
 from rlhf_engine.engine.model.generate import SamplingConfig
 
 
@@ -85,7 +86,7 @@ def test_kl_equals_a_separate_full_forward(arms):
     from rlhf_engine.data.tokenizer import Tokenizer
     base_dir, adapter, _ = arms
     tok = Tokenizer(os.path.join(base_dir, "tokenizer.model"))
-    base, tuned = (load_policy(p, tok, "fp32", torch.device("cpu"), False) for p in (base_dir, adapter))
+    base, tuned = (load_model(p, tok) for p in (base_dir, adapter))
     prompts, responses = [[1, 40, 41, 42], [1, 50]], [[7, 8, 9, 2], [10, 11]]
     got = sequence_kl(tuned, base, prompts, responses, tok.pad_id, "fp32")
     for p, r, kl in zip(prompts, responses, got):  # each row alone, no padding
@@ -131,7 +132,7 @@ def test_bad_input_is_one_line(arms, random_rm, tmp_path, capsys):
     from rlhf_engine.engine.weights.hf_folder import save_model_folder
     from rlhf_engine.engine.model.config import ModelConfig
     from rlhf_engine.engine.model.llama import LLaMA
-    other = LLaMA(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 600})).init_weights()
+    other = LLaMA(ModelConfig.preset("tiny", vocab_size=600)).init_weights()
     save_model_folder(other, str(tmp_path / "other"))
     assert "vocab" in one_line_error(capsys, "--models", base, str(tmp_path / "other"), "--judges", random_rm,
                                      *common)

@@ -34,8 +34,7 @@ GOLDEN = [[32, 12, 32, 4, 45, 2, 9, 6, 32, 53, 53, 54],
 
 def full_forward_logprobs(model, out, temperature=1.0):
     """Log-softmax of one separate forward over prompt + response, at the response tokens."""
-    tokens = torch.cat([out.prompt_tokens, out.response_tokens], dim=1)
-    mask = torch.cat([out.prompt_mask, out.response_mask], dim=1)
+    tokens, mask, _ = out.rows()
     P = out.prompt_tokens.shape[1]
     with torch.no_grad():
         logits = model(tokens, attention_mask=mask)[:, P - 1:-1].float() / temperature
@@ -57,8 +56,7 @@ def test_logprobs_are_under_the_filtered_distribution():
     model = seeded_model()
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=3, seed=0)
     out = generate(model, PROMPTS, cfg, eos_id=-1, pad_id=PAD)
-    tokens = torch.cat([out.prompt_tokens, out.response_tokens], 1)
-    mask = torch.cat([out.prompt_mask, out.response_mask], 1)
+    tokens, mask, _ = out.rows()
     P = out.prompt_tokens.shape[1]
     with torch.no_grad():
         logits = model(tokens, attention_mask=mask)[:, P - 1:-1]

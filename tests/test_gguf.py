@@ -1,5 +1,6 @@
 """GGUF checkpoints and byte-level BPE tokenizers: tiny files written here with gguf-py's writer, and the
 real SmolLM2-135M-Instruct file (skipped without ../shared) against transformers' own GGUF loader."""
+import dataclasses
 import os
 
 import numpy as np
@@ -165,7 +166,7 @@ def test_gguf_bpe_tokenizer_by_hand(tmp_path):
     """Vocabulary: 3 control tokens, then a..z (ids 3..28), Ġ 29, 0 30, 1 31, 2 32, Ċ 33, he 34, ll 35,
     hell 36, Ġw 37, Ġwo 38. "hello world" -> hell·o | Ġwo·r·l·d (merges in rank order); "hello 12" under
     smollm's pre-tokenizer splits each digit off, so the space stands alone (Ġ) before 1 and 2."""
-    cfg = ModelConfig(**{**TINY.to_dict(), "vocab_size": 39})
+    cfg = dataclasses.replace(TINY, vocab_size=39)
     write_gguf(tmp_path / "t.gguf", tiny_model(cfg), types=None, tokenizer=bpe_metadata())
     tok = Tokenizer(tmp_path / "t.gguf")
     o, r, d = 3 + ord("o") - ord("a"), 3 + ord("r") - ord("a"), 3 + ord("d") - ord("a")
@@ -187,7 +188,7 @@ def test_gguf_bpe_tokenizer_by_hand(tmp_path):
 
 
 def write_tokenizer_only(tmp_path, metadata) -> str:
-    cfg = ModelConfig(**{**TINY.to_dict(), "vocab_size": 39})
+    cfg = dataclasses.replace(TINY, vocab_size=39)
     path = tmp_path / "bos.gguf"
     write_gguf(path, tiny_model(cfg), types=None, tokenizer=metadata)
     return str(path)
@@ -195,7 +196,7 @@ def write_tokenizer_only(tmp_path, metadata) -> str:
 
 def test_an_unknown_pre_tokenizer_is_refused(tmp_path):
     path = tmp_path / "p.gguf"
-    cfg = ModelConfig(**{**TINY.to_dict(), "vocab_size": 39})
+    cfg = dataclasses.replace(TINY, vocab_size=39)
     write_gguf(path, tiny_model(cfg), types=None, tokenizer=bpe_metadata(pre="mystery"))
     with pytest.raises(ValueError, match="pre-tokenizer 'mystery'"):
         Tokenizer(path)

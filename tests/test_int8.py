@@ -312,7 +312,7 @@ def test_lora_gradients_of_an_8bit_model_match_the_float_model(dtype):
     from rlhf_engine.engine.model.lora import LoRAConfig, apply_lora, mark_only_lora_trainable
     from rlhf_engine.engine.model.llama import LLaMA
     from rlhf_engine.kernels.logprobs import hidden_token_logprobs
-    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 256})
+    cfg = ModelConfig.preset("tiny", vocab_size=256)
     base = LLaMA(cfg).init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1))
     grads = {}

@@ -49,10 +49,14 @@ def test_keys_unchanged_and_only_lora_trainable():
 
 def test_all_linear_skips_the_heads():
     model = apply_lora(base_model(), LoRAConfig(r=2, targets=("all-linear",)))
-    adapted = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if n.endswith("lora_a")}
-    assert {k.split(".")[-4] for k in lora_state_dict(model)} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert adapted == {"lora_a"} and not hasattr(model.lm_head, "lora_a")
+    # ...layers.<i>.<block>.<linear>.adapters.default.lora_a: the linear is the fourth name from the end
+    adapted = [n.split(".")[-4] for n, _ in model.named_parameters() if n.endswith("lora_a")]
+    assert sorted(set(adapted)) == sorted({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"})
+    assert len(adapted) == 7 * model.cfg.n_layers  # every block's seven linears, once
+    assert {k.split(".")[-4] for k in lora_state_dict(model)} == set(adapted)
+    assert not any(n.startswith(("lm_head", "model.embed_tokens")) and "lora" in n for n, _ in model.named_parameters())
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 def test_merge_equals_unmerged_and_is_idempotent():

@@ -15,7 +15,8 @@ from ppo_run import config, reward_multiple_of_4
 import rlhf_engine.engine.ppo as ppo
 import rlhf_engine.engine.rl.rollout as rollout_module
 from rlhf_engine.engine.training.dist import init_dist
-from rlhf_engine.engine.rl.diagnostics import first_minibatch_tolerance, onpolicy_metrics, sampler_tolerance
+from rlhf_engine.engine.rl.diagnostics import first_minibatch_tolerance, onpolicy_deltas, onpolicy_metrics, onpolicy_sums
+from rlhf_engine.engine.rl.invariants import logprob_tolerance
 
 
 def run(ppo_base, out, **kw):
@@ -29,7 +30,9 @@ def test_agreement_metrics_by_hand():
     sampler = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
     trainer = torch.tensor([[-1.0, -1.5, -3.0], [-0.5, -0.6, 9.0]])  # the 9.0 sits on padding
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    m = onpolicy_metrics(init_dist("cpu"), sampler, trainer, mask, cliprange=0.2)
+    delta = onpolicy_deltas(sampler, trainer, mask)
+    sums = {**onpolicy_sums(delta, mask, cliprange=0.2), "response_tokens": mask.sum(), "rows": 2.0}
+    m = onpolicy_metrics({k: float(v) for k, v in sums.items()}, delta.abs().max().item())
     # Δ = [0, .5, 0 | 0, −.1]: mean |Δ| = .6 / 5, max .5; exp(.5) = 1.65 leaves [.8, 1.2], exp(−.1) = .905 does not.
     assert m["onpolicy/logprob_diff_mean"] == pytest.approx(0.12)
     assert m["onpolicy/logprob_diff_max"] == pytest.approx(0.5)
@@ -41,7 +44,7 @@ def test_sampler_and_trainer_agree_on_cpu_fp32(ppo_base, tmp_path):
     history = run(ppo_base, tmp_path)
     for step in history:  # every step, also after the policy has moved (lr 5e-2: KL ~10 nats in one step)
         # round-off only: ~1e-6 typically, up to 5e-5 on the largest |log-prob| after such a step
-        assert step["onpolicy/logprob_diff_max"] <= sampler_tolerance(torch.device("cpu"), "fp32")
+        assert step["onpolicy/logprob_diff_max"] <= logprob_tolerance(torch.device("cpu"), "fp32")
         assert abs(step["onpolicy/seq_prob_ratio"] - 1) <= 1e-4
         assert step["onpolicy/outside_clip_share"] == 0.0
         assert step["onpolicy/first_minibatch_drift"] == 0.0  # exact on CPU
@@ -58,7 +61,7 @@ def test_a_stale_sampler_is_caught(ppo_base, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rollout_module, "generate", stale_generate)
     history = run(ppo_base, tmp_path, max_steps=4)
     assert history[0]["onpolicy/logprob_diff_max"] <= 1e-5  # step 0: the copy is still current
-    assert all(h["onpolicy/logprob_diff_max"] > 100 * sampler_tolerance(torch.device("cpu"), "fp32")
+    assert all(h["onpolicy/logprob_diff_max"] > 100 * logprob_tolerance(torch.device("cpu"), "fp32")
                for h in history[1:])
     assert all(abs(h["onpolicy/seq_prob_ratio"] - 1) > 1e-2 for h in history[1:])
     warned = [line for line in capsys.readouterr().err.splitlines() if "sampler's log-probs differ" in line]

@@ -60,7 +60,7 @@ def policy_and_value(base_dir):
 def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
     from rlhf_engine.engine.weights.load import load_checkpoint
     from rlhf_engine.engine.model.generate import left_pad
-    from rlhf_engine.engine.rl.rollout import score_responses
+    from rlhf_engine.engine.rl.rollout import score_rollout
     pv = policy_and_value(base[0])
     plain = load_checkpoint(base[0]).eval()
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50]]
@@ -70,8 +70,8 @@ def test_reference_is_the_base_model_and_rollout_logprobs_ignore_padding(base):
     resp_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     full, full_mask = torch.cat([tokens, resp], 1), torch.cat([mask, resp_mask], 1)
     P = tokens.shape[1]
-    logprobs, values, ref_logprobs, kl_full, *_ = score_responses(pv, None, full, full_mask, P, 1.0,
-                                                                  torch.arange(2), 2)
+    logprobs, values, ref_logprobs, kl_full, *_ = score_rollout(pv, None, full, full_mask, P, 1.0,
+                                                                torch.arange(2), 2, "fp32")
     with torch.no_grad():
         base_logp = torch.log_softmax(plain(full, attention_mask=full_mask)[:, P - 1:-1], -1)
         want_ref = base_logp.gather(-1, resp[..., None]).squeeze(-1)

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.engine.training.dist import init_dist
-from rlhf_engine.engine.rl.diagnostics import (length_metrics, negative_kl_metrics, repeated_token_share,
-                                               reward_metrics, token_kind, warnings)
+from rlhf_engine.engine.training.dist import all_reduce_named, init_dist
+from rlhf_engine.engine.rl.diagnostics import (failure_warnings, length_metrics, length_sums, negative_kl_metrics,
+                                               negative_kl_sums, repeated_token_share, reward_metrics, reward_sums,
+                                               token_kind)
 
 
 class Log:
@@ -37,16 +38,20 @@ def test_token_kind(piece, kind):
     assert token_kind(piece) == kind
 
 
+def reduced(sums):
+    """A world of one's all_reduce_named: the local sums, as floats."""
+    return all_reduce_named(init_dist("cpu"), sums)
+
+
 def test_reward_and_length_statistics_by_ending():
-    dist = init_dist("cpu")
     raw, ended = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([True, True, False, True])
-    s = reward_metrics(dist, raw, raw - 1.0, ended)
+    s = reward_metrics(reduced(reward_sums(raw, raw - 1.0, ended)), raw)
     assert s["env/reward_mean"] == pytest.approx(2.0)
     assert s["env/reward_std"] == pytest.approx(math.sqrt((1 + 1 + 16 + 16) / 4))
     assert (s["env/reward_min"], s["env/reward_max"]) == (-2.0, 6.0)
     assert s["env/shaped_reward_mean"] == pytest.approx(1.0)
     assert s["env/reward_mean_ended"] == pytest.approx(10 / 3) and s["env/reward_mean_truncated"] == -2.0
-    lengths = length_metrics(dist, torch.tensor([5, 9, 32, 2]), ended)
+    lengths = length_metrics(reduced(length_sums(torch.tensor([5, 9, 32, 2]), ended)), 2.0, 32.0)
     assert lengths == {"env/response_length_mean": 12.0, "env/response_length_min": 2.0,
                        "env/response_length_max": 32.0, "env/eos_fraction": 0.75}
 
@@ -55,7 +60,7 @@ def test_negative_kl_tokens_are_counted_by_type_and_padding_is_ignored():
     tokens = torch.tensor([[1, 2, 3, 4], [5, 1, 2, 0]])
     log_ratio = torch.tensor([[-0.1, -0.2, 0.3, -0.4], [-0.5, 0.1, 0.0, -9.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # the -9 sits on padding
-    s = negative_kl_metrics(init_dist("cpu"), log_ratio, mask, tokens, Pieces)
+    s = negative_kl_metrics(reduced(negative_kl_sums(log_ratio, mask, tokens, Pieces)))
     assert s["objective/negative_kl_tokens"] == 4  # word, punctuation, digit, byte
     assert s["objective/negative_kl_share"] == pytest.approx(4 / 7)
     assert s["objective/negative_kl_by_type/word"] == pytest.approx(0.25)
@@ -77,31 +82,31 @@ def metrics(kl_k1=1.0, stderr=0.1, reward=0.0, repeated=0.05):
 
 def test_negative_kl_warning_fires_beyond_rounding_and_sampling_noise_only():
     log = Log()
-    warnings(log, 0, metrics(kl_k1=-1e-7, stderr=1e-9), [])
+    failure_warnings(log, 0, metrics(kl_k1=-1e-7, stderr=1e-9), [])
     assert log.warnings == []  # policy still equal to its reference: rounding
-    warnings(log, 1, metrics(kl_k1=-0.2, stderr=0.1), [])
+    failure_warnings(log, 1, metrics(kl_k1=-0.2, stderr=0.1), [])
     assert log.warnings == []  # 2 standard errors below 0: sampling noise of an unbiased estimator
-    warnings(log, 3, metrics(kl_k1=-0.8, stderr=0.1), [])
+    failure_warnings(log, 3, metrics(kl_k1=-0.8, stderr=0.1), [])
     assert len(log.warnings) == 1 and "mean k1 KL is negative (-0.800, 8.0 standard errors" in log.warnings[0]
 
 
-def test_kl_per_response_reports_the_k1_standard_error():
+def test_kl_metrics_report_the_k1_standard_error():
     from types import SimpleNamespace
 
-    from rlhf_engine.engine.rl.diagnostics import kl_per_response
+    from rlhf_engine.engine.rl.diagnostics import kl_metrics, kl_sums
     # Per-response k1 sums 1, 3, -1, 5: mean 2, population variance (1+1+9+9)/4 = 5, stderr sqrt(5/4).
     logprobs = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [3.0, 2.0]])
     rollout = SimpleNamespace(logprobs=logprobs, ref_logprobs=torch.zeros(4, 2), kl_full=torch.zeros(4, 2),
                               response_mask=torch.ones(4, 2))
-    out = kl_per_response(init_dist("cpu"), rollout)
-    assert out["k1"] == pytest.approx(2.0) and out["k1_stderr"] == pytest.approx((5 / 4) ** 0.5)
+    out = kl_metrics({**reduced(kl_sums(rollout)), "rows": 4.0})
+    assert out["objective/kl_k1"] == pytest.approx(2.0) and out["objective/kl_k1_stderr"] == pytest.approx((5 / 4) ** 0.5)
 
 
 def test_reward_hacking_warning_needs_rising_reward_and_collapsing_diversity():
     history = [metrics(reward=0.0, repeated=0.05)] * 5
     for reward, repeated, fires in ((1.0, 0.5, True), (1.0, 0.2, False), (-1.0, 0.5, False)):
         log = Log()
-        warnings(log, 9, metrics(reward=reward, repeated=repeated), history)
+        failure_warnings(log, 9, metrics(reward=reward, repeated=repeated), history)
         assert bool(log.warnings) == fires, (reward, repeated)
         if fires:
             assert "likely reward hacking by degenerate repetition" in log.warnings[0]

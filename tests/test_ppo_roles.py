@@ -31,7 +31,7 @@ def setup(synthetic_pairs, tmp_path_factory):
     from rlhf_engine.engine.training.train_state import write_stage_model
     pairs, tok = synthetic_pairs
     folder = tmp_path_factory.mktemp("roles")
-    cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": 512})
+    cfg = ModelConfig.preset("tiny", vocab_size=512)
     torch.manual_seed(0)
     base = str(folder / "base")
     save_model_folder(LLaMA(cfg).init_weights(std=0.15), base, tokenizer=tok)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_engine.engine.model.generate import SamplingConfig, generate, left_pad
+from rlhf_engine.engine.model.generate import SamplingConfig, generate, prompt_response_rows
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import full_kl_from_log_softmax
@@ -33,14 +33,8 @@ def sample_answers(model, prompts: list[list[int]], seeds: list[int], sampling: 
 def sequence_kl(model, baseline, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                 dtype: str) -> list[float]:
     """Exact KL(π_model ‖ π_baseline) over the vocabulary at each response token, summed per response."""
-    prompt_tokens, prompt_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
-    width = max(len(r) for r in responses)
-    response = torch.full((len(responses), width), pad_id, dtype=torch.long, device=prompt_tokens.device)
-    response_mask = torch.zeros_like(response)
-    for i, r in enumerate(responses):
-        response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
-    tokens, mask = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, response_mask], 1)
-    P = prompt_tokens.shape[1]
+    tokens, mask, P = prompt_response_rows(prompts, responses, pad_id, model.lm_head.weight.device)
+    response_mask = mask[:, P:]
     with autocast(tokens.device, dtype):  # baseline: any callable (tokens, attention_mask=) -> logits
         logp = F.log_softmax(model(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
         ref_logp = F.log_softmax(baseline(tokens, attention_mask=mask)[:, P - 1:-1].float(), -1)
@@ -53,12 +47,8 @@ def score_responses(reward_fn: RewardFn, prompts: list[list[int]], responses: li
     """The reward model's score of each prompt + response, read at the last real token as in PPO."""
     scores = []
     for start in range(0, len(responses), batch_size):
-        rows = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(map(len, rows))
-        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(tokens)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        tokens, mask, _ = prompt_response_rows(prompts[start:start + batch_size], responses[start:start + batch_size],
+                                               pad_id, device)
         with autocast(tokens.device, dtype):
             scores += reward_fn(tokens, mask).float().tolist()
     return scores

@@ -17,6 +17,7 @@ import torch
 
 from rlhf_engine.data.tokenizer import format_prompt
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named
+from rlhf_engine.engine.training.train_state import row_seed
 from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
 from rlhf_engine.engine.eval.questions import load_questions
 from rlhf_engine.engine.model.generate import SamplingConfig
@@ -30,7 +31,7 @@ class PPOEval:
         questions = load_questions(cfg.eval_data, cfg.eval_prompts, tok, fits)[dist.rank::dist.world_size]
         self.prompts = [tok.encode(format_prompt(q.text), bos=True) for q in questions]
         # Fixed seeds, one per question (by its index in the evaluation set), at the training temperature.
-        self.seeds = [cfg.seed * 1_000_003 + 7 + q.index * 1009 for q in questions]
+        self.seeds = [row_seed(cfg.seed, q.index, 7) for q in questions]
         self.sampling = SamplingConfig(max_new_tokens=cfg.response_max_length, temperature=cfg.temperature)
         self.cfg, self.dist, self.tok, self.policy, self.proxy = cfg, dist, tok, policy, proxy
         self.judge = load_reward_model(cfg.judge, tok, cfg.dtype, dist.device, cfg.load_in_8bit) if cfg.judge else None

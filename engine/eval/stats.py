@@ -25,7 +25,7 @@ for Reward Model Overoptimization" (proxy vs held-out judge); Mann & Whitney 194
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -143,16 +143,6 @@ def bootstrap_mean(values_by_question, n_boot: int = 2000, seed: int = 0, level:
     per_question = _per_question("values_by_question", values_by_question).mean(axis=1)
     low, high = _bootstrap_question_means(per_question, n_boot, seed, level)
     return MeanInterval(float(per_question.mean()), low, high)
-
-
-def mean_with_interval(values_by_arm: Mapping[str, object], n_boot: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> dict[str, MeanInterval]:
-    """`bootstrap_mean` for each arm, e.g. per-response KL (exact, summed over response tokens) or length.
-
-    Every arm uses the same seed, so arms with the same questions see the same resampled questions."""
-    if not values_by_arm:
-        raise ValueError("values_by_arm is empty: give at least one arm")
-    return {arm: bootstrap_mean(values, n_boot, seed, level) for arm, values in values_by_arm.items()}
 
 
 def _outcomes(arm: np.ndarray, base: np.ndarray, tie_margin: float) -> np.ndarray:

@@ -45,11 +45,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def matmul_params(self) -> int:
-        """Parameters that take part in matmuls: all but the input embedding (a lookup), which a tied
-        LM head still uses as its matmul weight. The N in MFU's 6·N FLOPs per token."""
-        return self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
-
     def num_params(self, include_embeddings: bool = True) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.hidden_dim
@@ -59,10 +54,12 @@ class ModelConfig:
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str, **changes) -> "ModelConfig":
+        """A named shape, with any field changed (e.g. vocab_size=tok.vocab_size for a preset on another
+        tokenizer)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**{**PRESETS[name], **changes})
 
     # ---- Hugging Face config.json ---------------------------------------------------------------
     @classmethod

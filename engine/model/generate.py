@@ -51,6 +51,12 @@ class Generation(NamedTuple):
     response_logprobs: torch.Tensor  # [B, R] float32 log-prob of each sampled token; 0 where masked
     ended: torch.Tensor  # [B] bool: the response ends with EOS (else it was cut at max_new_tokens)
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tokens [B, P + R], attention mask [B, P + R], P): the rollout's row layout, which every forward
+        over prompt + response reads (prompt_response_rows builds it from token lists)."""
+        return (torch.cat([self.prompt_tokens, self.response_tokens], 1),
+                torch.cat([self.prompt_mask, self.response_mask], 1), self.prompt_tokens.shape[1])
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k / top-p set to -inf. logits: [B, V]."""
@@ -98,6 +104,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
         raise ValueError("every prompt needs at least one token (start with BOS for an empty prompt)")
     tokens, mask = pad(prompts, pad_id, left=True)
     return tokens.to(device), mask.long().to(device)
+
+
+def prompt_response_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                         device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rollout's row layout from token lists: [prompt left-padded to P | response right-padded], with
+    the attention mask (long) over both, and P. Every forward over prompt + response reads it this way."""
+    prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
+    response, response_mask = pad(responses, pad_id)
+    return (torch.cat([prompt_tokens, response.to(device)], 1),
+            torch.cat([prompt_mask, response_mask.long().to(device)], 1), prompt_tokens.shape[1])
 
 
 class StaticDecoder:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_engine.engine.training import roofline
-from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_max, all_reduce_named
+from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_named
 from rlhf_engine.engine.rl.rlhf_math import kl_estimate, masked_sum
 
 KINDS = ("word", "punctuation", "whitespace", "digit", "special/byte")
@@ -38,14 +38,21 @@ def repeated_token_share(tokens: torch.Tensor, response_mask: torch.Tensor) -> f
     return same.sum().item() / max(1, response_mask[:, 1:].sum().item())
 
 
-def reward_metrics(dist: Dist, raw: torch.Tensor, shaped: torch.Tensor, ended: torch.Tensor) -> dict:
+# Step 6 reads each family of statistics in two halves: `*_sums` are this rank's named sums, reduced
+# over ranks together in one collective by step_metrics; `*_metrics` turn the global sums into the logged
+# figures. Extremes (min, max) and the reward distribution travel in one gather.
+
+def reward_sums(raw: torch.Tensor, shaped: torch.Tensor, ended: torch.Tensor) -> dict:
     raw, shaped, e = raw.double(), shaped.double(), ended.double()
-    s = all_reduce_named(dist, {"raw": raw.sum(), "raw_sq": (raw * raw).sum(), "n": raw.new_tensor(raw.numel()),
-                                "shaped": shaped.sum(), "raw_ended": (raw * e).sum(), "ended": e.sum(),
-                                "raw_truncated": (raw * (1 - e)).sum(), "truncated": (1 - e).sum()})
+    return {"raw": raw.sum(), "raw_sq": (raw * raw).sum(), "n": raw.new_tensor(raw.numel()),
+            "shaped": shaped.sum(), "raw_ended": (raw * e).sum(), "ended": e.sum(),
+            "raw_truncated": (raw * (1 - e)).sum(), "truncated": (1 - e).sum()}
+
+
+def reward_metrics(s: dict, scores: torch.Tensor) -> dict:
+    """From the global reward_sums and every rank's raw scores."""
     n = max(s["n"], 1.0)
     mean = s["raw"] / n
-    scores = torch.cat([torch.as_tensor(x) for x in all_gather_objects(dist, raw.cpu())])
     return {"env/reward_mean": mean, "env/reward_std": max(s["raw_sq"] / n - mean ** 2, 0.0) ** 0.5,
             "env/reward_min": scores.min().item(), "env/reward_max": scores.max().item(),
             "env/shaped_reward_mean": s["shaped"] / n,
@@ -54,43 +61,33 @@ def reward_metrics(dist: Dist, raw: torch.Tensor, shaped: torch.Tensor, ended: t
             "env/reward_dist": scores}
 
 
-def length_metrics(dist: Dist, lengths: torch.Tensor, ended: torch.Tensor) -> dict:
-    s = all_reduce_named(dist, {"tokens": lengths.double().sum(), "rows": lengths.new_tensor(lengths.numel()).double(),
-                                "ended": ended.double().sum()})
-    return {"env/response_length_mean": s["tokens"] / s["rows"],
-            "env/response_length_min": -all_reduce_max(dist, -lengths.min().double()).item(),
-            "env/response_length_max": all_reduce_max(dist, lengths.max().double()).item(),
-            "env/eos_fraction": s["ended"] / s["rows"]}
+def length_sums(lengths: torch.Tensor, ended: torch.Tensor) -> dict:
+    return {"tokens": lengths.double().sum(), "rows": lengths.new_tensor(lengths.numel()).double(),
+            "eos_rows": ended.double().sum()}
 
 
-def negative_kl_metrics(dist: Dist, log_ratio: torch.Tensor, response_mask: torch.Tensor, tokens: torch.Tensor,
-                        tok) -> dict:
-    """How many response tokens have log π − log π_ref < 0 (k1 negative), and their share by token type."""
+def length_metrics(s: dict, shortest: float, longest: float) -> dict:
+    return {"env/response_length_mean": s["tokens"] / s["rows"], "env/response_length_min": shortest,
+            "env/response_length_max": longest, "env/eos_fraction": s["eos_rows"] / s["rows"]}
+
+
+def negative_kl_sums(log_ratio: torch.Tensor, response_mask: torch.Tensor, tokens: torch.Tensor, tok) -> dict:
+    """How many response tokens have log π − log π_ref < 0 (k1 negative), by token type."""
     negative = (log_ratio < 0) & response_mask.bool()
     counts = {kind: 0.0 for kind in KINDS}
     for token in tokens[negative].tolist():
         counts[token_kind(tok.piece(token))] += 1
-    counts = all_reduce_named(dist, {**{k: torch.tensor(v, dtype=torch.float64, device=tokens.device)
-                                        for k, v in counts.items()},
-                                     "tokens": response_mask.sum().double()})
-    total_negative = sum(counts[kind] for kind in KINDS)
+    return {**{f"negative_kl/{kind}": torch.tensor(n, dtype=torch.float64) for kind, n in counts.items()},
+            "response_tokens": response_mask.sum().double()}
+
+
+def negative_kl_metrics(s: dict) -> dict:
+    total_negative = sum(s[f"negative_kl/{kind}"] for kind in KINDS)
     out = {"objective/negative_kl_tokens": total_negative,
-           "objective/negative_kl_share": total_negative / max(counts["tokens"], 1.0)}
+           "objective/negative_kl_share": total_negative / max(s["response_tokens"], 1.0)}
     for kind in KINDS:
-        out[f"objective/negative_kl_by_type/{kind.replace('/', '_')}"] = counts[kind] / max(total_negative, 1.0)
+        out[f"objective/negative_kl_by_type/{kind.replace('/', '_')}"] = s[f"negative_kl/{kind}"] / max(total_negative, 1.0)
     return out
-
-
-# How far the sampler's log-probs may sit from the trainer's before PPO warns (docs/ON_POLICY.md). The
-# sampler decodes one token at a time against a KV cache, the trainer runs one forward over the whole
-# row: the same sums reduced in another order and shape, which moves fp32 log-probs by ~1e-6 and bf16
-# ones (8 mantissa bits, and the sampler and trainer round at different places) by ~1e-2. On CUDA,
-# fp32 matmuls may run in TF32. Anything far above these is a different policy, not round-off.
-SAMPLER_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cpu", "bf16"): 0.25, ("cuda", "fp32"): 1e-2, ("cuda", "bf16"): 0.25}
-
-
-def sampler_tolerance(device: torch.device, dtype: str) -> float:
-    return SAMPLER_TOLERANCE.get((device.type, dtype), SAMPLER_TOLERANCE[("cuda", dtype)])
 
 
 def first_minibatch_tolerance(device: torch.device, dtype: str, deterministic: bool) -> float:
@@ -102,19 +99,23 @@ def first_minibatch_tolerance(device: torch.device, dtype: str, deterministic: b
     return 1e-5 if dtype == "fp32" else 1e-3
 
 
-def onpolicy_metrics(dist: Dist, sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor,
-                     response_mask: torch.Tensor, cliprange: float) -> dict:
-    """How far the policy the sampler drew from is from the policy the update scores, over real response
-    tokens [B, R]: |Δ| mean and max with Δ = log π_trainer − log π_sampler, the mean over responses of
-    exp(Σ Δ) (1 when they agree), and the share of tokens whose ratio exp(Δ) alone leaves PPO's clip band."""
-    delta = (trainer_logprobs.double() - sampler_logprobs.double()) * response_mask
+def onpolicy_deltas(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor,
+                    response_mask: torch.Tensor) -> torch.Tensor:
+    """Δ = log π_trainer − log π_sampler on real response tokens [B, R], 0 elsewhere."""
+    return (trainer_logprobs.double() - sampler_logprobs.double()) * response_mask
+
+
+def onpolicy_sums(delta: torch.Tensor, response_mask: torch.Tensor, cliprange: float) -> dict:
     outside = ((delta.exp() < 1 - cliprange) | (delta.exp() > 1 + cliprange)) & response_mask.bool()
-    s = all_reduce_named(dist, {"abs": delta.abs().sum(), "tokens": response_mask.double().sum(),
-                                "seq_ratio": delta.sum(1).exp().sum(), "rows": delta.new_tensor(delta.shape[0]),
-                                "outside": outside.double().sum()})
-    tokens = max(s["tokens"], 1.0)
-    return {"onpolicy/logprob_diff_mean": s["abs"] / tokens,
-            "onpolicy/logprob_diff_max": all_reduce_max(dist, delta.abs().max()).item(),
+    return {"abs_delta": delta.abs().sum(), "seq_ratio": delta.sum(1).exp().sum(), "outside": outside.double().sum()}
+
+
+def onpolicy_metrics(s: dict, largest: float) -> dict:
+    """How far the policy the sampler drew from is from the policy the update scores: |Δ| mean and max, the
+    mean over responses of exp(Σ Δ) (1 when they agree), and the share of tokens whose ratio exp(Δ) alone
+    leaves PPO's clip band. Needs length_sums' rows and negative_kl_sums' response_tokens beside its own."""
+    tokens = max(s["response_tokens"], 1.0)
+    return {"onpolicy/logprob_diff_mean": s["abs_delta"] / tokens, "onpolicy/logprob_diff_max": largest,
             "onpolicy/seq_prob_ratio": s["seq_ratio"] / max(s["rows"], 1.0),
             "onpolicy/outside_clip_share": s["outside"] / tokens}
 
@@ -132,7 +133,7 @@ def onpolicy_warning(log, step: int, metrics: dict, history: list[dict], toleran
                  "docs/ON_POLICY.md and run train.py check")
 
 
-def warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2,
+def failure_warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2,
              z: float = 3.0) -> None:
     """Warn about the known failure modes. k1 is unbiased but noisy, so a slightly negative batch mean is
     sampling noise: the negative-KL alarm needs the mean `z` standard errors below 0, and beyond the
@@ -164,18 +165,51 @@ def sample_table(tok, rollout, scores: torch.Tensor, n: int = 4) -> str:
     return "\n".join(rows)
 
 
-def kl_per_response(dist: Dist, rollout) -> dict[str, float]:
-    """Mean KL per response over the global batch, by every estimator (the one in use drives β)."""
+def kl_sums(rollout) -> dict:
+    """Σ over responses of each response's KL, by every estimator (the one in use drives β), and Σ k1² for
+    k1's spread over responses: is a negative mean more than noise?"""
     per_row = {name: masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, name), rollout.response_mask, 1)
                for name in ("k1", "k2", "k3")}
     per_row["full"] = masked_sum(rollout.kl_full, rollout.response_mask, 1)
-    total = all_reduce_named(dist, {name: kl.mean() for name, kl in per_row.items()})
-    k1 = per_row["k1"].double()  # its spread over responses: is a negative mean more than noise?
-    spread = all_reduce_named(dist, {"sq": (k1 * k1).sum(), "n": k1.new_tensor(k1.numel())})
-    mean = total["k1"] / dist.world_size
-    var = max(spread["sq"] / max(spread["n"], 1.0) - mean ** 2, 0.0)
-    return {**{name: value / dist.world_size for name, value in total.items()},
-            "k1_stderr": (var / max(spread["n"], 1.0)) ** 0.5}
+    k1 = per_row["k1"].double()
+    return {**{f"kl_{name}": kl.double().sum() for name, kl in per_row.items()}, "kl_k1_sq": (k1 * k1).sum()}
+
+
+def kl_metrics(s: dict) -> dict:
+    """Mean KL per response by estimator, and k1's standard error (needs length_sums' rows)."""
+    n = max(s["rows"], 1.0)
+    mean = s["kl_k1"] / n
+    var = max(s["kl_k1_sq"] / n - mean ** 2, 0.0)
+    return {**{f"objective/kl_{name}": s[f"kl_{name}"] / n for name in ("k1", "k2", "k3", "full")},
+            "objective/kl_k1_stderr": (var / n) ** 0.5}
+
+
+def step_metrics(dist: Dist, rollout, scores: torch.Tensor, penalty, kl_estimator: str, cliprange: float, tok,
+                 seconds: float) -> dict:
+    """Step 6: the step's statistics over the global batch, from every rank's named sums reduced in one
+    collective, and the extremes and raw scores gathered in one more. `scores` are the shaped scores,
+    `penalty` the KL penalty (rlhf_math.KLPenalty), `seconds` the step's wall time so far."""
+    mask = rollout.response_mask
+    lengths = mask.sum(1).long()
+    delta = onpolicy_deltas(rollout.sampler_logprobs, rollout.logprobs, mask)
+    sums = {**reward_sums(rollout.raw_scores, scores, rollout.ended), **length_sums(lengths, rollout.ended),
+            **negative_kl_sums(rollout.logprobs - rollout.ref_logprobs, mask, rollout.response_tokens, tok),
+            **onpolicy_sums(delta, mask, cliprange), **kl_sums(rollout),
+            "non_score_reward": penalty.non_score_reward.double().sum(),
+            "attended_tokens": rollout.attention_mask.double().sum()}
+    s = all_reduce_named(dist, sums)
+    gathered = all_gather_objects(dist, (rollout.raw_scores.cpu(), lengths.min().item(), lengths.max().item(),
+                                         delta.abs().max().item()))
+    all_scores = torch.cat([torch.as_tensor(g[0]) for g in gathered])
+    kl = kl_metrics(s)
+    return {**kl, "objective/kl": kl[f"objective/kl_{kl_estimator}"],
+            # −β·Σ_t KL_t per response: the penalty's share of the reward
+            "objective/non_score_reward": s["non_score_reward"] / s["rows"],
+            **reward_metrics(s, all_scores),
+            **length_metrics(s, float(min(g[1] for g in gathered)), float(max(g[2] for g in gathered))),
+            **negative_kl_metrics(s), **onpolicy_metrics(s, max(g[3] for g in gathered)),
+            "env/repeated_token_share": repeated_token_share(rollout.response_tokens, mask),
+            "perf/tokens_per_s": s["attended_tokens"] / seconds}
 
 
 def kl_verdict(kl: float, target: float, adaptive: bool = True) -> str:

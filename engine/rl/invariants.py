@@ -24,14 +24,39 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.loaders import pad
 from rlhf_engine.data.pairs_io import read_pairs
-from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate, left_pad
+from rlhf_engine.engine.model.generate import SamplingConfig, left_pad
 from rlhf_engine.engine.model.lora import DEFAULT, LoRALinear, lora_layers
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.rl.reward import PairScores, RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import pairwise_loss
-from rlhf_engine.engine.rl.rollout import PolicyAndValue
+from rlhf_engine.engine.rl.rollout import PolicyAndValue, sample_rows, score_rollout
 from rlhf_engine.kernels.int8_matmul import reference as int8_reference
+
+
+# How far two computations of one log-prob (or RM score) may sit apart before PPO warns and check fails:
+# the sampler's KV-cache decode against the trainer's full forward, a row alone against the row in a
+# padded batch. The same sums reduced in another order and shape: ~1e-6 in fp32 on CPU, so 1e-4 leaves
+# room and still catches a pad leak (> 1 nat) or a stale cache (> 0.1). On CUDA, fp32 matmuls may run in
+# TF32 and kernels are picked per shape: 1e-2. bf16 keeps 8 mantissa bits, and the decode and the full
+# forward round at different places: real bf16 PPO runs measured a worst token of 0.163-0.179 nats over a
+# whole run (docs/BENCHMARKS.md), so 0.25. docs/ON_POLICY.md explains each figure.
+LOGPROB_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cpu", "bf16"): 0.25, ("cuda", "bf16"): 0.25}
+# Added with an 8-bit base: its outlier columns (|x| >= 6, kept in float) are chosen from the whole batch,
+# so padding, neighbours and decode vs prefill move a row: measured 2.5e-2 on the demo model, 8e-2 and
+# 0.13 on a random tiny one (init std 0.15: many activations past the threshold). A pad leak still shows
+# (> 1 nat); a stale cache (> 0.1) shows in the fp32 check, not reliably in the 8-bit one.
+INT8_LOGPROB = 0.2
+# An 8-bit linear against its dequantised float reference (relative): the kernel also rounds each
+# activation row to 8 bits (LLM.int8; kernels/int8_matmul.py measures 1.2-1.6e-2 against the float weight).
+INT8_TOLERANCE = 3e-2
+
+
+def logprob_tolerance(device: torch.device, dtype: str, load_in_8bit: bool = False) -> float:
+    """The one bar for "these two log-probs are the same number" (PPO's on-policy warning, check's rows);
+    accelerators other than CUDA are held to CUDA's."""
+    base = LOGPROB_TOLERANCE.get((device.type, dtype), LOGPROB_TOLERANCE[("cuda", dtype)])
+    return base + (INT8_LOGPROB if load_in_8bit else 0.0)
 
 
 class Invariant(NamedTuple):
@@ -82,22 +107,18 @@ def padding_invariance(model: LLaMA, rows: list[list[int]], pad_id: int, dtype: 
             Invariant("batch composition changes no row", max(map(max_abs_diff, in_a, in_b)), tolerance)]
 
 
-def rollout_rows(gen: Generation) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(tokens [B, P + R], attention mask [B, P + R], P): the rows PPO's forwards see."""
-    return (torch.cat([gen.prompt_tokens, gen.response_tokens], 1),
-            torch.cat([gen.prompt_mask, gen.response_mask], 1), gen.prompt_tokens.shape[1])
-
-
 # ---- 2. KV cache -----------------------------------------------------------------------------------
 
 @torch.no_grad()
 def cache_matches_full_forward(model: LLaMA, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                               pad_id: int, tolerance: float) -> Invariant:
-    """Greedy decode with the cache; each chosen token's log-prob against one full forward over
-    prompt + response (both without autocast, as generate runs: only the cache differs)."""
-    gen = generate(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), eos_id, pad_id)
-    tokens, attention_mask, P = rollout_rows(gen)
-    logp = log_softmax(model(tokens, attention_mask=attention_mask)[:, P - 1:-1])  # [B, R, V]
+                               pad_id: int, dtype: str, tolerance: float) -> Invariant:
+    """Greedy decode with the cache, as PPO samples (rollout.sample_rows); each chosen token's log-prob
+    against one plain full forward over prompt + response under the same autocast: only the cache differs."""
+    gen = sample_rows(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), None,
+                      eos_id, pad_id, dtype)
+    tokens, attention_mask, P = gen.rows()
+    with autocast(tokens.device, dtype):
+        logp = log_softmax(model(tokens, attention_mask=attention_mask)[:, P - 1:-1])  # [B, R, V]
     full = logp.gather(-1, gen.response_tokens[..., None]).squeeze(-1)
     return Invariant("KV-cache decode = full forward", max_abs_diff(full, gen.response_logprobs, gen.response_mask),
                      tolerance)
@@ -114,16 +135,16 @@ def active_adapter(layer: LoRALinear) -> str | None:
 
 @contextlib.contextmanager
 def adapter_trace(model: LLaMA):
-    """Inside the block, every LoRA layer's forward records {(layer, active adapter): checksum}, the
-    checksum being the sum of that adapter's lora_a and lora_b (float64): two models that run the same
+    """Inside the block, every LoRA layer's forward that runs an adapter records {(layer, adapter): checksum},
+    the checksum being the sum of that adapter's lora_a and lora_b (float64): two models that run the same
     adapter record the same dict."""
-    seen: dict[tuple[str, str | None], float] = {}
+    seen: dict[tuple[str, str], float] = {}
 
     def hook_for(name):
         def hook(layer, inputs, output):
             active = active_adapter(layer)
-            weights = layer.adapters[active].parameters() if active is not None else ()
-            seen[(name, active)] = float(sum(p.double().sum() for p in weights))
+            if active is not None:  # a forward with adapters off (PPO's reference pass) runs no adapter
+                seen[(name, active)] = float(sum(p.double().sum() for p in layer.adapters[active].parameters()))
         return hook
     handles = [layer.register_forward_hook(hook_for(name)) for name, layer in lora_layers(model)]
     try:
@@ -144,18 +165,20 @@ class SampledAndScored(NamedTuple):
 
 
 @torch.no_grad()
-def sample_and_score(sampler: LLaMA, policy: LLaMA, prompts: list[list[int]], sampling: SamplingConfig,
-                     row_seeds: list[int], eos_id: int, pad_id: int, dtype: str) -> SampledAndScored:
-    """PPO's steps 1-2 on `prompts`: generate with `sampler` (no autocast, as build_rollout), then
-    the trainer's forward over the same rows under the trainer's autocast."""
-    with adapter_trace(sampler) as sampler_adapters:
-        gen = generate(sampler, prompts, sampling, eos_id, pad_id, row_seeds=row_seeds)
-    tokens, attention_mask, P = rollout_rows(gen)
+def sample_and_score(policy: LLaMA, prompts: list[list[int]], sampling: SamplingConfig, row_seeds: list[int],
+                     eos_id: int, pad_id: int, dtype: str) -> SampledAndScored:
+    """PPO's steps 1-2 on `prompts`, through the very calls build_rollout makes: rollout.sample_rows (the
+    KV-cache decode under the update's autocast), then rollout.score_rollout (the update's own forward,
+    the policy's base as the reference) over the same rows in one chunk."""
     pv = PolicyAndValue(policy).eval()
-    with adapter_trace(policy) as trainer_adapters, autocast(tokens.device, dtype):
-        out = pv(tokens, attention_mask, P, sampling.temperature)
+    with adapter_trace(policy) as sampler_adapters:
+        gen = sample_rows(pv.policy, prompts, sampling, row_seeds, eos_id, pad_id, dtype)
+    tokens, attention_mask, P = gen.rows()
+    rows = torch.arange(len(prompts), device=tokens.device)
+    with adapter_trace(policy) as trainer_adapters:
+        scored = score_rollout(pv, None, tokens, attention_mask, P, sampling.temperature, rows, len(prompts), dtype)
     return SampledAndScored(tokens, attention_mask, gen.response_mask, gen.response_logprobs,
-                            out.logprobs.float(), sampler_adapters, trainer_adapters)
+                            scored.logprobs, sampler_adapters, trainer_adapters)
 
 
 def sampler_logprobs_match(run: SampledAndScored, name: str, tolerance: float) -> Invariant:

@@ -98,6 +98,13 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3 (the exact KL is full_kl)")
 
 
+def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_full: torch.Tensor,
+                 estimator: str) -> torch.Tensor:
+    """The per-token KL PPO penalises, [B, R]: the exact KL over the vocabulary (`kl_full`, computed in the
+    rollout's forward) for estimator "full", else the sampled-token estimate k1, k2 or k3."""
+    return kl_full if estimator == "full" else kl_estimate(logprobs, ref_logprobs, estimator)
+
+
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Exact per-token KL(π‖π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) over the vocabulary. [.., V] -> [..]
 
@@ -113,7 +120,7 @@ def full_kl_from_log_softmax(logp: torch.Tensor, ref_logp: torch.Tensor) -> torc
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-class RewardStats(NamedTuple):
+class KLPenalty(NamedTuple):
     kl: torch.Tensor  # [B, T] per-token KL estimate (0 on padding)
     non_score_reward: torch.Tensor  # [B, T] −β·KL
 
@@ -128,7 +135,7 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     rewards = non_score.clone()
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
-    return rewards * mask, RewardStats(kl, non_score)
+    return rewards * mask, KLPenalty(kl, non_score)
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: float, horizon: float) -> float:

@@ -20,12 +20,12 @@ import torch.nn as nn
 
 from rlhf_engine.data.loaders import PromptLoader
 from rlhf_engine.data.pairs_io import read_pairs
-from rlhf_engine.engine.model.generate import SamplingConfig, generate
+from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate
 from rlhf_engine.engine.model.lora import disable_lora, use_adapter
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.model.precision import autocast
-from rlhf_engine.engine.rl.rlhf_math import kl_estimate
+from rlhf_engine.engine.rl.rlhf_math import per_token_kl
 from rlhf_engine.kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
 
 
@@ -127,14 +127,30 @@ class ScoredResponses(NamedTuple):
 
 
 @torch.no_grad()
-def score_responses(pv: PolicyAndValue, reference: LLaMA | None, tokens, attention_mask, prompt_len: int,
-                    temperature: float, order: torch.Tensor, chunk: int) -> ScoredResponses:
+def sample_rows(policy: LLaMA, prompts: list[list[int]], sampling: SamplingConfig, row_seeds: list[int] | None,
+                eos_id: int, pad_id: int, dtype: str) -> Generation:
+    """Step 1's sampling, the one call PPO (rollout and ReMax's greedy baseline) and `train.py check` make:
+    a KV-cache decode under the update's autocast, so the sampler computes exactly as the update will
+    (float32 adapters on a bf16 base). Row i is drawn from its own generator seeded row_seeds[i]."""
+    with autocast(policy.lm_head.weight.device, dtype):
+        return generate(policy, prompts, sampling, eos_id, pad_id, row_seeds=row_seeds)
+
+
+@torch.no_grad()
+def score_rollout(pv: PolicyAndValue, reference: LLaMA | None, tokens, attention_mask, prompt_len: int,
+                  temperature: float, order: torch.Tensor, chunk: int, dtype: str) -> ScoredResponses:
     """Old log-probs and values, reference log-probs and the exact per-token KL, all [B, R].
 
     Runs `chunk` rows at a time in the first epoch's minibatch order, with the very function the
-    update uses on the very same rows, so the first minibatch's ratio is exactly 1. `reference` None
-    means the policy's own base (adapters disabled); otherwise a separate frozen network.
+    update uses on the very same rows and under the update's autocast, so the first minibatch's ratio
+    is exactly 1. `reference` None means the policy's own base (adapters disabled); otherwise a
+    separate frozen network.
     """
+    with autocast(tokens.device, dtype):
+        return _score_chunks(pv, reference, tokens, attention_mask, prompt_len, temperature, order, chunk)
+
+
+def _score_chunks(pv, reference, tokens, attention_mask, prompt_len, temperature, order, chunk) -> ScoredResponses:
     B, R = tokens.shape[0], tokens.shape[1] - prompt_len
     logprobs, values, ref_logprobs, kl_full = (torch.zeros(B, R, device=tokens.device) for _ in range(4))
     policy_seconds = reference_seconds = 0.0
@@ -161,18 +177,13 @@ def build_rollout(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Reward
     """Sample a response to each prompt, score every response token with the policy, the value
     function and the reference, and read the reward model's score of each whole row."""
     t0 = time.time()
-    device = pv.policy.lm_head.weight.device
-    with autocast(device, dtype):  # the sampler computes exactly as the update will (float32 adapters on a bf16 base)
-        gen = generate(pv.policy, prompts, sampling, eos_id, pad_id, row_seeds=row_seeds)
+    gen = sample_rows(pv.policy, prompts, sampling, row_seeds, eos_id, pad_id, dtype)
     t_generate = time.time() - t0
-    P = gen.prompt_tokens.shape[1]
-    tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
-    attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    tokens, attention_mask, P = gen.rows()
     response_mask = gen.response_mask.float()
-    with autocast(device, dtype):
-        scored = score_responses(pv, reference, tokens, attention_mask, P, sampling.temperature, order, chunk)
+    scored = score_rollout(pv, reference, tokens, attention_mask, P, sampling.temperature, order, chunk, dtype)
     t1 = time.time()
-    raw_scores = reward_fn(tokens, attention_mask).to(device).float()
+    raw_scores = reward_fn(tokens, attention_mask).to(tokens.device).float()
     return Rollout(
         tokens=tokens, attention_mask=attention_mask, prompt_len=P, response_mask=response_mask,
         sampler_logprobs=gen.response_logprobs * response_mask, logprobs=scored.logprobs * response_mask,
@@ -195,16 +206,14 @@ def greedy_baseline(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Rewa
     score and the per-token KL to the reference under the sampling temperature), so that the baseline and
     the sampled totals (score − β·Σ KL_t) measure the same thing. Without its KL term the baseline sat above
     every sampled total by about β·KL, and nearly every advantage came out negative."""
-    device = pv.policy.lm_head.weight.device
-    with autocast(device, dtype):
-        gen = generate(pv.policy, prompts, dataclasses.replace(sampling, temperature=0.0), tok.eos_id, tok.pad_id)
-        tokens = torch.cat([gen.prompt_tokens, gen.response_tokens], 1)
-        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
-        G, P = len(prompts), gen.prompt_tokens.shape[1]
-        scored = score_responses(pv, reference, tokens, attention_mask, P, sampling.temperature,
-                                 torch.arange(G, device=device), chunk=G)
-    kl = scored.kl_full if kl_estimator == "full" else kl_estimate(scored.logprobs, scored.ref_logprobs, kl_estimator)
-    return GreedyBaseline(reward_fn(tokens, attention_mask).to(device).float(), gen.ended,
+    gen = sample_rows(pv.policy, prompts, dataclasses.replace(sampling, temperature=0.0), None, tok.eos_id,
+                      tok.pad_id, dtype)
+    tokens, attention_mask, P = gen.rows()
+    G = len(prompts)
+    scored = score_rollout(pv, reference, tokens, attention_mask, P, sampling.temperature,
+                           torch.arange(G, device=tokens.device), chunk=G, dtype=dtype)
+    kl = per_token_kl(scored.logprobs, scored.ref_logprobs, scored.kl_full, kl_estimator)
+    return GreedyBaseline(reward_fn(tokens, attention_mask).to(tokens.device).float(), gen.ended,
                           (kl * gen.response_mask).sum(1))
 
 

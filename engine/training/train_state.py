@@ -137,6 +137,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
 
 
+def row_seed(seed: int, *ids: int) -> int:
+    """The seed of one row's (or one step's) own generator, from the run's seed and the row's ids (a global row
+    index; question and sample; step and rank): independent of batching and world size, so a row draws the
+    same sample wherever it lands. seed·1,000,003 + the ids read as digits in base 1,009 (primes: distinct
+    for ids below 1,009 after the first)."""
+    mixed = 0
+    for i in ids:
+        mixed = mixed * 1009 + i
+    return seed * 1_000_003 + mixed
+
+
 def checkpoint_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"checkpoint-{step:06d}")
 
