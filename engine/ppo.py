@@ -13,6 +13,7 @@ throughout (the model stays in eval mode). Sampling has no top-k/top-p/min-lengt
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from dataclasses import asdict
@@ -32,6 +33,8 @@ from rlhf_engine.engine.rl.config import PPOConfig
 from rlhf_engine.engine.rl.diagnostics import (closing_summary, failure_warnings, first_minibatch_tolerance,
                                                onpolicy_warning, sample_table, step_metrics, step_report)
 from rlhf_engine.engine.rl.invariants import logprob_tolerance
+from rlhf_engine.engine.eval.best import improves, load_best, publish
+from rlhf_engine.engine.eval.best import summary as best_summary
 from rlhf_engine.engine.eval.ppo_eval import PPOEval
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.rl.roles import build_roles, mib
@@ -71,6 +74,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         kl_coef, reward_moments, start = ppo_checkpoint.restore(dist, resume_from, pv, optimizer, prompts)
         log.info(f"ppo: resumed from {resume_from} at step {start}")
     evaluator = PPOEval(cfg, dist, tok, policy, reference, roles.reward_fn) if cfg.eval_every else None
+    best = load_best(cfg.out) if resume_from else None  # the best checkpoint by the judge so far (eval/best.py)
 
     ratio_tolerance = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
     log.info("ppo: the first minibatch's importance ratio must be " + (
@@ -80,7 +84,18 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
     optimisation = Optimisation(ddp, optimizer, guard, ratio_tolerance)
 
     def save(step):
-        ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments, log)
+        ppo_checkpoint.save(dist, cfg, step, pv, tok, optimizer, prompts, kl_coef, reward_moments, log,
+                            protect=checkpoint_path(cfg.out, best.step) if best else None)
+
+    def evaluate(step):  # and name the checkpoint best when the judge scores it highest so far
+        nonlocal best
+        better = improves(best, step, evaluator.run_and_log(log, step))
+        if better and cfg.lora:
+            best = better
+            if not os.path.isdir(checkpoint_path(cfg.out, step)):
+                save(step)
+            if dist.is_main:
+                publish(cfg.out, best)
 
     queries, history = iter(prompts), []
     micro = cfg.mini_batch_size // cfg.grad_accum
@@ -88,7 +103,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             save(step)
         if evaluator and step % cfg.eval_every == 0:
-            evaluator.run_and_log(log, step)
+            evaluate(step)
         t0 = time.time()
         # 1. Rollout: this rank's slice of the global query batch; sample a response to each, score every
         #    response token with the policy, the value function and the reference, and read the RM's score.
@@ -174,9 +189,12 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         if cfg.sample_every and step % cfg.sample_every == 0:
             log.text(step, "samples", sample_table(tok, rollout, rollout.raw_scores))
     if evaluator:
-        evaluator.run_and_log(log, cfg.max_steps)
-    save(cfg.max_steps)
+        evaluate(cfg.max_steps)
+    if not os.path.isdir(checkpoint_path(cfg.out, cfg.max_steps)):
+        save(cfg.max_steps)
     for line in closing_summary(cfg, history, kl_coef, checkpoint_path(cfg.out, cfg.max_steps) if cfg.lora else None):
+        log.info(line)
+    for line in best_summary(cfg.out, best, cfg.max_steps, cfg.judge is not None) if evaluator and cfg.lora else ():
         log.info(line)
     log.close()
     return {"history": history, **history[-1]} if history else {"history": history}

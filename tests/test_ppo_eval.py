@@ -49,3 +49,27 @@ def test_a_judge_that_is_not_a_reward_model_is_refused(ppo_base, synthetic_pairs
         train(config(*ppo_base, str(tmp_path), eval_every=1, judge=ppo_base[0],
                      eval_data=os.path.join(synthetic_pairs[0], "evaluation")), init_dist("cpu"),
               reward_fn=reward_multiple_of_4)
+
+
+def test_the_judges_best_checkpoint_is_named_kept_through_rotation_and_loadable(ppo_base, synthetic_pairs, judge,
+                                                                                tmp_path, monkeypatch, capsys):
+    """Scripted judge scores 0.1, 0.5, 0.9, 0.3, 0.2 at steps 0-4: step 2 is the best. With --keep 1 rotation
+    would delete it; it stays, OUT/best links to it, best.json says why, and it loads as a policy."""
+    from rlhf_engine.engine.eval.ppo_eval import PPOEval
+    from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
+    scores = iter([0.1, 0.5, 0.9, 0.3, 0.2])
+    monkeypatch.setattr(PPOEval, "__call__", lambda self: {
+        "eval/judge_score": next(scores), "eval/win_rate_vs_reference": 0.6, "eval/kl_to_reference": 1.5})
+    out = tmp_path / "run"
+    train(config(*ppo_base, str(out), batch_size=4, mini_batch_size=4, ppo_epochs=1, max_steps=4, response_min_length=4,
+                 response_max_length=4, eval_every=1, eval_data=os.path.join(synthetic_pairs[0], "evaluation"),
+                 eval_prompts=2, judge=judge, save_every=1, keep=1), init_dist("cpu"), reward_fn=reward_multiple_of_4)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    assert os.readlink(out / "best") == "checkpoint-000002"
+    with open(out / "best.json") as f:
+        assert json.load(f) == {"step": 2, "judge_score": 0.9, "win_rate": 0.6, "kl": 1.5}
+    said = capsys.readouterr()
+    assert "best checkpoint by the judge: step 2 (judge score 0.900" in said.out + said.err
+    assert "the judge's score fell after it" in said.out + said.err
+    policy = load_model(str(out / "best"), resolve_tokenizer(ppo_base[0], None))  # what train.py eval --models PPO=OUT/best loads
+    assert any("lora" in name for name, _ in policy.named_parameters())

@@ -78,7 +78,8 @@ class PPOEval:
             out["eval/judge_score"] = s["judge"] / n
         return out
 
-    def run_and_log(self, log, step: int) -> None:
+    def run_and_log(self, log, step: int) -> dict:
         metrics = self()
         log.scalars(step, metrics)
         log.info(f"ppo: eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+        return metrics

@@ -18,8 +18,9 @@ from rlhf_engine.engine.training.train_state import load_trainer_state, save_tra
 
 
 def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts, kl_coef: float,
-         reward_moments: RunningMoments, log) -> None:
-    """Collective: checkpoint-<step> with the policy adapter (PEFT layout) and the trainer state."""
+         reward_moments: RunningMoments, log, protect: str | None = None) -> None:
+    """Collective: checkpoint-<step> with the policy adapter (PEFT layout) and the trainer state; rotation
+    (--keep) spares `protect`."""
     if cfg.lora is None:
         log.warn("ppo: checkpoints are written for LoRA policies only")
         return
@@ -29,7 +30,7 @@ def save(dist: Dist, cfg, step: int, pv: PolicyAndValue, tok, optimizer, prompts
              "value_adapter": lora_state_dict(pv.value_net, VALUE) if pv.value_net is not None else {}}
     save_training_checkpoint(dist, cfg.out, step,
                              lambda folder: write_stage_model(folder, pv.policy, cfg.lora, tok, cfg.model),
-                             state, keep=cfg.keep)
+                             state, keep=cfg.keep, protect=protect)
 
 
 def restore(dist: Dist, path: str, pv: PolicyAndValue, optimizer, prompts) -> tuple[float, RunningMoments, int]:

@@ -166,8 +166,9 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def save_training_checkpoint(dist: Dist, out_dir: str, step: int, write_model: Callable[[str], None],
-                             state: dict, keep: int | None = None) -> str:
-    """Collective: every rank contributes its RNG state; rank 0 writes. Returns the folder."""
+                             state: dict, keep: int | None = None, protect: str | None = None) -> str:
+    """Collective: every rank contributes its RNG state; rank 0 writes, then deletes all but the newest `keep`
+    checkpoints, `protect` aside (e.g. PPO's best by the judge). Returns the folder."""
     rngs = all_gather_objects(dist, rng_state())
     path = checkpoint_path(out_dir, step)
     failure = None
@@ -179,7 +180,7 @@ def save_training_checkpoint(dist: Dist, out_dir: str, step: int, write_model: C
                 with open(os.path.join(tmp, TRAINER_STATE), "wb") as f:
                     torch.save({**state, "step": step, "world_size": dist.world_size, "rng": rngs}, f)
             if keep:
-                for _, old in list_checkpoints(out_dir)[:-keep]:
+                for _, old in [c for c in list_checkpoints(out_dir) if c[1] != protect][:-keep]:
                     _delete_checkpoint(old)
         except Exception as e:
             failure = e
