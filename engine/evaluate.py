@@ -33,6 +33,7 @@ from rlhf_engine.engine.training.dist import Dist, all_gather_objects
 from rlhf_engine.engine.training.train_state import row_seed
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.eval.questions import Question, load_questions
+from rlhf_engine.engine.eval.report import ATTACKS, CODE_PADDING, GENERIC_ANSWER, write_outputs
 from rlhf_engine.engine.rl.reward import load_reward_model
 from rlhf_engine.engine.model.precision import DTYPES
 from rlhf_engine.engine.eval.answers import sample_answers, score_responses, sequence_kl
@@ -58,6 +59,9 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "rows per generation and scoring batch"})
     kl: bool = field(default=True, metadata={"help": "exact KL(arm ‖ baseline) per response (one tokenizer)"})
     human: bool = field(default=True, metadata={"help": "score the data's two human answers as arms"})
+    attacks: bool = field(default=False, metadata={
+        "help": "add three cheap hacks as arms (a fixed generic answer, the question echoed back, the baseline's "
+                "answer padded with code blocks) and say whether each judge sees through them"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over questions) per interval"})
     examples: int = field(default=5, metadata={"help": "questions shown side by side in report.md"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json (default: "
@@ -121,8 +125,21 @@ def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dic
     return arms
 
 
+def attack_responses(questions: dict[int, Question], baseline_answers: dict[tuple[int, int], list[int]], tok,
+                     room: dict[int, int]) -> dict[str, dict[tuple[int, int], list[int]]]:
+    """The --attacks arms, {arm: {(question, sample): tokens}}, EOS-terminated and cut to the context's room:
+    answers a judge must rank below the baseline's if it rewards answering (a constant answer scored 86.5%
+    length-controlled on AlpacaEval 2, Zheng et al. 2024; StackLLaMA's policy learnt to pad with ```)."""
+    generic, padding = tok.encode(GENERIC_ANSWER), tok.encode(CODE_PADDING)
+    out = {arm: {} for arm in ATTACKS}
+    for (i, j), answer in baseline_answers.items():
+        text = [t for t in answer if t != tok.eos_id]
+        for arm, tokens in zip(ATTACKS, (generic, tok.encode(questions[i].text), text + padding)):
+            out[arm][(i, j)] = (tokens + [tok.eos_id])[:room[i]]
+    return out
+
+
 def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
-    from rlhf_engine.engine.eval.report import write_outputs
     log = print if dist.is_main else (lambda *a, **k: None)
     arms = [named(m) for m in cfg.models]
     baseline = cfg.baseline or arms[0][0]
@@ -172,10 +189,15 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
             baseline_model = model
         else:
             del model
+    room = {q.index: max_seq_len - len(prompts[q.index]) for q in mine}
     if cfg.human:
-        room = {q.index: max_seq_len - len(prompts[q.index]) for q in mine}
         for arm, answers in human_responses(mine, tok, room).items():
             responses += [Response(q.index, arm, 0, a, float("nan")) for q, a in zip(mine, answers)]
+    if cfg.attacks:
+        baseline_answers = {(r.question, r.sample): r.tokens for r in responses if r.arm == baseline}
+        by_index = {q.index: q for q in mine}
+        for arm, answers in attack_responses(by_index, baseline_answers, tok, room).items():
+            responses += [Response(i, arm, j, a, float("nan")) for (i, j), a in answers.items()]
     del baseline_model
 
     scores: dict[str, list[float]] = {}

@@ -177,3 +177,25 @@ def test_questions_whose_prompt_leaves_no_room_for_an_answer_are_left_out(arms):
     assert [q.index for q in kept] == sorted(q.index for q in kept)  # original indices: the seeds do not move
     with pytest.raises(ValueError, match="no question's prompt fits in 3 tokens"):
         load_questions(data, None, tok, 3)
+
+
+@pytest.mark.parametrize("sign, holds", [(1.0, {"attack: code padding": False}), (-1.0, {"attack: code padding": True})])
+def test_attacks_are_scored_and_a_judge_they_fool_is_called_unreliable(arms, random_rm, tmp_path, monkeypatch,
+                                                                      capsys, sign, holds):
+    """A judge that scores length (sign 1) is fooled by padding the baseline's answer with code blocks (longer
+    on every question); one that scores brevity (sign -1) sees through it. The attack arms are built from
+    the baseline's own answers and the question text."""
+    import rlhf_engine.engine.evaluate as evaluate_module
+    monkeypatch.setattr(evaluate_module, "load_reward_model",
+                        lambda *a, **k: lambda tokens, mask: sign * mask.sum(1).float())
+    result = run(arms, random_rm, tmp_path, attacks=True, human=False)
+    rows = samples(tmp_path)
+    base = {r["question"]: r["response"] for r in rows if r["arm"] == "base"}
+    padded = {r["question"]: r["response"] for r in rows if r["arm"] == "attack: code padding"}
+    echoed = [r for r in rows if r["arm"] == "attack: question echoed"]
+    assert padded.keys() == base.keys() and all(padded[q].startswith(base[q]) and "```" in padded[q] for q in base)
+    assert echoed and all(r["response"] == r["question_text"] for r in echoed)
+    code = result["attacks"]["attack: code padding"]["judge"]
+    assert code == {"loses_share": 0.0 if sign > 0 else 1.0, "holds": holds["attack: code padding"]}
+    out = capsys.readouterr().out
+    assert ("judge is unreliable against this hack" in out) == (sign > 0)
