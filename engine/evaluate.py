@@ -17,6 +17,7 @@ response tokens (0 for the baseline itself; not defined for human answers).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "rows per generation and scoring batch"})
     kl: bool = field(default=True, metadata={"help": "exact KL(arm ‖ baseline) per response (one tokenizer)"})
     human: bool = field(default=True, metadata={"help": "score the data's two human answers as arms"})
+    best_of: int = field(default=0, metadata={
+        "help": "add a best-of-N arm: N samples of the baseline per question, the --proxy's favourite kept "
+                "(KL to the baseline log N - (N-1)/N); 0 = none"})
     attacks: bool = field(default=False, metadata={
         "help": "add three cheap hacks as arms (a fixed generic answer, the question echoed back, the baseline's "
                 "answer padded with code blocks) and say whether each judge sees through them"})
@@ -81,6 +85,9 @@ class EvalConfig:
         names = [named(m)[0] for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"--models names must differ, got {names}")
+        if self.best_of == 1 or self.best_of < 0 or (self.best_of and not self.proxy):
+            raise ValueError(f"--best-of must be 0 or at least 2, and needs --proxy (the RM that picks), got "
+                             f"{self.best_of}" + ("" if self.proxy else " without --proxy"))
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"--baseline {self.baseline} is not one of the --models names {names}")
 
@@ -103,9 +110,10 @@ class Response(NamedTuple):
 
 
 def sample_arm(model, arm: str, questions: list[Question], prompts: dict[int, list[int]], k: int,
-                     sampling: SamplingConfig, batch_size: int, tok, log) -> list[list[int]]:
-    """k responses per question, row (question i, sample j) seeded by (seed, i, j): independent of the batch."""
-    rows, started = [(q.index, j) for q in questions for j in range(k)], time.time()
+               sampling: SamplingConfig, batch_size: int, tok, log, first: int = 0) -> list[list[int]]:
+    """k responses per question, row (question i, sample j) seeded by (seed, i, j) for j from `first`:
+    independent of the batch."""
+    rows, started = [(q.index, j) for q in questions for j in range(first, first + k)], time.time()
 
     def progress(done):
         elapsed = time.time() - started
@@ -169,6 +177,9 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
         sampling = dataclasses.replace(cfg.sampling, max_new_tokens=min(cfg.sampling.max_new_tokens, max(room, 1)))
         t0 = time.time()
         answers = sample_arm(model, arm, mine, prompts, k, sampling, cfg.batch_size, tok, log)
+        if cfg.best_of and arm == baseline:  # candidates: samples k, k + 1, ... so none is the baseline's own
+            candidates = sample_arm(model, f"{arm} x{cfg.best_of}", mine, prompts, k * cfg.best_of, sampling,
+                                    cfg.batch_size, tok, log, first=k)
         seconds["sampling"] += time.time() - t0
         t0 = time.time()
         rows = [(q.index, j) for q in mine for j in range(k)]
@@ -200,9 +211,28 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
             responses += [Response(i, arm, j, a, float("nan")) for (i, j), a in answers.items()]
     del baseline_model
 
+    reward_fns = {}
+
+    def reward_model(path):
+        if path not in reward_fns:
+            reward_fns[path] = load_reward_model(path, tok, cfg.dtype, dist.device, cfg.load_in_8bit)
+        return reward_fns[path]
+    best_of_arm = []
+    if cfg.best_of:
+        t0, n = time.time(), cfg.best_of
+        picks = score_responses(reward_model(named(cfg.proxy)[1]),
+                                [prompts[q.index] for q in mine for _ in range(k * n)], candidates, tok.pad_id,
+                                dist.device, cfg.dtype, cfg.batch_size)
+        seconds["scoring"] += time.time() - t0
+        best_of_arm = [f"best-of-{n} ({named(cfg.proxy)[0]})"]
+        kl = math.log(n) - (n - 1) / n  # the best of n draws, against the distribution they were drawn from
+        for row, q in enumerate(q for q in mine for _ in range(k)):
+            group = range(row * n, (row + 1) * n)
+            chosen = max(group, key=lambda c: picks[c])
+            responses.append(Response(q.index, best_of_arm[0], row % k, candidates[chosen], kl))
     scores: dict[str, list[float]] = {}
     for judge, path in judges:
-        reward_fn = load_reward_model(path, tok, cfg.dtype, dist.device, cfg.load_in_8bit)
+        reward_fn = reward_model(path)
         t0 = time.time()
         scores[judge] = score_responses(reward_fn, [prompts[r.question] for r in responses],
                                         [r.tokens for r in responses], tok.pad_id, dist.device, cfg.dtype,
@@ -217,5 +247,6 @@ def evaluate(cfg: EvalConfig, dist: Dist) -> dict:
         return {}
     gathered.sort(key=lambda rec: (rec["question"], rec["arm"], rec["sample"]))
     log("eval: " + ", ".join(f"{phase} {s:.1f}s" for phase, s in seconds.items()))
-    results = write_outputs(cfg, questions, gathered, [a for a, _ in arms], baseline, [j for j, _ in judges])
+    results = write_outputs(cfg, questions, gathered, [a for a, _ in arms] + best_of_arm, baseline,
+                            [j for j, _ in judges])
     return {**results, "seconds": seconds}

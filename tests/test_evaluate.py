@@ -199,3 +199,30 @@ def test_attacks_are_scored_and_a_judge_they_fool_is_called_unreliable(arms, ran
     assert code == {"loses_share": 0.0 if sign > 0 else 1.0, "holds": holds["attack: code padding"]}
     out = capsys.readouterr().out
     assert ("judge is unreliable against this hack" in out) == (sign > 0)
+
+
+def test_best_of_n_keeps_the_proxys_favourite_of_n_fresh_samples(arms, random_rm, tmp_path, monkeypatch):
+    """--best-of 3 with a proxy that scores length: each question's best-of answer is the longest of its three
+    candidates (drawn with their own seeds, none the baseline's own sample), at KL log 3 - 2/3."""
+    import math
+
+    import rlhf_engine.engine.evaluate as evaluate_module
+    monkeypatch.setattr(evaluate_module, "load_reward_model", lambda *a, **k: lambda tokens, mask: mask.sum(1).float())
+    drawn, real = [], evaluate_module.sample_arm
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("first"):
+            drawn.append(out)
+        return out
+    monkeypatch.setattr(evaluate_module, "sample_arm", spy)
+    result = run(arms, random_rm, tmp_path, best_of=3, proxy=f"proxy={random_rm}", human=False, kl=True)
+    (candidates,) = drawn
+    picked = [r for r in samples(tmp_path) if r["arm"] == "best-of-3 (proxy)"]
+    assert len(picked) == 10 and len(candidates) == 30
+    for n, r in enumerate(sorted(picked, key=lambda r: r["question"])):
+        assert r["length"] == max(len(c) for c in candidates[3 * n:3 * n + 3])
+        assert r["kl"] == pytest.approx(math.log(3) - 2 / 3)
+    assert "best-of-3 (proxy)" in result["arms"]
+    with pytest.raises(ValueError, match="--best-of must be 0 or at least 2, and needs --proxy"):
+        run(arms, random_rm, tmp_path / "x", best_of=3)
