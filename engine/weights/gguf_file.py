@@ -11,6 +11,7 @@ Reference: llama.cpp's convert_hf_to_gguf.py (tensor names, the q/k permutation)
 """
 from __future__ import annotations
 
+
 import re
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ from rlhf_engine.engine.weights.foreign import permute_rotary
 from rlhf_engine.engine.weights.hf_folder import CheckpointError
 
 MAGIC = b"GGUF"
-SLAB_BYTES = 2**20  # stored bytes dequantised at a time: <= 8 MiB of float32 for a 4-bit type
+SLAB_BYTES = 2**16  # stored bytes dequantised at a time: <= 0.5 MiB of float32 for a 4-bit type
 
 _NAMES = {  # GGUF block tensor -> HF name inside model.layers.N
     "attn_norm.weight": "input_layernorm.weight",
@@ -129,15 +130,20 @@ def read_tensor(path: str, info: TensorInfo, dtype: torch.dtype = torch.float32)
     raw = raw.reshape(info.raw_shape)
     rows = raw.shape[0] if raw.ndim > 1 else 1
     slab = max(1, SLAB_BYTES // max(1, info.n_bytes // rows))
-    parts = []
+    out = None  # filled slab by slab: no list of parts to concatenate (which would hold the tensor twice)
     try:
         for start in range(0, rows, slab):
             values = quants.dequantize(raw[start:start + slab] if raw.ndim > 1 else raw, info.kind)
-            parts.append(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dtype))
+            part = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+            if raw.ndim == 1 or slab >= rows:
+                return part.to(dtype)
+            if out is None:
+                out = torch.empty((rows, *part.shape[1:]), dtype=dtype)
+            out[start:start + slab] = part
     except (NotImplementedError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: tensor {info.name} of type {getattr(info.kind, 'name', info.kind)} cannot be "
                               f"dequantised by gguf {_gguf_version()}: {e}") from None
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out
 
 
 def _gguf_version() -> str:

@@ -6,6 +6,8 @@ References: gpt-fast (meta-device loading with assign=True).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from typing import Callable
 
@@ -69,6 +71,8 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
         if t.is_floating_point():
             t = t.to(device=device, dtype=dtype or t.dtype)
         model.load_state_dict({name: t}, strict=False, assign=True)
+        del t
+        give_back_freed_memory()  # this tensor's transients, before the next one's
     # Still on the meta device = never assigned (an 8-bit layer's weight_scale is filled with its weight).
     missing = sorted(k for k, v in model.state_dict().items() if v.is_meta and k in expected)
     if missing == ["score.weight"] and head == "score":
@@ -79,3 +83,23 @@ def load_checkpoint(path: str, head: str = "lm", dtype: torch.dtype | None = Non
     if cfg.tie_embeddings and head == "lm":
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def give_back_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; nothing elsewhere). glibc raises its mmap
+    threshold to the size of each large block freed, so each tensor's transients (a GGUF dequantisation's
+    float32 buffers, an 8-bit quantisation's) land on the heap and stay there once freed: a SmolLM2 8-bit
+    load peaked at 3.5x its model (553 MiB for 156) instead of 1.2x."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    """glibc, if this process runs on it (musl and macOS have no malloc_trim)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
