@@ -93,7 +93,8 @@ def candidates(kind, default, choices):
 
 
 REQUIRED = {"model": "m", "out": "o", "data": "d", "reward_model": "r", "base": "b", "adapter": "a",
-            "posts": ("p.xml",), "models": ("m",), "judges": ("j",), "eval_data": "e"}
+            "posts": ("p.xml",), "models": ("m",), "judges": ("j",), "eval_data": "e",
+            "proxy": "p"}  # eval --best-of needs a proxy to pick with
 
 
 @pytest.mark.parametrize("stage", list(train.STAGES))

@@ -182,3 +182,62 @@ def test_reward_adapter_from_another_base_is_refused(setup, tmp_path):
     (other / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="is an adapter trained on .* not on the policy's base"):
         train(config(base, data, str(tmp_path / "out"), reward_model=str(other)), init_dist("cpu"))
+
+
+def second_rm_adapter(setup, folder, seed):
+    """Another RM adapter on the same base (different weights): a second ensemble member."""
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.training.train_state import write_stage_model
+    base = setup[0]
+    tok = os.path.join(base, "tokenizer.model")
+    lora = LoRAConfig(r=4, targets=("all-linear",), dropout=0.0)
+    rm = build_model(base, Tokenizer(tok), head="score", lora=lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if name.endswith("lora_b") or name == "score.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    os.makedirs(folder)
+    write_stage_model(str(folder), rm, lora, tok, base_model=base)
+    return str(folder)
+
+
+@pytest.mark.parametrize("how", ["mean", "min", "uwo"])
+def test_an_ensemble_of_adapters_scores_as_its_members_combined(setup, tmp_path, how):
+    """Two RM adapters on the policy's base: the ensemble's members are each adapter's own score, and its
+    reward their mean, min, or mean - λ var (two members: var = ((a - b) / 2)^2), by hand."""
+    from rlhf_engine.data.tokenizer import Tokenizer
+    from rlhf_engine.engine.rl.roles import build_roles
+    base, data, adapter, _ = setup
+    other = second_rm_adapter(setup, tmp_path / "rm2", seed=5)
+    tokens, mask, _ = batch()
+    tok = Tokenizer(os.path.join(base, "tokenizer.model"))
+
+    def roles(paths, **kw):
+        cfg = config(base, data, str(tmp_path / "out"), reward_model=paths, **kw)
+        return build_roles(cfg, tok, build_model(base, tok, lora=cfg.lora), torch.device("cpu"), None)
+    a, b = (roles(path).reward_fn(tokens, mask) for path in (adapter, other))
+    assert (a - b).abs().min() > 1e-3  # two different members
+    ensemble = roles((adapter, other), reward_ensemble=how, uwo_lambda=0.5)
+    want = {"mean": (a + b) / 2, "min": torch.minimum(a, b), "uwo": (a + b) / 2 - 0.5 * ((a - b) / 2) ** 2}[how]
+    torch.testing.assert_close(ensemble.reward_fn(tokens, mask), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ensemble.reward_fn.members(tokens, mask), torch.stack([a, b]), rtol=1e-5, atol=1e-5)
+    assert f"{how} of an ensemble of 2 adapters on the policy base" in ensemble.layout
+
+
+def test_ppo_logs_each_member_and_their_spread(setup, tmp_path):
+    base, data, adapter, merged = setup
+    other = second_rm_adapter(setup, tmp_path / "rm2", seed=5)
+    train(config(base, data, str(tmp_path / "out"), reward_model=(adapter, other), max_steps=1), init_dist("cpu"))
+    metric = lambda key: read_metrics(str(tmp_path / "out"), key)[0]  # noqa: E731
+    members = metric("env/reward_member0_mean"), metric("env/reward_member1_mean")
+    assert metric("env/reward_mean") == pytest.approx(sum(members) / 2, abs=1e-6)  # the mean ensemble
+    assert members[0] != members[1] and metric("env/reward_member_spread") > 0
+
+
+def test_an_ensemble_refuses_a_merged_member_and_a_value_model_from_the_reward(setup, tmp_path):
+    base, data, adapter, merged = setup
+    with pytest.raises(ValueError, match="ensemble members must be RM adapter folders"):
+        train(config(base, data, str(tmp_path / "a"), reward_model=(adapter, merged)), init_dist("cpu"))
+    with pytest.raises(ValueError, match="--value-model reward starts the critic from one reward model"):
+        config(base, data, str(tmp_path / "b"), reward_model=(adapter, adapter), value_model="reward")

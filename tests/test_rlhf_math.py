@@ -133,3 +133,14 @@ def test_shape_scores():
     assert close(shape_scores(scores, ended, baseline=1.0, norm=(0.0, 4.0), clip=2.0), [1.0, -1.0, 2.0])
     # A row without EOS gets the fixed penalty instead of its score.
     assert close(shape_scores(scores, ended, no_eos_penalty=-5.0), [3.0, -1.0, -5.0])
+
+
+def test_combine_rewards_by_hand():
+    from rlhf_engine.engine.rl.rlhf_math import combine_rewards
+    members = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])  # 3 members x 2 rows
+    assert torch.allclose(combine_rewards(members, "mean"), torch.tensor([2.0, 1.0]))
+    assert torch.allclose(combine_rewards(members, "min"), torch.tensor([1.0, 0.0]))
+    # population variance over members: row 0 (1, 3, 2) -> 2/3; row 1 (0, 0, 3) -> 2
+    assert torch.allclose(combine_rewards(members, "uwo", 0.5), torch.tensor([2.0 - 1 / 3, 1.0 - 1.0]))
+    with pytest.raises(ValueError, match="unknown reward ensemble 'max'"):
+        combine_rewards(members, "max")

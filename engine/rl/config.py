@@ -18,9 +18,13 @@ class PPOConfig(StageConfig):
         "choices": list(ESTIMATORS)})
     samples_per_prompt: int = field(default=1, metadata={"help": "responses sampled per query (a group); rloo, "
                                                                  "grpo and dr_grpo need >= 2"})
-    reward_model: str = field(default=None, metadata={"help": "reward model: a merged RM folder (its own network), or "
-                                                               "an RM adapter folder (a train.py rm checkpoint) put "
-                                                               "on the policy's frozen base"})
+    reward_model: tuple[str, ...] = field(default=None, metadata={
+        "help": "reward model: a merged RM folder (its own network), or an RM adapter folder (a train.py rm "
+                "checkpoint) put on the policy's frozen base; several adapter folders make an ensemble"})
+    reward_ensemble: str = field(default="mean", metadata={
+        "help": "how an ensemble's members combine: mean, min, or uwo (mean - λ x variance across members, "
+                "Coste et al. 2024)", "choices": ["mean", "min", "uwo"]})
+    uwo_lambda: float = field(default=1.0, metadata={"help": "λ of --reward-ensemble uwo"})
     value_model: str = field(default="head", metadata={"help": "value function: a head on the policy's hidden states "
                                                                 "(StackLLaMA), or a value adapter + head initialised "
                                                                 "from the reward model",
@@ -90,6 +94,13 @@ class PPOConfig(StageConfig):
         super().__post_init__()
         if not self.data:
             raise ValueError("--data is required")
+        if isinstance(self.reward_model, str):  # one path, as Python callers pass it
+            object.__setattr__(self, "reward_model", (self.reward_model,))
+        if self.reward_model and len(self.reward_model) > 1 and self.value_model == "reward":
+            raise ValueError("--value-model reward starts the critic from one reward model; an ensemble of "
+                             f"{len(self.reward_model)} has no single one to start from: use --value-model head")
+        if self.uwo_lambda < 0:
+            raise ValueError(f"--uwo-lambda must be >= 0 (it weighs the members' disagreement), got {self.uwo_lambda}")
         require_positive(self, "max_steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
                          "max_prompt_length", "response_min_length", "samples_per_prompt")
         if self.batch_size * self.samples_per_prompt % self.mini_batch_size:

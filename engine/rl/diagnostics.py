@@ -184,6 +184,23 @@ def kl_metrics(s: dict) -> dict:
             "objective/kl_k1_stderr": (var / n) ** 0.5}
 
 
+def ensemble_sums(member_scores: torch.Tensor | None) -> dict:
+    """Σ over rows of each member's score and of the members' spread (their standard deviation per row)."""
+    if member_scores is None:
+        return {}
+    m = member_scores.double()
+    return {**{f"member{i}": m[i].sum() for i in range(len(m))}, "member_spread": m.std(0, unbiased=False).sum()}
+
+
+def ensemble_metrics(s: dict) -> dict:
+    """Each member's mean score and the mean spread between members (needs length_sums' rows)."""
+    n = max(s["rows"], 1.0)
+    members = sorted(k for k in s if k.startswith("member") and k != "member_spread")
+    if not members:
+        return {}
+    return {**{f"env/reward_{k}_mean": s[k] / n for k in members}, "env/reward_member_spread": s["member_spread"] / n}
+
+
 def step_metrics(dist: Dist, rollout, scores: torch.Tensor, penalty, kl_estimator: str, cliprange: float, tok,
                  seconds: float) -> dict:
     """Step 6: the step's statistics over the global batch, from every rank's named sums reduced in one
@@ -194,7 +211,7 @@ def step_metrics(dist: Dist, rollout, scores: torch.Tensor, penalty, kl_estimato
     delta = onpolicy_deltas(rollout.sampler_logprobs, rollout.logprobs, mask)
     sums = {**reward_sums(rollout.raw_scores, scores, rollout.ended), **length_sums(lengths, rollout.ended),
             **negative_kl_sums(rollout.logprobs - rollout.ref_logprobs, mask, rollout.response_tokens, tok),
-            **onpolicy_sums(delta, mask, cliprange), **kl_sums(rollout),
+            **onpolicy_sums(delta, mask, cliprange), **kl_sums(rollout), **ensemble_sums(rollout.member_scores),
             "non_score_reward": penalty.non_score_reward.double().sum(),
             "attended_tokens": rollout.attention_mask.double().sum()}
     s = all_reduce_named(dist, sums)
@@ -207,7 +224,7 @@ def step_metrics(dist: Dist, rollout, scores: torch.Tensor, penalty, kl_estimato
             "objective/non_score_reward": s["non_score_reward"] / s["rows"],
             **reward_metrics(s, all_scores),
             **length_metrics(s, float(min(g[1] for g in gathered)), float(max(g[2] for g in gathered))),
-            **negative_kl_metrics(s), **onpolicy_metrics(s, max(g[3] for g in gathered)),
+            **negative_kl_metrics(s), **onpolicy_metrics(s, max(g[3] for g in gathered)), **ensemble_metrics(s),
             "env/repeated_token_share": repeated_token_share(rollout.response_tokens, mask),
             "perf/tokens_per_s": s["attended_tokens"] / seconds}
 

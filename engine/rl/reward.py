@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
-from rlhf_engine.engine.rl.rlhf_math import last_token_index
+from rlhf_engine.engine.rl.rlhf_math import combine_rewards, last_token_index
 from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder
 from rlhf_engine.engine.weights.builder import load_model
 from rlhf_engine.engine.weights.hf_folder import CONFIG
@@ -53,6 +53,23 @@ def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | No
         last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
         return head(last.to(head.weight.dtype)).squeeze(-1).float()
     return score
+
+
+class Ensemble:
+    """Reward-model members as one RewardFn: `members` scores a batch with each ([M, B], one forward each),
+    calling it combines them (rlhf_math.combine_rewards). The rollout calls `members` to log each one."""
+
+    def __init__(self, member_fns: list[RewardFn], how: str, uwo_lambda: float):
+        self.member_fns, self.how, self.uwo_lambda = member_fns, how, uwo_lambda
+
+    def members(self, tokens, attention_mask) -> torch.Tensor:
+        return torch.stack([fn(tokens, attention_mask) for fn in self.member_fns])
+
+    def combine(self, members: torch.Tensor) -> torch.Tensor:
+        return combine_rewards(members, self.how, self.uwo_lambda)
+
+    def __call__(self, tokens, attention_mask) -> torch.Tensor:
+        return self.combine(self.members(tokens, attention_mask))
 
 
 def is_reward_model(path: str) -> bool:

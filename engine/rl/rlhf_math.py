@@ -138,6 +138,19 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     return rewards * mask, KLPenalty(kl, non_score)
 
 
+def combine_rewards(members: torch.Tensor, how: str = "mean", uwo_lambda: float = 1.0) -> torch.Tensor:
+    """One score per row from an ensemble's scores members [M, B] (Coste et al., ICLR 2024): their mean,
+    their min (worst case), or uwo, the mean less λ times their variance across members (population
+    variance: members that disagree are penalised)."""
+    if how == "mean":
+        return members.mean(0)
+    if how == "min":
+        return members.min(0).values
+    if how == "uwo":
+        return members.mean(0) - uwo_lambda * members.var(0, unbiased=False)
+    raise ValueError(f"unknown reward ensemble {how!r}; choose mean, min or uwo")
+
+
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: float, horizon: float) -> float:
     """Ziegler et al.'s proportional controller: move β so the measured KL tracks `target`."""
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)

@@ -4,7 +4,9 @@ policy    = the SFT checkpoint + the trainable "default" LoRA adapter.
 reference = the same network with every adapter disabled (no copy; a frozen copy for full fine-tuning).
 reward    = a merged reward-model checkpoint (its own network), or an RM adapter folder as written by
             `train.py rm` put on the policy's frozen base as adapter "reward", its score head beside
-            it: then one base serves policy, reference, reward and value.
+            it: then one base serves policy, reference, reward and value. Several RM adapter folders
+            make an ensemble (adapters "reward0", "reward1", ...; one scoring forward each), combined
+            by --reward-ensemble.
 value     = a scalar head on the policy's hidden states (StackLLaMA), or (`--value-model reward`) a
             value network initialised from the reward model: the reward network with a trainable
             "value" adapter (a copy of the reward adapter, or zero-initialised on a merged RM) and a
@@ -21,11 +23,9 @@ import torch.nn as nn
 
 from rlhf_engine.engine.weights.adapters import (is_adapter_folder, load_adapter_weights, read_adapter_base,
                                                  read_adapter_config)
-from rlhf_engine.engine.weights.load import load_checkpoint
 from rlhf_engine.engine.model.lora import LoRAConfig, adapter_parameters, apply_lora, lora_layers
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.model.precision import torch_dtype
-from rlhf_engine.engine.rl.reward import RewardFn, reward_model_fn
+from rlhf_engine.engine.rl.reward import Ensemble, RewardFn, load_reward_network, reward_model_fn
 
 REWARD, VALUE = "reward", "value"
 
@@ -56,21 +56,35 @@ def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: Reward
     base_line = f"policy base {base:.1f} MiB; reference = " + (
         "the same base with adapters disabled (+0 MiB)" if lora else f"a frozen copy (+{base:.1f} MiB)")
     reward_net, reward_adapter, score = None, None, None
+    paths = cfg.reward_model or ()
+    if len(paths) < 2 and (cfg.reward_ensemble != "mean" or cfg.uwo_lambda != 1.0):
+        raise ValueError("--reward-ensemble and --uwo-lambda combine several --reward-model adapters; "
+                         f"{len(paths)} given")
     if reward_fn is not None:
         reward_line = "reward = a function (scripted)"
-    elif not cfg.reward_model:
+    elif not paths:
         raise ValueError("--reward-model is required")
-    elif is_adapter_folder(cfg.reward_model):
-        reward_net, reward_adapter, score = policy, REWARD, _attach_reward_adapter(cfg, policy, lora)
-        reward_line = (f"reward = adapter '{REWARD}' on the policy base ({cfg.reward_model}, "
+    elif len(paths) > 1:  # an ensemble: every member an adapter on the policy's base, one forward each
+        members = []
+        for i, path in enumerate(paths):
+            if not is_adapter_folder(path):
+                raise ValueError(f"--reward-model {path}: ensemble members must be RM adapter folders (train.py rm "
+                                 "checkpoints), which share the policy's frozen base; this is a merged model")
+            members.append(reward_model_fn(policy, _attach_reward_adapter(cfg, path, f"{REWARD}{i}", policy, lora),
+                                           f"{REWARD}{i}"))
+        reward_fn = Ensemble(members, cfg.reward_ensemble, cfg.uwo_lambda)
+        added = sum(mib(adapter_parameters(policy, f"{REWARD}{i}")) for i in range(len(paths)))
+        reward_line = (f"reward = {cfg.reward_ensemble} of an ensemble of {len(paths)} adapters on the policy base "
+                       f"(+{added:.2f} MiB)")
+    elif is_adapter_folder(paths[0]):
+        reward_net, reward_adapter = policy, REWARD
+        score = _attach_reward_adapter(cfg, paths[0], REWARD, policy, lora)
+        reward_line = (f"reward = adapter '{REWARD}' on the policy base ({paths[0]}, "
                        f"+{mib(adapter_parameters(policy, REWARD)) + mib(score.parameters()):.2f} MiB)")
-    else:
-        reward_net = load_checkpoint(cfg.reward_model, head="score", device=device,
-                                     dtype=torch_dtype(cfg.dtype))
-        reward_net.eval().requires_grad_(False)
-        tok.check_model_vocab(reward_net.cfg.vocab_size, cfg.reward_model)
+    else:  # a merged RM, its own network, through the one RM loader
+        reward_net, _ = load_reward_network(paths[0], tok, cfg.dtype, device, cfg.load_in_8bit)
         score = reward_net.score
-        reward_line = f"reward = model {cfg.reward_model} (+{mib(reward_net.parameters()):.1f} MiB)"
+        reward_line = f"reward = model {paths[0]} (+{mib(reward_net.parameters()):.1f} MiB)"
     if reward_fn is None:
         reward_fn = reward_model_fn(reward_net, score, reward_adapter)
 
@@ -82,7 +96,7 @@ def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: Reward
     if reward_net is None:
         raise ValueError("--value-model reward needs a reward model (--reward-model), not a scripted reward")
     if reward_adapter is not None:  # value adapter = a trainable copy of the reward adapter, same base
-        apply_lora(reward_net, _no_dropout(read_adapter_config(cfg.reward_model)), VALUE)
+        apply_lora(reward_net, _no_dropout(read_adapter_config(paths[0])), VALUE)
         with torch.no_grad():
             for _, layer in lora_layers(reward_net, REWARD):
                 for mine, theirs in zip(layer.adapters[VALUE].parameters(), layer.adapters[REWARD].parameters()):
@@ -103,9 +117,8 @@ def _no_dropout(cfg: LoRAConfig) -> LoRAConfig:
     return dataclasses.replace(cfg, dropout=0.0)  # PPO runs with dropout off everywhere
 
 
-def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Linear:
-    """Put the RM adapter folder on the policy's base as adapter "reward"; return its score head."""
-    path = cfg.reward_model
+def _attach_reward_adapter(cfg, path: str, name: str, policy: LLaMA, lora: LoRAConfig | None) -> nn.Linear:
+    """Put the RM adapter folder `path` on the policy's base as adapter `name`; return its score head."""
     if lora is None:
         raise ValueError(f"--reward-model {path} is an adapter; it can share the policy's frozen base only when "
                          "the policy trains LoRA adapters (drop --no-lora, or merge it with train.py merge)")
@@ -113,9 +126,9 @@ def _attach_reward_adapter(cfg, policy: LLaMA, lora: LoRAConfig | None) -> nn.Li
     if base and os.path.exists(base) and os.path.realpath(base) != os.path.realpath(cfg.model):
         raise ValueError(f"--reward-model {path} is an adapter trained on {base}, not on the policy's base "
                          f"{cfg.model}; merge it onto its own base (train.py merge) and pass the merged folder")
-    apply_lora(policy, _no_dropout(read_adapter_config(path)), REWARD)
-    _float_adapter(policy, REWARD, trainable=False)
-    extras = load_adapter_weights(policy, path, REWARD, extras="return")
+    apply_lora(policy, _no_dropout(read_adapter_config(path)), name)
+    _float_adapter(policy, name, trainable=False)
+    extras = load_adapter_weights(policy, path, name, extras="return")
     if "score.weight" not in extras:
         raise ValueError(f"--reward-model {path}: the adapter has no score.weight beside it, so it is not a "
                          "reward model (train.py rm writes one)")

@@ -23,7 +23,7 @@ from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate
 from rlhf_engine.engine.model.lora import disable_lora, use_adapter
 from rlhf_engine.engine.model.llama import LLaMA
-from rlhf_engine.engine.rl.reward import RewardFn
+from rlhf_engine.engine.rl.reward import Ensemble, RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import per_token_kl
 from rlhf_engine.kernels.logprobs import hidden_logprobs_with_reference, hidden_token_logprobs
@@ -43,6 +43,7 @@ class Rollout(NamedTuple):
     ended: torch.Tensor  # [B] bool: the response ended with EOS (else cut at the length cap)
     order: torch.Tensor  # [B] first-epoch minibatch order: the chunks the old log-probs were computed in
     seconds: dict[str, float]  # wall time of generate, policy_forward, reference_forward, reward
+    member_scores: torch.Tensor | None = None  # [M, B] each ensemble member's score (None: one reward model)
 
     @property
     def response_tokens(self) -> torch.Tensor:  # [B, R]
@@ -183,14 +184,20 @@ def build_rollout(pv: PolicyAndValue, reference: LLaMA | None, reward_fn: Reward
     response_mask = gen.response_mask.float()
     scored = score_rollout(pv, reference, tokens, attention_mask, P, sampling.temperature, order, chunk, dtype)
     t1 = time.time()
-    raw_scores = reward_fn(tokens, attention_mask).to(tokens.device).float()
+    member_scores = None
+    if isinstance(reward_fn, Ensemble):  # each member's score is logged, so keep them apart before combining
+        member_scores = reward_fn.members(tokens, attention_mask).to(tokens.device).float()
+        raw_scores = reward_fn.combine(member_scores)
+    else:
+        raw_scores = reward_fn(tokens, attention_mask).to(tokens.device).float()
     return Rollout(
         tokens=tokens, attention_mask=attention_mask, prompt_len=P, response_mask=response_mask,
         sampler_logprobs=gen.response_logprobs * response_mask, logprobs=scored.logprobs * response_mask,
         ref_logprobs=scored.ref_logprobs * response_mask, values=scored.values * response_mask,
         kl_full=scored.kl_full * response_mask, raw_scores=raw_scores, ended=gen.ended, order=order,
         seconds={"generate": t_generate, "policy_forward": scored.policy_seconds,
-                 "reference_forward": scored.reference_seconds, "reward": time.time() - t1})
+                 "reference_forward": scored.reference_seconds, "reward": time.time() - t1},
+        member_scores=member_scores)
 
 
 class GreedyBaseline(NamedTuple):
