@@ -9,18 +9,19 @@ import pytest
 from conftest import ROOT, shared_file
 
 
-def readme_recipe() -> str:
+def readme_recipe(name: str) -> str:
+    """The bash block README.md marks `<!-- recipe: NAME -->`."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    match = re.search(r"<!-- recipe: own data -->\n```bash\n(.*?)```", text, re.S)
-    assert match, "README.md lost its own-data recipe block"
+    match = re.search(rf"<!-- recipe: {name} -->\n```bash\n(.*?)```", text, re.S)
+    assert match, f"README.md lost its {name} recipe block"
     return match.group(1)
 
 
 @pytest.mark.slow
 def test_the_readme_recipe_runs_on_small_shared_dumps(tmp_path):
     dumps = " ".join(shared_file(site, "Posts.xml") for site in ("se-beer", "se-matheducators"))
-    script = readme_recipe()
+    script = readme_recipe("own data")
     for line, replacement in ((r'^DUMPS=.*$', f'DUMPS="{dumps}"'), (r"^RUN=.*$", f"RUN={tmp_path}"),
                               (r'^PY=.*$', f'PY="{sys.executable}"')):
         script, n = re.subn(line, replacement, script, count=1, flags=re.M)
@@ -35,21 +36,13 @@ def test_the_readme_recipe_runs_on_small_shared_dumps(tmp_path):
     assert out.stdout.strip().splitlines()[-1].strip()  # generate printed an answer
 
 
-def real_model_recipe() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    match = re.search(r"<!-- recipe: real model -->\n```bash\n(.*?)```", text, re.S)
-    assert match, "README.md lost its real-model recipe block"
-    return match.group(1)
-
-
 @pytest.mark.slow
 def test_the_real_model_recipe_runs_scaled_down_on_one_dump(tmp_path):
     """The README's "StackLLaMA on a laptop" block on SmolLM2's GGUF file, as written but scaled down: one
     dump, two steps per stage, a handful of evaluation prompts (slow: several minutes on 2 cores)."""
     model = shared_file("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
     coffee = shared_file("se-coffee", "Posts.xml")
-    script = real_model_recipe()
+    script = readme_recipe("real model")
     for pattern, replacement in ((r"^MODEL=.*$", f"MODEL={model}"), (r"^RUN=\S+", f"RUN={tmp_path}"),
                                  (r'PY="[^"]*"', f'PY="{sys.executable}"'),
                                  (r"--posts [^\n]*?\\\n", f"--posts {coffee} \\\n")):
