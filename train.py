@@ -84,6 +84,11 @@ def _rm():
     return rm.RMConfig, on_dist(rm.train)
 
 
+def _dpo():
+    from rlhf_engine.engine import dpo
+    return dpo.DPOConfig, on_dist(dpo.train)
+
+
 def _merge():
     from rlhf_engine.engine import merge
     return merge.MergeConfig, merge.run
@@ -120,6 +125,7 @@ STAGES = {
     "tokenizer": Stage("train a sentencepiece BPE tokenizer on question/answer text", _tokenizer),
     "sft": Stage("supervised fine-tuning on questions and their best answers", _sft),
     "rm": Stage("train a reward model on answer pairs", _rm),
+    "dpo": Stage("direct preference optimisation on answer pairs (no reward model, no sampling)", _dpo),
     "merge": Stage("merge LoRA adapters into a full checkpoint", _merge),
     "ppo": Stage("PPO against a reward model with a per-token KL penalty", _ppo),
     "eval": Stage("compare models' answers to held-out questions under reward-model judges", _eval),

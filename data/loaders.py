@@ -1,7 +1,10 @@
 """Reward-model pair batches and PPO query batches, from pairs in the stack-exchange-paired schema.
 
-PairLoader (reward model): the texts "<bos>Question: {question}\n\nAnswer: {response}" for
-response_j (chosen) and response_k (rejected), each side right-padded to its own longest row. Pairs
+PairLoader (reward model, DPO): the texts "<bos>Question: {question}\n\nAnswer: {response}" for
+response_j (chosen) and response_k (rejected), each side right-padded to its own longest row. For DPO
+(`dpo=True`) each side ends with <eos>, as the policy's answers do, and the batch carries each side's
+prompt length: the tokens that "<bos>Question: {question}\n\nAnswer: " shares with the full text, so
+a loss can read the answer alone (a prompt's last token may merge with the answer's first). Pairs
 where either side has more than `max_length` tokens are dropped and counted (StackLLaMA: 512, `<=`
 kept). Epochs: the rank's pairs in a fresh order drawn from (seed, rank, epoch); iterating yields the
 rest of the current epoch, so `for epoch ...: for batch in loader` resumes mid-epoch after
@@ -34,6 +37,8 @@ class PairBatch(NamedTuple):
     chosen_mask: torch.Tensor  # [B, Lc] bool
     rejected_tokens: torch.Tensor  # [B, Lr] int64, right-padded with pad_id
     rejected_mask: torch.Tensor  # [B, Lr] bool
+    chosen_prompt_lengths: torch.Tensor | None = None  # [B] int64: tokens before the answer (dpo loaders only)
+    rejected_prompt_lengths: torch.Tensor | None = None  # [B] int64
 
 
 class QueryBatch(NamedTuple):
@@ -67,6 +72,15 @@ def filter_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[in
     return keep, len(chosen) - len(keep)
 
 
+def shared_prefix(prompt: Sequence[int], text: Sequence[int]) -> int:
+    """How many leading tokens `text` shares with `prompt`: the prompt's length, or one less where the
+    tokenizer merged the prompt's last piece (e.g. the space after "Answer:") into the answer."""
+    n = 0
+    while n < min(len(prompt), len(text)) and prompt[n] == text[n]:
+        n += 1
+    return n
+
+
 def _epoch_order(n: int, seed: int, rank: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, rank, epoch]).permutation(n) if shuffle else np.arange(n)
 
@@ -89,12 +103,14 @@ class PairLoader:
     """Reward-model batches (PairBatch) of `batch_size` pairs for rank `rank` of `world_size`."""
 
     def __init__(self, pairs: pa.Table, tokenizer, *, batch_size: int, max_length: int = 512, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True, source: str | None = None):
-        """source: where the pairs come from, for error messages."""
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, source: str | None = None,
+                 dpo: bool = False):
+        """source: where the pairs come from, for error messages. dpo: sides end with eos, prompt lengths kept."""
         _check_layout(batch_size, rank, world_size, seed)
         questions = pairs["question"].to_pylist()
         chosen, rejected = (
-            tokenizer.encode_batch([format_prompt(q, a) for q, a in zip(questions, pairs[side].to_pylist())], bos=True)
+            tokenizer.encode_batch([format_prompt(q, a) for q, a in zip(questions, pairs[side].to_pylist())], bos=True,
+                                   eos=dpo)
             for side in ("response_j", "response_k"))
         keep, too_long = filter_pairs(chosen, rejected, max_length)
         per_rank = len(keep) // world_size
@@ -104,6 +120,11 @@ class PairLoader:
                              f"{world_size} rank(s) need at least one each")
         mine = keep[rank::world_size][:per_rank]
         self.chosen, self.rejected = [chosen[i] for i in mine], [rejected[i] for i in mine]
+        self.chosen_prompt = self.rejected_prompt = None  # per pair: tokens before the answer (dpo only)
+        if dpo:
+            prompts = tokenizer.encode_batch([format_prompt(questions[i]) for i in mine], bos=True)
+            self.chosen_prompt = [shared_prefix(p, c) for p, c in zip(prompts, self.chosen)]
+            self.rejected_prompt = [shared_prefix(p, r) for p, r in zip(prompts, self.rejected)]
         self.stats = PairCounts(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank)
         self.pad_id, self.batch_size, self.seed, self.rank, self.world_size = (
             tokenizer.pad_id, batch_size, seed, rank, world_size)
@@ -121,8 +142,10 @@ class PairLoader:
         while self.index < n:
             rows = order[self.index:self.index + self.batch_size]
             self.index += len(rows)
+            prompt_lengths = () if self.chosen_prompt is None else (
+                torch.tensor([self.chosen_prompt[i] for i in rows]), torch.tensor([self.rejected_prompt[i] for i in rows]))
             yield PairBatch(*pad([self.chosen[i] for i in rows], self.pad_id),
-                            *pad([self.rejected[i] for i in rows], self.pad_id))
+                            *pad([self.rejected[i] for i in rows], self.pad_id), *prompt_lengths)
         self.epoch, self.index = self.epoch + 1, 0
 
     def _layout(self) -> dict:

@@ -1,7 +1,7 @@
-"""The RLHF engine: StackLLaMA's three stages (SFT, reward model, PPO) in plain PyTorch.
+"""The RLHF engine: StackLLaMA's three stages (SFT, reward model, PPO) in plain PyTorch, and DPO beside them.
 
 The files at this level are the commands, one per `train.py` stage: sft.py, rm.py, ppo.py (one PPO
-step as a numbered story, 1. rollout ... 6. log), evaluate.py (`eval`), check.py, merge.py,
+step as a numbered story, 1. rollout ... 6. log), dpo.py, evaluate.py (`eval`), check.py, merge.py,
 generate_text.py (`generate`), demo.py, and flags.py (configs -> command-line flags). The parts sit
 in five drawers, read in this order; a drawer imports only from the drawers above it, never a command:
 

@@ -192,7 +192,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         sums = {}  # over this rank's micro-batches: loss, correct pairs, margin (sums over pairs), tokens
         for m in range(cfg.grad_accum):
             rows = slice(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size)
-            tokens, mask = stack_pairs(*(t[rows] for t in batch), tok.pad_id)
+            tokens, mask = stack_pairs(*(t[rows] for t in batch[:4]), tok.pad_id)  # tokens and masks of both sides
             with grad_sync(dist, ddp, sync=m == cfg.grad_accum - 1):
                 with autocast(dist.device, cfg.dtype):
                     scores = ddp(tokens.to(dist.device), mask.to(dist.device))

@@ -20,7 +20,7 @@ def train_py(*args):
 def test_help_lists_every_stage():
     out = train_py("--help")
     assert out.returncode == 0
-    for stage in ("generate", "demo", "prepare", "tokenizer", "sft", "rm", "merge", "ppo"):
+    for stage in ("generate", "demo", "prepare", "tokenizer", "sft", "rm", "dpo", "merge", "ppo"):
         assert f"    {stage}" in out.stdout
 
 

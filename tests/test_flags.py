@@ -182,6 +182,8 @@ def stage_configs(tiny_base, tmp_path):
                     batch_size=2, max_steps=2, eval_every=1, eval_batches=1, **common),
         "rm": dict(model=base, data=os.path.join(pairs, "reward"), out=str(tmp_path / "rm"), batch_size=2,
                    epochs=0.01, eval_every=1, eval_batches=1, **common),  # --max-steps 0: steps from --epochs
+        "dpo": dict(model=base, data=os.path.join(pairs, "reward"), out=str(tmp_path / "dpo"), batch_size=2,
+                    epochs=0.01, eval_every=1, eval_batches=1, **common),  # --max-steps 0: steps from --epochs
         "merge": dict(base=base, adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged")),
         "ppo": dict(model=base, reward_model=rm, data=os.path.join(pairs, "rl"), out=str(tmp_path / "ppo"),
                     batch_size=2, mini_batch_size=2, ppo_epochs=1, max_steps=2, response_min_length=2,
@@ -197,7 +199,8 @@ def stage_configs(tiny_base, tmp_path):
     }
 
 
-@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "sft", "rm", "merge", "ppo", "eval", "generate", "check"])
+@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "sft", "rm", "dpo", "merge", "ppo", "eval", "generate",
+                                   "check"])
 def test_every_config_field_is_read_by_its_stage(stage, tiny_base, tmp_path, capsys):
     config_cls, run = train.STAGES[stage].load()
     recorder = Recorder(config_cls(**stage_configs(tiny_base, tmp_path)[stage]))

@@ -7,7 +7,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE = os.path.join(ROOT, "engine")
 DRAWERS = ("model", "weights", "training", "rl", "eval")  # lower first
-COMMANDS = {"sft", "rm", "ppo", "evaluate", "check", "merge", "generate_text", "demo", "flags"}
+COMMANDS = {"sft", "rm", "dpo", "ppo", "evaluate", "check", "merge", "generate_text", "demo", "flags"}
 
 
 def engine_imports() -> dict[str, set[str]]:

@@ -8,10 +8,11 @@ padding and prompt, and every per-token quantity is exactly 0 where the mask is 
 Distributed callers reduce `masked_moments` across ranks themselves and pass the global numbers in
 (`whiten(x, mask, mean, var)`, `n_tokens=`), so results do not depend on how the batch is split.
 
-References: InstructGPT (Ouyang et al. 2022) pairwise loss; Ziegler et al. 2019 adaptive KL
-controller; Schulman et al. 2017 (PPO) clipped objectives; Schulman et al. 2016 (GAE); J. Schulman,
-"Approximating KL divergence" (2020) for the k1/k2/k3 estimators; "The N Implementation Details of
-RLHF with PPO" (Huang et al. 2023) and TRL's PPOTrainer for the value clipping and whitening.
+References: InstructGPT (Ouyang et al. 2022) pairwise loss; DPO (Rafailov et al. 2023), IPO (Azar et al.
+2023); Ziegler et al. 2019 adaptive KL controller; Schulman et al. 2017 (PPO) clipped objectives; Schulman
+et al. 2016 (GAE); J. Schulman, "Approximating KL divergence" (2020) for the k1/k2/k3 estimators; "The N
+Implementation Details of RLHF with PPO" (Huang et al. 2023) and TRL's PPOTrainer for the value clipping
+and whitening.
 """
 from __future__ import annotations
 
@@ -71,6 +72,35 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.T
     """InstructGPT's reward-model loss −log σ(r_chosen − r_rejected), averaged over pairs [B]."""
     diff = chosen.float() - rejected.float()
     return -F.logsigmoid(diff).mean(), PairStats((diff > 0).float().mean(), diff.mean())
+
+
+class DPOStats(NamedTuple):
+    chosen_reward: torch.Tensor  # [B] β·(log π(y_w|x) − log π_ref(y_w|x)), detached: DPO's implicit reward
+    rejected_reward: torch.Tensor  # [B] the same for the rejected answer y_l
+    accuracy: torch.Tensor  # fraction of pairs whose chosen reward is the higher
+    margin: torch.Tensor  # mean chosen − rejected reward
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *,
+             beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0, chosen_tokens=None,
+             rejected_tokens=None) -> tuple[torch.Tensor, DPOStats]:
+    """DPO's loss averaged over B pairs, from each answer's summed log-probability [B] under the policy and
+    the reference. With h = (log π_w − log π_ref,w) − (log π_l − log π_ref,l):
+    sigmoid (Rafailov et al. 2023): −log σ(βh); label smoothing ε (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh).
+    ipo (Azar et al. 2023, eq. 17): (h̄ − 1/(2β))², h̄ built from per-token mean log-ratios, the length
+    normalisation TRL uses, so it needs each answer's token count (chosen_tokens, rejected_tokens [B])."""
+    chosen_ratio, rejected_ratio = chosen.float() - ref_chosen.float(), rejected.float() - ref_rejected.float()
+    if loss == "sigmoid":
+        h = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif loss == "ipo":
+        h = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r} (sigmoid or ipo)")
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses.mean(), DPOStats(chosen_reward, rejected_reward, (chosen_reward > rejected_reward).float().mean(),
+                                   (chosen_reward - rejected_reward).mean())
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
