@@ -121,3 +121,27 @@ def test_decode_attention_equals_sdpa(n_kv):
     torch.testing.assert_close(decode_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(decode_attention(q, k, v, None),
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8), atol=1e-6, rtol=1e-5)
+
+
+def test_right_padded_batches_skip_the_mask_and_keep_every_real_output():
+    """A right-padded batch runs the fused causal kernel (no [B, 1, T, S] mask); its real tokens' hidden
+    states are what the masked path gives and what each row gives alone. Left padding keeps the mask."""
+    from rlhf_engine.engine.model.llama import attention_mask_for, positions_from_padding, right_padded
+    assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]])) and not right_padded(torch.tensor([[1, 0, 1]]))
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2).eval()
+    tokens = torch.randint(3, 300, (2, 10))
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
+    with torch.no_grad():
+        fast = model.model(tokens, attention_mask=mask)
+        masked = model.model(tokens, attention_mask=attention_mask_for(mask, 10),
+                             positions=positions_from_padding(mask, 10))
+        alone = model.model(tokens[1:, :6])
+        real = mask.bool()
+        assert (fast[real] - masked[real]).abs().max().item() <= 1e-5
+        assert (fast[1, :6] - alone[0]).abs().max().item() <= 1e-5
+        left = torch.tensor([[0, 0, 0, 0] + [1] * 6, [1] * 10])  # the same row left-padded
+        shifted = torch.cat([tokens[1:, 6:], tokens[1:, :6]], dim=1)
+        out = model.model(torch.cat([shifted, tokens[:1]]), attention_mask=left)
+        assert (out[0, 4:] - alone[0]).abs().max().item() <= 1e-5

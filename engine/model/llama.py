@@ -175,6 +175,14 @@ def attention_mask_for(padding: torch.Tensor, T: int) -> torch.Tensor:
     return (causal & padding.bool()[:, None, None, :]) | (key_slot == query_slot)
 
 
+def right_padded(padding: torch.Tensor) -> bool:
+    """Whether every row of a padding mask [B, S] is its real tokens then only padding. Such a batch needs
+    no mask beyond causal: a real token attends only to slots before it, all real, and what a padding slot
+    computes is never read. The fused causal kernel then runs, not SDPA's masked math path (reward-model,
+    DPO and evaluation batches are right-padded)."""
+    return not bool((padding[:, 1:].int() > padding[:, :-1].int()).any())
+
+
 def positions_from_padding(padding: torch.Tensor, T: int) -> torch.Tensor:
     """Position of each of the last T slots = number of real tokens before it in its row."""
     return (padding.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -206,7 +214,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} slots, expected {past + T}")
             if positions is None:
                 positions = positions_from_padding(attention_mask, T)
-            if not bool(attention_mask.all()):
+            if not bool(attention_mask.all()) and not (past == 0 and right_padded(attention_mask)):
                 mask = attention_mask_for(attention_mask, T)
         elif attention_mask is not None:
             mask = attention_mask
