@@ -35,7 +35,7 @@ from rlhf_engine.engine.rl.diagnostics import (closing_summary, failure_warnings
 from rlhf_engine.engine.rl.invariants import logprob_tolerance
 from rlhf_engine.engine.eval.best import improves, load_best, publish
 from rlhf_engine.engine.eval.best import summary as best_summary
-from rlhf_engine.engine.eval.ppo_eval import PPOEval
+from rlhf_engine.engine.eval.ppo_eval import PPOEval, curve_summary
 from rlhf_engine.engine.rl.reward import RewardFn
 from rlhf_engine.engine.rl.roles import build_roles, mib
 from rlhf_engine.engine.rl.rlhf_math import (RunningMoments, adaptive_kl_coef, gae, kl_penalized_rewards,
@@ -75,6 +75,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         log.info(f"ppo: resumed from {resume_from} at step {start}")
     evaluator = PPOEval(cfg, dist, tok, policy, reference, roles.reward_fn) if cfg.eval_every else None
     best = load_best(cfg.out) if resume_from else None  # the best checkpoint by the judge so far (eval/best.py)
+    evals = {}  # step -> evaluation metrics, this run's
 
     ratio_tolerance = first_minibatch_tolerance(dist.device, cfg.dtype, cfg.deterministic)
     log.info("ppo: the first minibatch's importance ratio must be " + (
@@ -89,7 +90,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
 
     def evaluate(step):  # and name the checkpoint best when the judge scores it highest so far
         nonlocal best
-        better = improves(best, step, evaluator.run_and_log(log, step))
+        evals[step] = evaluator.run_and_log(log, step)
+        better = improves(best, step, evals[step])
         if better and cfg.lora:
             best = better
             if not os.path.isdir(checkpoint_path(cfg.out, step)):
@@ -194,10 +196,12 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
         save(cfg.max_steps)
     for line in closing_summary(cfg, history, kl_coef, checkpoint_path(cfg.out, cfg.max_steps) if cfg.lora else None):
         log.info(line)
+    if evals:
+        log.info("ppo: " + curve_summary(evals, cfg.eval_prompts))
     for line in best_summary(cfg.out, best, cfg.max_steps, cfg.judge is not None) if evaluator and cfg.lora else ():
         log.info(line)
     log.close()
-    return {"history": history, **history[-1]} if history else {"history": history}
+    return {"history": history, "evals": evals, **(history[-1] if history else {})}
 
 
 def whiten_over_ranks(dist: Dist, x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

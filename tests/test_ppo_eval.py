@@ -73,3 +73,19 @@ def test_the_judges_best_checkpoint_is_named_kept_through_rotation_and_loadable(
     assert "the judge's score fell after it" in said.out + said.err
     policy = load_model(str(out / "best"), resolve_tokenizer(ppo_base[0], None))  # what train.py eval --models PPO=OUT/best loads
     assert any("lora" in name for name, _ in policy.named_parameters())
+
+
+def test_curve_summary_names_over_optimisation_only_when_the_proxy_outlives_the_judge():
+    from rlhf_engine.engine.eval.ppo_eval import curve_summary
+    row = lambda proxy, judge, win: {"eval/proxy_score": proxy, "eval/judge_score": judge,  # noqa: E731
+                                     "eval/win_rate_vs_reference": win}
+    hacked = {0: row(1.0, -2.0, 0.5), 25: row(2.0, -1.0, 0.7), 50: row(3.0, -1.5, 0.6)}
+    text = curve_summary(hacked, 32)
+    assert "steps 0/25/50" in text and "proxy score 1.00 -> 2.00 -> 3.00" in text and "50% -> 70% -> 60%" in text
+    assert "the proxy kept rising after the judge peaked at step 25: over-optimisation" in text
+    rising = {0: row(1.0, -2.0, 0.5), 25: row(2.0, -1.0, 0.7), 50: row(3.0, -0.5, 0.8)}
+    assert curve_summary(rising, 32).endswith("the judge rose with the proxy to the end: no over-optimisation seen")
+    both_fell = {0: row(1.0, -2.0, 0.5), 25: row(2.0, -1.0, 0.7), 50: row(1.5, -1.5, 0.6)}
+    assert curve_summary(both_fell, 32).endswith("the judge peaked at step 25, and the proxy fell after it too")
+    no_judge = {s: {k: v for k, v in r.items() if k != "eval/judge_score"} for s, r in hacked.items()}
+    assert "under the proxy" in curve_summary(no_judge, 32) and "cannot show" in curve_summary(no_judge, 32)

@@ -83,3 +83,24 @@ class PPOEval:
         log.scalars(step, metrics)
         log.info(f"ppo: eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
         return metrics
+
+
+def curve_summary(evals: dict[int, dict], questions: int) -> str:
+    """The proxy-vs-judge curve of evaluation during PPO, {step: run_and_log's metrics}, in one sentence.
+    Over-optimisation is the proxy still rising after the judge's score peaked (Gao et al. 2022)."""
+    steps = sorted(evals)
+    judged = "eval/judge_score" in evals[steps[0]]
+    curve = lambda key, fmt: " -> ".join(format(evals[s][key], fmt) for s in steps)  # noqa: E731
+    head = (f"proxy vs judge during training ({questions} held-out questions, steps "
+            f"{'/'.join(map(str, steps))}): proxy score {curve('eval/proxy_score', '.2f')}, win rate against the "
+            f"reference under the {'judge' if judged else 'proxy'} {curve('eval/win_rate_vs_reference', '.0%')}")
+    if not judged:
+        return head + "; no --judge, so over-optimisation cannot show"
+    peak, last = max(steps, key=lambda s: evals[s]["eval/judge_score"]), steps[-1]
+    if peak == last:
+        return head + "; the judge rose with the proxy to the end: no over-optimisation seen"
+    if evals[last]["eval/proxy_score"] > evals[peak]["eval/proxy_score"]:
+        return (head + f"; the proxy kept rising after the judge peaked at step {peak}: over-optimisation (or noise "
+                f"on {questions} questions: train.py eval's intervals tell which)")
+    return head + f"; the judge peaked at step {peak}, and the proxy fell after it too"
+
