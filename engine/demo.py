@@ -24,6 +24,7 @@ from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
 from rlhf_engine.engine import ppo, rm, sft
 from rlhf_engine.engine.training.dist import init_dist
 from rlhf_engine.engine.evaluate import EvalConfig, evaluate
+from rlhf_engine.engine.eval.ppo_eval import curve_summary
 from rlhf_engine.engine.model.generate import SamplingConfig
 from rlhf_engine.engine.model.lora import LoRAConfig
 from rlhf_engine.engine.rl.diagnostics import kl_verdict
@@ -44,6 +45,27 @@ def say(msg: str):
 
 def last_checkpoint(folder: str) -> str:
     return os.path.join(folder, sorted(d for d in os.listdir(folder) if d.startswith("checkpoint-"))[-1])
+
+
+# The demo's recipe, one function per trained stage, so that bench/verdicts.py varies one thing at a time
+# on exactly the demo's settings. `common`: tokenizer, seed, device, keep, log_every.
+
+def reward_model_config(sft_model: str, pairs: str, split: str, out: str, common: dict) -> rm.RMConfig:
+    return rm.RMConfig(
+        model=sft_model, data=os.path.join(pairs, split), eval_data=os.path.join(pairs, "evaluation"), out=out,
+        lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)), lr=3e-3, batch_size=8, epochs=3,
+        eval_every=0, save_every=0, **common)
+
+
+def ppo_config(sft_model: str, reward_model, judge: str, pairs: str, out: str, steps: int, common: dict,
+               **changes) -> ppo.PPOConfig:
+    return ppo.PPOConfig(**{**dict(
+        model=sft_model, reward_model=reward_model, data=os.path.join(pairs, "rl"), out=out,
+        batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=steps, response_min_length=24,
+        response_max_length=48, lr=3e-4, lora=LoRAConfig(r=16, dropout=0.0, targets=("all-linear",)),
+        kl_coef=0.3, kl_target=KL_TARGET, kl_horizon=200, save_every=0, sample_every=10, eval_every=25,
+        eval_data=os.path.join(pairs, "evaluation"), eval_prompts=32, judge=judge, **{**common, "log_every": 1}),
+        **changes})
 
 
 @dataclass(frozen=True)
@@ -80,10 +102,7 @@ def run(cfg: DemoConfig) -> int:
     sft_model = last_checkpoint(os.path.join(out, "sft"))
 
     def reward_model(split: str, folder: str) -> dict:
-        return rm.train(rm.RMConfig(
-            model=sft_model, data=os.path.join(pairs, split), eval_data=os.path.join(pairs, "evaluation"),
-            out=os.path.join(out, folder), lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)),
-            lr=3e-3, batch_size=8, epochs=3, eval_every=0, save_every=0, **common), dist)
+        return rm.train(reward_model_config(sft_model, pairs, split, os.path.join(out, folder), common), dist)
 
     say("4/8 reward model: LoRA adapters + a scalar head on the SFT model, on (better, worse) answer pairs")
     rm_metrics = reward_model("reward", "rm")
@@ -96,12 +115,8 @@ def run(cfg: DemoConfig) -> int:
 
     say("7/8 PPO: fresh LoRA on the SFT model against the reward model, KL-penalised (k1, adaptive β), "
         "evaluated against its reference under the judge every 25 steps")
-    ppo_result = ppo.train(ppo.PPOConfig(
-        model=sft_model, reward_model=rm_model, data=os.path.join(pairs, "rl"), out=os.path.join(out, "ppo"),
-        batch_size=32, mini_batch_size=16, ppo_epochs=4, max_steps=ppo_steps, response_min_length=24,
-        response_max_length=48, lr=3e-4, lora=LoRAConfig(r=16, dropout=0.0, targets=("all-linear",)),
-        kl_coef=0.3, kl_target=KL_TARGET, kl_horizon=200, save_every=0, sample_every=10, eval_every=25,
-        eval_data=os.path.join(pairs, "evaluation"), eval_prompts=32, judge=judge, **{**common, "log_every": 1}), dist)
+    ppo_cfg = ppo_config(sft_model, rm_model, judge, pairs, os.path.join(out, "ppo"), ppo_steps, common)
+    ppo_result = ppo.train(ppo_cfg, dist)
 
     say("8/8 eval: SFT and PPO answer every held-out question; the judge and the proxy RM score them")
     verdict = evaluate(EvalConfig(
@@ -125,6 +140,7 @@ def run(cfg: DemoConfig) -> int:
     print(f"  PPO      reward {start:.3f} over the first {k} steps -> {end:.3f} over the last {k}; "
           f"KL {kl:.2f} nats per response over the last {k} (exact {kl_full:.2f}), {kl_verdict(kl, KL_TARGET)}; "
           f"β {history[-1]['objective/kl_coef']:.3f}")
+    print(f"  curve    {curve_summary(ppo_result['evals'], ppo_cfg.eval_prompts)}")
     for sentence in verdict["verdicts"]:
         print(f"  eval     {sentence}")
     print(f"  report   {os.path.join(out, 'eval', 'report.md')} and {os.path.join(out, 'eval', 'frontier.png')}")
