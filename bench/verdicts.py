@@ -9,7 +9,8 @@ the "demo" row). Then, on that run's SFT model and splits, with the demo's own s
 - ppo: PPO against the demo's RM as one adapter on the policy's base;
 - ensemble: two more RMs (`rm --seed S+1000`, `S+2000`, same split and settings) and PPO against the
   three (`--reward-ensemble`, default mean), the same KL target, so the arms end near the same KL;
-- dpo: `train.py dpo` on the reward split (the pairs the RMs learn from), from the SFT model.
+- dpo: `train.py dpo` on the reward split (the pairs the RMs learn from), from the SFT model, one arm
+  per --dpo-beta (a larger β holds DPO closer to SFT: the way to compare it at PPO's KL).
 One `train.py eval` then answers the held-out questions with SFT and every arm, scored by the judge
 and the demo's RM (the proxy). Prints one table per seed and the counts across seeds; writes one JSON
 line per seed and arm (--json). Runs that already finished are reused, so a killed bench resumes.
@@ -105,15 +106,15 @@ def run_seed(seed: int, args) -> list[dict]:
             in_fresh_process("ppo", demo.ppo_config(sft, tuple(members), judge, pairs, out, args.ppo_steps, common,
                                                     reward_ensemble=args.combine))
         arms["ensemble"], stats["ensemble"] = demo.last_checkpoint(out), ppo_stats(out)
-    if "dpo" in args.arms:
-        out = os.path.join(run, "bench-dpo")
+    for beta in args.dpo_beta if "dpo" in args.arms else ():
+        out = os.path.join(run, f"bench-dpo-b{beta:g}")
         if not finished(out):
             in_fresh_process("dpo", DPOConfig(
                 model=sft, data=os.path.join(pairs, "reward"), eval_data=os.path.join(pairs, "evaluation"), out=out,
-                beta=args.dpo_beta, lr=args.dpo_lr, warmup_steps=10, batch_size=8, epochs=args.dpo_epochs,
+                beta=beta, lr=args.dpo_lr, warmup_steps=10, batch_size=8, epochs=args.dpo_epochs,
                 eval_every=0, save_every=0, lora=LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all-linear",)),
                 **common))
-        arms["dpo"] = demo.last_checkpoint(out)
+        arms[f"dpo-b{beta:g}"] = demo.last_checkpoint(out)
     evaluation = os.path.join(run, "bench-eval")
     in_fresh_process("evaluate", EvalConfig(
         models=(f"SFT={sft}", *(f"{name}={path}" for name, path in arms.items())), judges=(f"judge={judge}",),
@@ -146,7 +147,7 @@ def main():
                     help="arms beside the demo's own PPO")
     ap.add_argument("--combine", default="mean", choices=["mean", "min", "uwo"], help="the ensemble's rule")
     ap.add_argument("--ppo-steps", type=int, default=50, help="PPO steps of the bench's PPO arms (the demo's)")
-    ap.add_argument("--dpo-beta", type=float, default=0.1)
+    ap.add_argument("--dpo-beta", type=float, nargs="+", default=[0.1], help="one DPO arm per β")
     ap.add_argument("--dpo-lr", type=float, default=1e-3)
     ap.add_argument("--dpo-epochs", type=float, default=2.0)
     ap.add_argument("--json", help="append the JSON lines here too")

@@ -142,8 +142,8 @@ class PairLoader:
         while self.index < n:
             rows = order[self.index:self.index + self.batch_size]
             self.index += len(rows)
-            prompt_lengths = () if self.chosen_prompt is None else (
-                torch.tensor([self.chosen_prompt[i] for i in rows]), torch.tensor([self.rejected_prompt[i] for i in rows]))
+            prompt_lengths = () if self.chosen_prompt is None else tuple(
+                torch.tensor([lengths[i] for i in rows]) for lengths in (self.chosen_prompt, self.rejected_prompt))
             yield PairBatch(*pad([self.chosen[i] for i in rows], self.pad_id),
                             *pad([self.rejected[i] for i in rows], self.pad_id), *prompt_lengths)
         self.epoch, self.index = self.epoch + 1, 0

@@ -57,8 +57,9 @@ class DPOConfig(ScheduledStageConfig):
                                                            "mean log-ratios)", "choices": list(LOSSES)})
     label_smoothing: float = field(default=0.0, metadata={"help": "ε: the share of labels assumed flipped "
                                                                   "(conservative DPO; sigmoid only)"})
-    max_length: int = field(default=512, metadata={"help": "drop pairs where either side is longer (tokens); "
-                                                          "the reward model's default, so both learn from the same pairs"})
+    max_length: int = field(default=512, metadata={
+        "help": "drop pairs where either side is longer (tokens); the reward model's default, so both learn from "
+                "the same pairs"})
     batch_size: int = field(default=4, metadata={"help": "pairs per rank per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})

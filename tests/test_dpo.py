@@ -32,7 +32,8 @@ def test_dpo_loss_by_hand():
     # label smoothing 0.1: 0.9 * log(1 + e^-0.2) + 0.1 * log(1 + e^0.2) = 0.538325 + 0.079814 = 0.618139
     assert dpo_loss(*args, beta=0.1, label_smoothing=0.1)[0].item() == pytest.approx(0.618139, abs=1e-6)
     # IPO with 4 chosen and 2 rejected answer tokens: h = 1/4 - (-1/2) = 0.75; (0.75 - 1/(2*0.1))^2 = 18.0625
-    ipo, _ = dpo_loss(*args, beta=0.1, loss="ipo", chosen_tokens=torch.tensor([4.0]), rejected_tokens=torch.tensor([2.0]))
+    ipo, _ = dpo_loss(*args, beta=0.1, loss="ipo", chosen_tokens=torch.tensor([4.0]),
+                      rejected_tokens=torch.tensor([2.0]))
     assert ipo.item() == pytest.approx(18.0625)
     # policy = reference: loss ln 2, rewards 0, whatever the log-probs
     same = torch.tensor([-3.0, -40.0])

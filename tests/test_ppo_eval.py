@@ -57,9 +57,10 @@ def test_the_judges_best_checkpoint_is_named_kept_through_rotation_and_loadable(
     would delete it; it stays, OUT/best links to it, best.json says why, and it loads as a policy."""
     from rlhf_engine.engine.eval.ppo_eval import PPOEval
     from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
-    scores = iter([0.1, 0.5, 0.9, 0.3, 0.2])
+    scores, proxy = iter([0.1, 0.5, 0.9, 0.3, 0.2]), iter([1.0, 2.0, 3.0, 4.0, 5.0])
     monkeypatch.setattr(PPOEval, "__call__", lambda self: {
-        "eval/judge_score": next(scores), "eval/win_rate_vs_reference": 0.6, "eval/kl_to_reference": 1.5})
+        "eval/judge_score": next(scores), "eval/proxy_score": next(proxy), "eval/win_rate_vs_reference": 0.6,
+        "eval/kl_to_reference": 1.5})
     out = tmp_path / "run"
     train(config(*ppo_base, str(out), batch_size=4, mini_batch_size=4, ppo_epochs=1, max_steps=4, response_min_length=4,
                  response_max_length=4, eval_every=1, eval_data=os.path.join(synthetic_pairs[0], "evaluation"),
@@ -71,6 +72,7 @@ def test_the_judges_best_checkpoint_is_named_kept_through_rotation_and_loadable(
     said = capsys.readouterr()
     assert "best checkpoint by the judge: step 2 (judge score 0.900" in said.out + said.err
     assert "the judge's score fell after it" in said.out + said.err
+    assert "the proxy kept rising after the judge peaked at step 2: over-optimisation" in said.out + said.err
     policy = load_model(str(out / "best"), resolve_tokenizer(ppo_base[0], None))  # what train.py eval --models PPO=OUT/best loads
     assert any("lora" in name for name, _ in policy.named_parameters())
 
@@ -84,7 +86,7 @@ def test_curve_summary_names_over_optimisation_only_when_the_proxy_outlives_the_
     assert "steps 0/25/50" in text and "proxy score 1.00 -> 2.00 -> 3.00" in text and "50% -> 70% -> 60%" in text
     assert "the proxy kept rising after the judge peaked at step 25: over-optimisation" in text
     rising = {0: row(1.0, -2.0, 0.5), 25: row(2.0, -1.0, 0.7), 50: row(3.0, -0.5, 0.8)}
-    assert curve_summary(rising, 32).endswith("the judge rose with the proxy to the end: no over-optimisation seen")
+    assert curve_summary(rising, 32).endswith("the judge scored the last evaluation highest: no over-optimisation seen")
     both_fell = {0: row(1.0, -2.0, 0.5), 25: row(2.0, -1.0, 0.7), 50: row(1.5, -1.5, 0.6)}
     assert curve_summary(both_fell, 32).endswith("the judge peaked at step 25, and the proxy fell after it too")
     no_judge = {s: {k: v for k, v in r.items() if k != "eval/judge_score"} for s, r in hacked.items()}

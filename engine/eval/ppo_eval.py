@@ -98,7 +98,7 @@ def curve_summary(evals: dict[int, dict], questions: int) -> str:
         return head + "; no --judge, so over-optimisation cannot show"
     peak, last = max(steps, key=lambda s: evals[s]["eval/judge_score"]), steps[-1]
     if peak == last:
-        return head + "; the judge rose with the proxy to the end: no over-optimisation seen"
+        return head + "; the judge scored the last evaluation highest: no over-optimisation seen"
     if evals[last]["eval/proxy_score"] > evals[peak]["eval/proxy_score"]:
         return (head + f"; the proxy kept rising after the judge peaked at step {peak}: over-optimisation (or noise "
                 f"on {questions} questions: train.py eval's intervals tell which)")

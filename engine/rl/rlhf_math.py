@@ -86,7 +86,7 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
              rejected_tokens=None) -> tuple[torch.Tensor, DPOStats]:
     """DPO's loss averaged over B pairs, from each answer's summed log-probability [B] under the policy and
     the reference. With h = (log π_w − log π_ref,w) − (log π_l − log π_ref,l):
-    sigmoid (Rafailov et al. 2023): −log σ(βh); label smoothing ε (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh).
+    sigmoid (Rafailov et al. 2023): −log σ(βh); with label smoothing ε (cDPO) −(1−ε) log σ(βh) − ε log σ(−βh).
     ipo (Azar et al. 2023, eq. 17): (h̄ − 1/(2β))², h̄ built from per-token mean log-ratios, the length
     normalisation TRL uses, so it needs each answer's token count (chosen_tokens, rejected_tokens [B])."""
     chosen_ratio, rejected_ratio = chosen.float() - ref_chosen.float(), rejected.float() - ref_rejected.float()
