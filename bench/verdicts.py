@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402,F401  (binds rlhf_engine to this checkout)
 from bench.common import emit_json  # noqa: E402
+from bench.estimators import pct, step_stats  # noqa: E402
 
 ENSEMBLE_SEEDS = (1000, 2000)  # the extra members' seed offsets
-PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
 
 
 def in_fresh_process(stage: str, cfg) -> None:
@@ -60,15 +60,6 @@ def finished(folder: str) -> bool:
     return os.path.isdir(folder) and any(d.startswith("checkpoint-") for d in os.listdir(folder))
 
 
-def ppo_stats(folder: str) -> dict:
-    """s/step (the phase timers, step 0 left out), peak RSS and the last logged judge score of a PPO run."""
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    steps = [r for r in rows if "env/reward_mean" in r][1:]
-    return dict(s_per_step=round(sum(sum(r[f"time/{p}"] for p in PHASES) for r in steps) / len(steps), 2),
-                peak_rss_mib=round(max(r["perf/peak_mem_gb"] for r in steps) * 1024))
-
-
 def run_seed(seed: int, args) -> list[dict]:
     from rlhf_engine.engine import demo
     from rlhf_engine.engine.dpo import DPOConfig
@@ -87,6 +78,9 @@ def run_seed(seed: int, args) -> list[dict]:
     rm, judge = demo.last_checkpoint(os.path.join(run, "rm")), demo.last_checkpoint(os.path.join(run, "judge"))
     common = dict(tokenizer=os.path.join(run, "tokenizer.model"), seed=seed, device="cpu", keep=1, log_every=50)
     arms = {"demo": demo.last_checkpoint(os.path.join(run, "ppo"))}
+    def ppo_stats(folder: str) -> dict:  # s/step from the phase timers (step 0 left out) and peak RSS
+        return {k: v for k, v in step_stats(folder).items() if k != "steps"}
+
     stats = {"demo": ppo_stats(os.path.join(run, "ppo"))}
     if "ppo" in args.arms:
         out = os.path.join(run, "bench-ppo")
@@ -133,10 +127,6 @@ def run_seed(seed: int, args) -> list[dict]:
                          length=round(arm["length"]["mean"], 1), **stats.get(name, {}),
                          **({"demo_seconds": demo_seconds} if name == "demo" else {})))
     return rows
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def main():

@@ -11,7 +11,7 @@ in five drawers, read in this order; a drawer imports only from the drawers abov
   format), PEFT adapters, atomic writes, the builder a stage starts from and load_model, the one loader of a
   checkpoint plus adapter.
 - training/: what every training stage shares: torchrun as values, the optimiser, logging, resume, shared
-  flags, the roofline.
+  flags, the roofline, and the pair stages' data (rm, dpo).
 - rl/: the RLHF part: rlhf_math.py (pure functions), estimators, the rollout (PPO's steps 1-2), the update
   (step 5), the reward, PPO's roles, config, diagnostics and checkpoints, the invariants `check` measures.
 - eval/: judging answers: the held-out questions, bootstrap statistics, the report, scoring answers,

@@ -26,13 +26,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_engine.data.loaders import PairLoader, pad
-from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.lora import LoRAConfig, disable_lora
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import dpo_loss
-from rlhf_engine.engine.rm import held_out
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
+from rlhf_engine.engine.training.pair_data import next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from rlhf_engine.engine.training.roofline import (causal_attended, forward_flops, measured_peaks, mfu,
                                                   training_flops_per_token)
@@ -170,24 +169,8 @@ def train(cfg: DPOConfig, dist: Dist) -> dict:
         raise ValueError(f"--max-length {cfg.max_length} is longer than the model's max_seq_len "
                          f"{model.cfg.max_seq_len} (--model {cfg.model})")
 
-    table = read_pairs(cfg.data, min_rows=1)
-    if cfg.eval_data:
-        train_pairs, eval_pairs = table, read_pairs(cfg.eval_data, min_rows=1)
-    else:
-        train_pairs, eval_pairs = held_out(table)
-        if eval_pairs.num_rows == 0:
-            raise ValueError(f"{cfg.data}: {table.num_rows} pairs, too few to hold every 20th out for evaluation; "
-                             "pass --eval-data")
-    pairs_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
-    loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed,
-                        source=cfg.data, dpo=True)
-    held = PairLoader(eval_pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
-                      source=cfg.eval_data or cfg.data, dpo=True)
-    steps_per_epoch = loader.stats.rank_pairs // pairs_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{loader.stats.rank_pairs} usable pairs in {cfg.data} cannot fill one step of "
-                         f"{pairs_per_step} pairs (world x grad_accum x batch_size)")
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    data = pair_data(cfg, dist, tok, dpo=True)
+    loader, held, pairs_per_step, max_steps = data
 
     policy = AnswerLogProbs(model)
     ddp = DDP(policy) if dist.enabled else policy
@@ -216,12 +199,6 @@ def train(cfg: DPOConfig, dist: Dist) -> dict:
         path = save_stage_checkpoint(dist, cfg, step, model, cfg.lora, tok, optimizer, loader, guard.count)
         log.info(f"dpo: saved {path}")
 
-    def next_global_batch():
-        while True:  # the loader ends each epoch; a global batch short of pairs_per_step is dropped
-            for b in loader:
-                if b.chosen_tokens.shape[0] == pairs_per_step:
-                    return b
-
     # Per token: the policy's forward and backward plus the reference's forward, at a typical pair length.
     length = cfg.max_length // 2
     flops_token = (training_flops_per_token(model.cfg, length, full=False) +
@@ -239,7 +216,7 @@ def train(cfg: DPOConfig, dist: Dist) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             save(step)
 
-        batch = next_global_batch()
+        batch = next_global_batch(data)
         first = dist.rank * cfg.grad_accum * cfg.batch_size
         sums = {}  # over this rank's micro-batches: sums over pairs, and tokens
         for m in range(cfg.grad_accum):

@@ -20,11 +20,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_engine.data.loaders import PairLoader, pad
-from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.weights.builder import build_model, count_params, resolve_tokenizer
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.model.lora import LoRAConfig
+from rlhf_engine.engine.training.pair_data import next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.reward import PairScores
@@ -102,12 +102,6 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist
             "rm/longer_wins_accuracy": total["longer_wins"] / n, "rm/eval_pairs": int(total["pairs"])}
 
 
-def held_out(table, every: int = 20):
-    """(train, eval) tables: every `every`-th pair held out, when no --eval-data is given."""
-    idx = torch.arange(table.num_rows)
-    return table.take((idx[idx % every != every - 1]).numpy()), table.take((idx[idx % every == every - 1]).numpy())
-
-
 def train(cfg: RMConfig, dist: Dist) -> dict:
     lock_run_folder(dist, cfg.out)  # this run's alone from here on; partial checkpoints of killed runs cleared
     measured_peaks(dist.device.type)  # MFU's denominator; measured before the model exists (off the peak memory)
@@ -120,24 +114,8 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         raise ValueError(f"--max-length {cfg.max_length} is longer than the model's max_seq_len "
                          f"{model.cfg.max_seq_len} (--model {cfg.model})")
 
-    table = read_pairs(cfg.data, min_rows=1)
-    if cfg.eval_data:
-        train_pairs, eval_pairs = table, read_pairs(cfg.eval_data, min_rows=1)
-    else:
-        train_pairs, eval_pairs = held_out(table)
-        if eval_pairs.num_rows == 0:
-            raise ValueError(f"{cfg.data}: {table.num_rows} pairs, too few to hold every 20th out for evaluation; "
-                             "pass --eval-data")
-    pairs_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
-    loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed,
-                        source=cfg.data)
-    held = PairLoader(eval_pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
-                      source=cfg.eval_data or cfg.data)
-    steps_per_epoch = loader.stats.rank_pairs // pairs_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{loader.stats.rank_pairs} usable pairs in {cfg.data} cannot fill one step of "
-                         f"{pairs_per_step} pairs (world x grad_accum x batch_size)")
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    data = pair_data(cfg, dist, tok)
+    loader, held, pairs_per_step, max_steps = data
 
     scorer = PairScores(model)
     ddp = DDP(scorer) if dist.enabled else scorer
@@ -166,12 +144,6 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         path = save_stage_checkpoint(dist, cfg, step, model, lora, tok, optimizer, loader, guard.count)
         log.info(f"rm: saved {path}")
 
-    def next_global_batch():
-        while True:  # the loader ends each epoch; a global batch short of pairs_per_step is dropped
-            for b in loader:
-                if b.chosen_tokens.shape[0] == pairs_per_step:
-                    return b
-
     # Attention FLOPs at a typical pair length; the 6N-style terms dominate at RM sequence lengths.
     flops_token = training_flops_per_token(model.cfg, cfg.max_length // 2, full=lora is None, lm_head=False)
     metrics = {}
@@ -187,7 +159,7 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             save(step)
 
-        batch = next_global_batch()
+        batch = next_global_batch(data)
         first = dist.rank * cfg.grad_accum * cfg.batch_size
         sums = {}  # over this rank's micro-batches: loss, correct pairs, margin (sums over pairs), tokens
         for m in range(cfg.grad_accum):

@@ -129,7 +129,7 @@ def test_dpo_learns_the_preference_from_ln2_and_saves_what_trained(dpo_setup, tm
     from rlhf_engine.data.pairs_io import read_pairs
     from rlhf_engine.data.tokenizer import Tokenizer
     from rlhf_engine.engine.dpo import AnswerLogProbs, stack_answers, train
-    from rlhf_engine.engine.rm import held_out
+    from rlhf_engine.engine.training.pair_data import held_out
     from rlhf_engine.engine.training.dist import init_dist
     from rlhf_engine.engine.weights.builder import load_model
     result = train(dpo_cfg(dpo_setup, tmp_path), init_dist("cpu"))
