@@ -145,3 +145,33 @@ def test_right_padded_batches_skip_the_mask_and_keep_every_real_output():
         shifted = torch.cat([tokens[1:, 6:], tokens[1:, :6]], dim=1)
         out = model.model(torch.cat([shifted, tokens[:1]]), attention_mask=left)
         assert (out[0, 4:] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_rollout_forwards_run_left_aligned_rows_and_read_the_same_response_states():
+    """PPO's rows are [left-padded prompt | right-padded response]. `response_hidden` runs them with the
+    real tokens first, the batch cut to its longest row (no left padding, no mask), and gathers the state
+    before each response token: equal, on every real response token, to slicing the padded forward at
+    P - 1 + t. Reading one column early or late, or attending across rows' padding, breaks the equality."""
+    from rlhf_engine.engine.model.llama import left_align
+    from rlhf_engine.engine.rl.rollout import response_hidden
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2).eval()
+    P, R = 7, 5
+    prompt_lens, response_lens = [7, 3, 5], [5, 2, 4]
+    tokens = torch.randint(3, 300, (3, P + R))
+    mask = torch.tensor([[0] * (P - p) + [1] * p + [1] * r + [0] * (R - r) for p, r in zip(prompt_lens, response_lens)])
+    response_mask = mask[:, P:].bool()
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["attention_mask"]),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        fast = response_hidden(model.model, tokens, mask, P)
+        hook.remove()
+        slow = model.model(tokens, attention_mask=mask)[:, P - 1:-1]
+    assert fast.shape == slow.shape == (3, R, model.cfg.dim)
+    assert (fast - slow)[response_mask].abs().max().item() <= 1e-5
+    assert (fast[:, :-1] - slow[:, 1:])[response_mask[:, 1:]].abs().max().item() > 1e-2  # one column off differs
+    assert seen[0].shape == (3, 12) and seen[0][:, 0].all() and seen[0].sum(1).tolist() == [12, 5, 9]
+    aligned = left_align(tokens, mask)
+    assert aligned.tokens[1, :5].tolist() == tokens[1, 4:9].tolist()  # row 1: 3 prompt + 2 response tokens
+    assert aligned.column[1, P].item() == 3  # its first response token now sits at column 3

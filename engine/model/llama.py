@@ -12,6 +12,7 @@ values by *slot* (column of the padded batch), shared by all rows; padding slots
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -181,6 +182,23 @@ def right_padded(padding: torch.Tensor) -> bool:
     computes is never read. The fused causal kernel then runs, not SDPA's masked math path (reward-model,
     DPO and evaluation batches are right-padded)."""
     return not bool((padding[:, 1:].int() > padding[:, :-1].int()).any())
+
+
+class LeftAligned(NamedTuple):
+    tokens: torch.Tensor  # [B, W] each row's real tokens first, in order, then padding; W = the longest row
+    attention_mask: torch.Tensor  # [B, W] right-padded
+    column: torch.Tensor  # [B, S] the aligned column of each original column's token (real columns only)
+
+
+def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligned:
+    """The same rows with padding only at the right, cut to the longest row: no work on a left-padded
+    prompt's pad slots, and `right_padded` lets the fused causal kernel run instead of the masked one.
+    Positions are unchanged (a token's position is the number of real tokens before it either way)."""
+    real = attention_mask.bool()
+    order = torch.argsort((~real).int(), dim=1, stable=True)  # real tokens first, in their order
+    width = int(real.sum(1).max())
+    return LeftAligned(tokens.gather(1, order)[:, :width], attention_mask.gather(1, order)[:, :width],
+                       real.long().cumsum(1) - 1)
 
 
 def positions_from_padding(padding: torch.Tensor, T: int) -> torch.Tensor:

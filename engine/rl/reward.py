@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA, left_align
 from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
 from rlhf_engine.engine.rl.rlhf_math import combine_rewards, last_token_index
 from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder
@@ -40,14 +40,13 @@ def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | No
     adapter), wrong for an RM loaded as an adapter, whose adapter must be named.
 
     Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
-    each row's real tokens are packed to the left first.
+    each row's real tokens are moved to the left first (`left_align`).
     """
     head = head if head is not None else net.score
 
     @torch.no_grad()
     def score(tokens, attention_mask):
-        order = torch.argsort((~attention_mask.bool()).int(), dim=1, stable=True)  # real tokens first, in order
-        packed, packed_mask = tokens.gather(1, order), attention_mask.gather(1, order)
+        packed, packed_mask, _ = left_align(tokens, attention_mask)
         with use_adapter(net, adapter):
             hidden = net.model(packed, attention_mask=packed_mask)
         last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]

@@ -1,8 +1,10 @@
 """PPO's rollout (steps 1–2 of engine/ppo.py): sample responses, run the forwards the update will
 repeat, read the reward model's scores, and return it all as one named `Rollout`.
 
-A rollout row is [prompt (left-padded, P) | response (right-padded, R)]. The forward sees the whole
-row with its attention mask; the distribution over response token t is read at position P − 1 + t.
+A rollout row is [prompt (left-padded, P) | response (right-padded, R)]: the sampler's layout. The
+forwards run the rows left-aligned (`response_hidden`: real tokens first, cut to the longest row, so no
+FLOPs on a prompt's left padding and the fused causal kernel), and read the distribution over response
+token t at the token before it, gathered back to [B, R].
 `PolicyAndValue.forward` computes the rollout's "old" log-probs and values and, in the update, the
 new ones; the reference log-probs are the same network with its adapters disabled. On identical
 inputs the old and new log-probs are bit-identical, so the first minibatch's importance ratio is
@@ -22,7 +24,7 @@ from rlhf_engine.data.loaders import PromptLoader
 from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate
 from rlhf_engine.engine.model.lora import disable_lora, use_adapter
-from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA, Transformer, left_align
 from rlhf_engine.engine.rl.reward import Ensemble, RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import per_token_kl
@@ -63,6 +65,18 @@ class PolicyOutput(NamedTuple):
     kl_full: torch.Tensor | None  # [B, R] exact KL(π‖π_ref) over the vocabulary, likewise
 
 
+def response_hidden(body: Transformer, tokens, attention_mask, prompt_len: int) -> torch.Tensor:
+    """[B, R, dim]: `body`'s last hidden state at the token before each response token of the rows
+    [B, P + R] (what predicts response token t; original column P − 1 + t), computed on the rows
+    left-aligned. Prompts run from a dozen to hundreds of tokens, so a left-padded batch would spend
+    much of every forward and backward on padding. Responses past EOS read an arbitrary real row
+    position: the response mask zeroes them."""
+    rows = left_align(tokens, attention_mask)
+    hidden = body(rows.tokens, attention_mask=rows.attention_mask)  # [B, W, dim]
+    before = (rows.column[:, prompt_len:] - 1).clamp(0, hidden.shape[1] - 1)  # [B, R]
+    return hidden.gather(1, before.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
 class PolicyAndValue(nn.Module):
     """Policy (LLaMA + LoRA) plus a value function. DDP wraps this, so one forward gives everything
     the PPO loss differentiates.
@@ -99,7 +113,7 @@ class PolicyAndValue(nn.Module):
         """Log-probs and entropy go through the chunked kernel (no [B, R, V] float32 tensor kept for
         backward). Given the reference's response hidden states (the rollout), the same pass over the
         vocabulary also yields the reference's log-probs and the exact KL, bit-identical log-probs included."""
-        hidden = self.body(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]  # [B, R, dim]
+        hidden = response_hidden(self.body, tokens, attention_mask, prompt_len)  # [B, R, dim]
         ref_logprobs = kl_full = None
         if reference is None:
             logprobs, entropy = hidden_token_logprobs(hidden, self.policy.lm_head.weight, tokens[:, prompt_len:],
@@ -111,7 +125,7 @@ class PolicyAndValue(nn.Module):
         value_hidden = hidden
         if self.value_net is not None:
             with use_adapter(self.value_net, self.value_adapter):
-                value_hidden = self.value_net.model(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]
+                value_hidden = response_hidden(self.value_net.model, tokens, attention_mask, prompt_len)
         values = (self.value_head(value_hidden.float()).squeeze(-1).float() if self.value_head is not None
                   else logprobs.new_zeros(logprobs.shape, dtype=torch.float32))
         return PolicyOutput(logprobs, values, entropy, ref_logprobs, kl_full)
@@ -160,7 +174,7 @@ def _score_chunks(pv, reference, tokens, attention_mask, prompt_len, temperature
         t0 = time.time()
         ref = reference if reference is not None else pv.policy
         with (disable_lora(pv.policy) if reference is None else contextlib.nullcontext()):
-            hidden = ref.model(tokens[rows], attention_mask=attention_mask[rows])[:, prompt_len - 1:-1]
+            hidden = response_hidden(ref.model, tokens[rows], attention_mask[rows], prompt_len)
         t1 = time.time()
         # The policy's forward reads the vocabulary once for its own log-probs, the reference's and the KL.
         out = pv(tokens[rows], attention_mask[rows], prompt_len, temperature,
