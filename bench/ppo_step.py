@@ -11,6 +11,14 @@ ids. The response length is fixed (default 64, inside StackLLaMA's 32–128) so 
     python bench/ppo_step.py --reward scripted --json out.jsonl
     python bench/ppo_step.py --presets llama-60m --dtypes fp32 bf16 8bit --prompt-tokens 64 --response-length 48
     python bench/ppo_step.py ... --root ../prev     # the same bench on an earlier commit's engine (worktree)
+    python bench/ppo_step.py --model RUN/sft-merged --reward-model RUN/rm-reward/checkpoint-N \
+        --data RUN/pairs/rl --response-length 32-64   # the real shape: SmolLM2, real queries, an RM adapter
+
+With --model the policy is that checkpoint (README's "StackLLaMA on a laptop" run), the queries come from
+--data (<= --max-prompt-length tokens), and --reward-model is an RM adapter on the same base, so the policy,
+the reference and the reward model share one frozen network. Real queries differ in length: "pad sampled" is
+the padding share of the rows as the sampler lays them out (left-padded prompts, right-padded responses),
+"pad forwards" that of the left-aligned micro-batches the scoring forwards and the update run.
 
 Everything is built in a scratch folder first: synthetic StackExchange posts (data/synthetic.py) through
 `prepare` (the rl split's questions are the queries), a sentencepiece tokenizer trained on that text of
@@ -68,43 +76,50 @@ def run_config(spec: dict) -> dict:
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
     dtype = "bf16" if eight_bit else spec["dtype"]
+    lengths = spec["response_length"]  # one length, or "MIN-MAX": the cap drawn per step (StackLLaMA's sampler)
+    shortest, longest = (int(x) for x in (lengths.split("-") if isinstance(lengths, str) else (lengths, lengths)))
     cfg = PPOConfig(model=spec["base"], data=spec["data"], out=spec["out"], max_steps=spec["steps"],
                     batch_size=spec["batch_size"], mini_batch_size=spec["mini_batch_size"],
-                    ppo_epochs=spec["ppo_epochs"], response_min_length=spec["response_length"],
-                    response_max_length=spec["response_length"], lora=LoRAConfig(r=spec["lora_r"]), dtype=dtype,
-                    load_in_8bit=eight_bit, save_every=0, sample_every=0, log_every=1, device="cpu")
+                    ppo_epochs=spec["ppo_epochs"], response_min_length=shortest, response_max_length=longest,
+                    max_prompt_length=spec["max_prompt_length"], lora=LoRAConfig(r=spec["lora_r"]), dtype=dtype,
+                    load_in_8bit=eight_bit, save_every=0, sample_every=0, log_every=1, device="cpu",
+                    reward_model=spec["reward_model"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     if spec["prompt_tokens"]:  # the issue's exact shape: every query the same length, random token ids
         import rlhf_engine.engine.ppo as ppo_module
         ppo_module.prompt_loader = lambda cfg, dist, tok, max_seq_len, log: RandomPrompts(
             spec["prompt_tokens"], cfg.batch_size * dist.world_size, tok)
-    if spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
+    if spec["reward_model"]:  # an adapter on the policy's own base: the engine loads it (one base, no hook)
+        score = None
+    elif spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
         rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval()
         score = reward_model_fn(rm)
     else:
         def score(tokens, mask):  # share of even token ids among the real tokens
             return ((tokens % 2 == 0).float() * mask).sum(1) / mask.sum(1)
-    step_tokens = []  # real tokens per step: the numerator of the engine's perf/tokens_per_s
-
     def reward_fn(tokens, mask):
-        step_tokens.append(int(mask.sum()))
         return score(tokens, mask)
 
-    history = train(cfg, init_dist("cpu"), reward_fn=reward_fn)["history"]
-    measured = list(zip(history, step_tokens, strict=True))[1:]  # one reward call per step; 0 warms up
-    step_s = [n / h["perf/tokens_per_s"] for h, n in measured]
-    total = sum(step_s)
+    history = train(cfg, init_dist("cpu"), reward_fn=reward_fn if score else None)["history"]
+    for h in history:  # an engine before time/step (--root on an older commit): its phases, "other" left out
+        h.setdefault("time/step", sum(h[f"time/{p}"] for p in PHASES))
+    step_tokens = [round(h["perf/tokens_per_s"] * h["time/step"]) for h in history]  # real prompt + response
+    measured = list(zip(history, step_tokens, strict=True))[1:]  # step 0 warms up
+    total = sum(h["time/step"] for h, _ in measured)
     phases = {p: sum(h[f"time/{p}"] for h, _ in measured) / total for p in PHASES}
     phases["other"] = 1.0 - sum(phases.values())
     tokens = sum(n for _, n in measured)
     response_tokens = sum(h["env/response_length_mean"] * spec["batch_size"] for h, _ in measured)
+    response_mean = response_tokens / len(measured) / spec["batch_size"]
     limit = {k: sum(h.get(f"perf/{k}", float("nan")) for h, _ in measured) / len(measured)  # nan: no report
-             for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac")}
+             for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac", "padding_share_sampled",
+                       "padding_share_forward")}
     return dict(s_per_step=total / len(measured), phase_share=phases, **limit,
                 phase_s={p: sum(h[f"time/{p}"] for h, _ in measured) / len(measured) for p in PHASES},
                 tokens_per_s=tokens / total, response_tokens_per_s=response_tokens / total,
                 prompt_tokens_mean=(tokens - response_tokens) / len(measured) / spec["batch_size"],
+                response_tokens_mean=response_mean,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
                 measured_steps=len(measured), threads=torch.get_num_threads(), torch=torch.__version__)
 
@@ -141,7 +156,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16, help="queries per PPO step")
     ap.add_argument("--mini-batch-size", type=int, default=4)
     ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--response-length", type=int, default=64)
+    ap.add_argument("--response-length", default="64", help="response tokens per step: N, or MIN-MAX for a cap "
+                    "drawn per step (the real shape: 32-64)")
+    ap.add_argument("--model", help="a real checkpoint (HF folder or GGUF file) instead of --presets' random ones")
+    ap.add_argument("--data", help="pairs whose questions are the queries (the rl split of `train.py prepare`); "
+                    "default: synthetic questions")
+    ap.add_argument("--reward-model", help="a reward model for --model: an RM adapter trained on the same base "
+                    "shares it (StackLLaMA's layout), as `train.py ppo --reward-model`")
+    ap.add_argument("--max-prompt-length", type=int, default=256, help="queries longer than this are left out")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of exactly this many tokens "
                     "(0: the synthetic questions); --prompt-tokens 64 --response-length 48 is issue 16's shape")
     ap.add_argument("--lora-r", type=int, default=16)
@@ -155,6 +177,10 @@ def main():
         return
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
+    if not all(x.isdigit() for x in args.response_length.split("-", 1)):
+        ap.error(f"--response-length {args.response_length!r}: expected N or MIN-MAX")
+    if args.reward_model and not args.model:
+        ap.error("--reward-model needs --model (an adapter on that base)")
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_ppo_")
     os.makedirs(work, exist_ok=True)
@@ -170,13 +196,18 @@ def run_all(args, work: str) -> list[dict]:
     from rlhf_engine.data.tokenizer import Tokenizer
     from rlhf_engine.engine.model.config import ModelConfig
     pairs, texts = synthetic_pairs(work, 1000)
-    data = os.path.join(pairs, "rl")
+    data = args.data or os.path.join(pairs, "rl")
     rows = []
-    for preset in args.presets:
-        tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
-        base = preset_base_checkpoint(preset, tok, work)
-        vocab = Tokenizer(tok).vocab_size
-        params = ModelConfig.preset(preset, vocab_size=vocab).num_params()
+    for preset in [os.path.basename(args.model.rstrip("/"))] if args.model else args.presets:
+        if args.model:  # a real model with its own tokenizer
+            base, tok_note, vocab, params = os.path.abspath(args.model), "its own", None, None
+        else:
+            tok, tok_note = tokenizer_for(ModelConfig.preset(preset).vocab_size, texts, work, args.llama_tokenizer)
+            base = preset_base_checkpoint(preset, tok, work)
+            vocab = Tokenizer(tok).vocab_size
+            params = ModelConfig.preset(preset, vocab_size=vocab).num_params()
+        response_length = args.response_length if "-" in args.response_length else int(args.response_length)
+        reward = "adapter" if args.reward_model else args.reward
         for dtype in args.dtypes:
             name = f"{preset}-{dtype}"
             out = os.path.join(work, "runs", name)
@@ -184,8 +215,10 @@ def run_all(args, work: str) -> list[dict]:
             os.makedirs(out)
             spec = dict(base=base, data=data, out=out, steps=args.steps, batch_size=args.batch_size,
                         mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                        response_length=args.response_length, lora_r=args.lora_r, dtype=dtype,
-                        reward=args.reward, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                        response_length=response_length, lora_r=args.lora_r, dtype=dtype,
+                        reward=reward, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                        max_prompt_length=args.max_prompt_length,
+                        reward_model=os.path.abspath(args.reward_model) if args.reward_model else None,
                         result=os.path.join(out, "result.json"))
             with open(os.path.join(out, "spec.json"), "w") as f:
                 json.dump(spec, f)
@@ -199,9 +232,9 @@ def run_all(args, work: str) -> list[dict]:
                 with open(spec["result"]) as f:
                     result = json.load(f)
             rows.append(dict(bench="ppo_step", engine=ROOT, preset=preset, dtype=dtype, params=params, vocab=vocab,
-                             tokenizer=tok_note, reward=args.reward, batch_size=args.batch_size,
+                             tokenizer=tok_note, reward=reward, batch_size=args.batch_size,
                              mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                             response_length=args.response_length, lora_r=args.lora_r,
+                             response_length=response_length, lora_r=args.lora_r, data=data,
                              lora_targets=["q_proj", "v_proj"], **result,
                              machine=platform.machine(), cpu_count=os.cpu_count()))
     return rows
@@ -209,7 +242,8 @@ def run_all(args, work: str) -> list[dict]:
 
 def print_rows(rows: list[dict], json_path: str | None) -> None:
     head = ["config", "params", "vocab", "s/step", *("gen", "policy", "ref", "reward", "update", "other"),
-            "tok/s", "resp tok/s", "peak RSS", "update/peak", "score/peak", "decode/bw"]
+            "tok/s", "resp tok/s", "prompt/resp", "peak RSS", "update/peak", "score/peak", "decode/bw",
+            "pad sampled", "pad forwards"]
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
@@ -217,16 +251,20 @@ def print_rows(rows: list[dict], json_path: str | None) -> None:
             print(f"{r['preset']} {r['dtype']} | failed: {r['error']}")
             continue
         shares = [f"{100 * r['phase_share'][p]:.0f}%" for p in (*PHASES, "other")]
-        print(" | ".join([f"{r['preset']} {r['dtype']}", f"{r['params'] / 1e6:.1f}M", f"{r['vocab']}",
-                          f"{r['s_per_step']:.2f}", *shares, f"{r['tokens_per_s']:,.0f}",
-                          f"{r['response_tokens_per_s']:,.0f}", f"{r['peak_rss_gb']:.2f} GB",
-                          *(f"{100 * r[k]:.0f}%" for k in ("update_peak_frac", "score_peak_frac",
-                                                            "generate_bandwidth_frac"))]))
+        print(" | ".join([f"{r['preset']} {r['dtype']}", f"{r['params'] / 1e6:.1f}M" if r["params"] else "-",
+                          f"{r['vocab'] or '-'}", f"{r['s_per_step']:.2f}", *shares, f"{r['tokens_per_s']:,.0f}",
+                          f"{r['response_tokens_per_s']:,.0f}",
+                          f"{r['prompt_tokens_mean']:.0f}/{r.get('response_tokens_mean', float('nan')):.0f}",
+                          f"{r['peak_rss_gb']:.2f} GB",
+                          *(f"{100 * r.get(k, float('nan')):.0f}%" for k in (
+                              "update_peak_frac", "score_peak_frac", "generate_bandwidth_frac",
+                              "padding_share_sampled", "padding_share_forward"))]))
     for r in [r for r in rows if "error" not in r][:1]:
         print(f"{r['batch_size']} queries, minibatch {r['mini_batch_size']}, {r['ppo_epochs']} PPO epochs, response "
               f"{r['response_length']} tokens, LoRA r={r['lora_r']} on q_proj/v_proj, reward {r['reward']}, "
+              f"queries from {r['data']}, "
               f"{r['threads']} threads, {r['measured_steps']} steps measured after a warm-up step")
-    notes = {r["tokenizer"] for r in rows if r["tokenizer"] not in ("llama", "synthetic")}
+    notes = {r["tokenizer"] for r in rows if r["tokenizer"] not in ("llama", "synthetic", "its own")}
     for note in notes:
         print(f"note: tokenizer {note}; LLaMA's tokenizer.model was not found")
     emit_json(rows, json_path)

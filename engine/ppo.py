@@ -171,7 +171,7 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
                    "ppo/returns_mean": masked_mean(returns, response_mask).item(),
                    "ppo/advantages_mean": masked_mean(advantages, response_mask).item(),
                    **{f"time/{phase}": seconds for phase, seconds in rollout.seconds.items()},
-                   "time/update": update.seconds,
+                   "time/update": update.seconds, "time/step": t_end - t0,
                    "perf/peak_mem_gb": peak_memory_bytes(dist.device) / 2**30, **report.metrics}
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], len(prompt_lists) * dist.world_size,

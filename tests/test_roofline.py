@@ -77,3 +77,10 @@ def test_mfu_uses_4n_for_a_frozen_base(full):
     peak = roofline.matmul_peak(roofline.measured_peaks("cpu"), "fp32")
     per_token = roofline.training_flops_per_token(SMALL, 5, full=full)
     assert math.isclose(roofline.mfu(100.0, per_token, torch.device("cpu"), "fp32"), 100 * per_token / peak)
+
+
+def test_padding_share_by_hand():
+    lengths = [3, 5, 2, 6]  # real tokens per row: 16
+    assert roofline.padding_share(lengths, [range(4)], width=8) == pytest.approx(1 - 16 / 32)  # as sampled
+    assert roofline.padding_share(lengths, [[0, 1], [2, 3]]) == pytest.approx(1 - 16 / (2 * 5 + 2 * 6))  # aligned
+    assert roofline.padding_share(lengths, [[0], [1], [2], [3]]) == 0.0  # one row per chunk: no padding at all

@@ -265,7 +265,7 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
     peaks = roofline.measured_peaks(rollout.tokens.device.type)
     B = rollout.tokens.shape[0]
     per_epoch = -(-B // cfg.mini_batch_size)
-    return roofline.ppo_step_report(
+    report = roofline.ppo_step_report(
         policy.cfg, rollout.attention_mask[:, :rollout.prompt_len].sum(1).tolist(),
         rollout.response_mask.sum(1).tolist(), {**rollout.seconds, "update": update_seconds},
         update_passes=minibatches_run / per_epoch, full=cfg.lora is None,
@@ -273,3 +273,13 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
         peak_name=roofline.peak_kind(peaks, cfg.dtype, cfg.load_in_8bit),
         bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
         kv_element_bytes=policy.model.norm.weight.element_size())
+    # Padding: in the rows as sampled (left-padded prompts, right-padded responses: the prefill's layout), and in
+    # the left-aligned micro-batches the scoring forwards and the update run (the first epoch's; later ones are
+    # shuffled the same way, so their share is alike).
+    lengths = rollout.attention_mask.sum(1).tolist()
+    micro = rollout.order.split(cfg.mini_batch_size // cfg.grad_accum)
+    padding = {"perf/padding_share_sampled": roofline.padding_share(lengths, [range(B)], rollout.tokens.shape[1]),
+               "perf/padding_share_forward": roofline.padding_share(lengths, [c.tolist() for c in micro])}
+    return roofline.StepReport({**report.metrics, **padding}, f"{report.line}, padding "
+                               f"{padding['perf/padding_share_sampled']:.0%} as sampled, "
+                               f"{padding['perf/padding_share_forward']:.0%} in the forwards")
