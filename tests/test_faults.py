@@ -389,14 +389,14 @@ sys.exit(train.main(sys.argv[1:]))
 MAX_STEPS = 24
 
 
-def stage_args(stage, synthetic_pairs, ppo_base, out):
+def stage_args(stage, synthetic_pairs, ppo_base, out, reward_model=None):
     steps = ["--max-steps", str(MAX_STEPS), "--save-every", "3", "--keep", "2", "--resume", "auto"]
     if stage == "sft":
         return sft_args(synthetic_pairs, out, *steps, "--eval-every", "5")
     if stage == "rm":
         return rm_args(synthetic_pairs, out, *steps, "--eval-every", "5")
     base, rl = ppo_base
-    return ["ppo", "--model", base, "--reward-model", base, "--data", rl, "--out", str(out), "--batch-size", "4",
+    return ["ppo", "--model", base, "--reward-model", reward_model, "--data", rl, "--out", str(out), "--batch-size", "4",
             "--mini-batch-size", "2", "--ppo-epochs", "1", "--response-min-length", "2", "--response-max-length",
             "2", "--lr", "5e-3", "--lora-targets", "all-linear", "--lora-dropout", "0", "--kl-coef", "0.05",
             "--no-adaptive-kl", "--sample-every", "0", "--device", "cpu", *steps]
@@ -435,12 +435,13 @@ def check_checkpoints(out, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
-def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_run(stage, synthetic_pairs, ppo_base, tmp_path):
+def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_run(stage, synthetic_pairs, ppo_base, random_rm,
+                                                                       tmp_path):
     if stage == "ppo" and "lock_run_folder" not in open(os.path.join(ROOT, "engine", "ppo.py")).read():
         pytest.skip("engine/ppo.py does not lock its --out and cut its logs on resume yet (docs/RELIABILITY.md)")
     rng = random.Random(f"faults-{stage}")
     reference = tmp_path / stage / "reference"
-    t0, run = time.time(), launch(stage_args(stage, synthetic_pairs, ppo_base, reference), wait=False)
+    t0, run = time.time(), launch(stage_args(stage, synthetic_pairs, ppo_base, reference, random_rm), wait=False)
     while run.poll() is None and not (reference / "metrics.jsonl").exists():
         time.sleep(0.02)
     started = time.time() - t0  # imports, model and data: a kill before this finds nothing to resume
@@ -458,7 +459,7 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_run(stage, sy
         trails.append([])  # after each launch: the newest checkpoint's step (- for none), x if it was killed
         for fault in faults + ["none"]:
             kill_after_s = rng.uniform(0.8 * started, duration) if fault is None else None
-            code = launch(stage_args(stage, synthetic_pairs, ppo_base, out), fault or "none", kill_after_s)
+            code = launch(stage_args(stage, synthetic_pairs, ppo_base, out, random_rm), fault or "none", kill_after_s)
             launches, kills[c] = launches + 1, kills[c] + (code != 0)
             hidden = [n for n in os.listdir(out) if n.startswith(".checkpoint")] if out.exists() else []
             if fault and fault != "none":  # the armed fault fired and left its hidden remains
