@@ -76,8 +76,7 @@ def run_config(spec: dict) -> dict:
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
     dtype = "bf16" if eight_bit else spec["dtype"]
-    lengths = spec["response_length"]  # one length, or "MIN-MAX": the cap drawn per step (StackLLaMA's sampler)
-    shortest, longest = (int(x) for x in (lengths.split("-") if isinstance(lengths, str) else (lengths, lengths)))
+    shortest, longest = spec["response_lengths"]  # equal, or the range the cap is drawn from per step
     cfg = PPOConfig(model=spec["base"], data=spec["data"], out=spec["out"], max_steps=spec["steps"],
                     batch_size=spec["batch_size"], mini_batch_size=spec["mini_batch_size"],
                     ppo_epochs=spec["ppo_epochs"], response_min_length=shortest, response_max_length=longest,
@@ -90,18 +89,15 @@ def run_config(spec: dict) -> dict:
         import rlhf_engine.engine.ppo as ppo_module
         ppo_module.prompt_loader = lambda cfg, dist, tok, max_seq_len, log: RandomPrompts(
             spec["prompt_tokens"], cfg.batch_size * dist.world_size, tok)
-    if spec["reward_model"]:  # an adapter on the policy's own base: the engine loads it (one base, no hook)
+    if spec["reward_model"]:  # an adapter on the policy's own base: the engine loads it (one base)
         score = None
-    elif spec["reward"] == "model":  # what train() does with --reward-model, here so the calls can be counted
-        rm = load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval()
-        score = reward_model_fn(rm)
+    elif spec["reward"] == "model":  # a reward model of the policy's size, as train() would load it
+        score = reward_model_fn(load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval())
     else:
         def score(tokens, mask):  # share of even token ids among the real tokens
             return ((tokens % 2 == 0).float() * mask).sum(1) / mask.sum(1)
-    def reward_fn(tokens, mask):
-        return score(tokens, mask)
 
-    history = train(cfg, init_dist("cpu"), reward_fn=reward_fn if score else None)["history"]
+    history = train(cfg, init_dist("cpu"), reward_fn=score)["history"]
     for h in history:  # an engine before time/step (--root on an older commit): its phases, "other" left out
         h.setdefault("time/step", sum(h[f"time/{p}"] for p in PHASES))
     step_tokens = [round(h["perf/tokens_per_s"] * h["time/step"]) for h in history]  # real prompt + response
@@ -177,8 +173,10 @@ def main():
         return
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
-    if not all(x.isdigit() for x in args.response_length.split("-", 1)):
+    bounds = args.response_length.split("-", 1)
+    if not all(x.isdigit() for x in bounds) or int(bounds[0]) > int(bounds[-1]):
         ap.error(f"--response-length {args.response_length!r}: expected N or MIN-MAX")
+    args.response_lengths = (int(bounds[0]), int(bounds[-1]))
     if args.reward_model and not args.model:
         ap.error("--reward-model needs --model (an adapter on that base)")
 
@@ -206,7 +204,6 @@ def run_all(args, work: str) -> list[dict]:
             base = preset_base_checkpoint(preset, tok, work)
             vocab = Tokenizer(tok).vocab_size
             params = ModelConfig.preset(preset, vocab_size=vocab).num_params()
-        response_length = args.response_length if "-" in args.response_length else int(args.response_length)
         reward = "adapter" if args.reward_model else args.reward
         for dtype in args.dtypes:
             name = f"{preset}-{dtype}"
@@ -215,7 +212,7 @@ def run_all(args, work: str) -> list[dict]:
             os.makedirs(out)
             spec = dict(base=base, data=data, out=out, steps=args.steps, batch_size=args.batch_size,
                         mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                        response_length=response_length, lora_r=args.lora_r, dtype=dtype,
+                        response_lengths=args.response_lengths, lora_r=args.lora_r, dtype=dtype,
                         reward=reward, threads=args.threads, prompt_tokens=args.prompt_tokens,
                         max_prompt_length=args.max_prompt_length,
                         reward_model=os.path.abspath(args.reward_model) if args.reward_model else None,
@@ -234,7 +231,7 @@ def run_all(args, work: str) -> list[dict]:
             rows.append(dict(bench="ppo_step", engine=ROOT, preset=preset, dtype=dtype, params=params, vocab=vocab,
                              tokenizer=tok_note, reward=reward, batch_size=args.batch_size,
                              mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                             response_length=response_length, lora_r=args.lora_r, data=data,
+                             response_length=args.response_length, lora_r=args.lora_r, data=data,
                              lora_targets=["q_proj", "v_proj"], **result,
                              machine=platform.machine(), cpu_count=os.cpu_count()))
     return rows
