@@ -30,9 +30,9 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(base, tmp_path):
     assert last > first + 0.15, rewards
     assert max(h["objective/kl"] for h in out["history"]) < 15.0
     assert all(h["objective/kl_full"] >= -1e-5 for h in out["history"])  # unclamped: round-off at most
-    # The forwards run left-aligned micro-batches: never more padding than the sampler's [B, P + R] rows.
-    shares = [(h["perf/padding_share_forward"], h["perf/padding_share_sampled"]) for h in out["history"]]
-    assert all(0 <= forward <= sampled for forward, sampled in shares) and any(f < s for f, s in shares), shares
+    # Attention runs left-aligned micro-batches: never more padding than the sampler's [B, P + R] rows.
+    shares = [(h["perf/padding_share_attention"], h["perf/padding_share_sampled"]) for h in out["history"]]
+    assert all(0 <= aligned <= sampled for aligned, sampled in shares) and any(a < s for a, s in shares), shares
     assert os.path.exists(tmp_path / "checkpoint-000040" / "adapter_model.safetensors")
 
 

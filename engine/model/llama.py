@@ -101,7 +101,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded | None = None):
+        if unpadded is not None:
+            return self.forward_unpadded(x, cos, sin, unpadded)
         B, T, _ = x.shape
         # [B, T, H*d] -> [B, H, T, d]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -110,21 +112,38 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, d] with S = cached + T
-        gqa = self.n_kv_heads != self.n_heads
         if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
-        # CPU's bf16 flash attention runs at half the speed of its fp32 one, forward and backward (torch 2.13,
-        # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back).
-        fp32 = T > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu"
-        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
-            if fp32:
-                q, k, v = q.float(), k.float(), v.float()
-            if mask is None:  # no padding: plain causal (T == 1 against a cache needs no mask at all)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        out = out.to(x.dtype)
+        out = attend(q, k, v, mask).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
+
+    def forward_unpadded(self, x, cos, sin, unpadded: Unpadded):
+        """x [N, dim]: the projections and rotary run on real tokens only; attention runs on the rows
+        scattered back to [B, heads, T, d] (zeros at padding, which no real query can see: it is causal
+        and the padding comes last) and its output is gathered back to [N, H*d]."""
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(N, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin [N, d]: per token
+        out = attend(*(unpadded.pad(t) for t in (q, k, v)), None).to(x.dtype)
+        return self.o_proj(unpadded.unpad(out))
+
+
+def attend(q, k, v, mask):
+    """Attention of q [B, H, T, d] over k, v [B, n_kv, S, d]; mask None means causal (no padding, or
+    padding only at the right of each row)."""
+    gqa = k.shape[1] != q.shape[1]
+    T = q.shape[2]
+    # CPU's bf16 flash attention runs at half the speed of its fp32 one, forward and backward (torch 2.13,
+    # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back).
+    fp32 = T > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
+        if mask is None:  # causal (T == 1 against a cache needs no mask at all)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def decode_attention(q, k, v, mask):
@@ -158,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, unpadded=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, unpadded)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,6 +220,36 @@ def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligne
                        real.long().cumsum(1) - 1)
 
 
+class Unpadded(NamedTuple):
+    """A right-padded batch [B, T] as its N real tokens in one run: norms, projections and the MLP do no
+    work on padding (on real StackExchange rows, a third of a padded batch's tokens); only attention sees
+    the padded layout, through `pad` and `unpad`."""
+    rows: torch.Tensor  # [N] flat index b * T + t of each real token, in order
+    batch: int
+    width: int
+
+    @classmethod
+    def of(cls, padding: torch.Tensor) -> Unpadded:
+        return cls(padding.flatten().nonzero().squeeze(1), *padding.shape)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]"""
+        return t.flatten(0, 1).index_select(0, self.rows)
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...] with zeros at padding."""
+        out = t.new_zeros(self.batch * self.width, *t.shape[1:]).index_copy(0, self.rows, t)
+        return out.view(self.batch, self.width, *t.shape[1:])
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-token heads [N, h, d] -> attention's layout [B, h, T, d]."""
+        return self.put(t).transpose(1, 2)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """Attention's output [B, h, T, d] -> [N, h * d]."""
+        return self.take(t.transpose(1, 2)).flatten(1)
+
+
 def positions_from_padding(padding: torch.Tensor, T: int) -> torch.Tensor:
     """Position of each of the last T slots = number of real tokens before it in its row."""
     return (padding.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -226,13 +275,17 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
-        mask = None
+        mask = unpadded = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[1] != past + T:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} slots, expected {past + T}")
             if positions is None:
                 positions = positions_from_padding(attention_mask, T)
-            if not bool(attention_mask.all()) and not (past == 0 and right_padded(attention_mask)):
+            if bool(attention_mask.all()):
+                pass
+            elif cache is None and right_padded(attention_mask):
+                unpadded = Unpadded.of(attention_mask)  # real tokens only, causal attention, no mask
+            elif not (past == 0 and right_padded(attention_mask)):
                 mask = attention_mask_for(attention_mask, T)
         elif attention_mask is not None:
             mask = attention_mask
@@ -240,6 +293,8 @@ class Transformer(nn.Module):
             mask = attention_mask_for(torch.ones(B, past + T, device=tokens.device), T)
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        if unpadded is not None:
+            tokens, positions = unpadded.take(tokens), unpadded.take(positions)  # [N]
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
@@ -247,12 +302,14 @@ class Transformer(nn.Module):
         for block in self.layers:
             if recompute:
                 # Recompute the block's activations in backward: memory O(layers) instead of O(layers·T).
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
+                x = checkpoint(block, x, cos, sin, mask, cache, unpadded, use_reentrant=False,
+                               context_fn=context_fn)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, mask, cache, unpadded)
         if cache is not None and cache.slot is None:
             cache.length += T
-        return self.norm(x)
+        x = self.norm(x)
+        return x if unpadded is None else unpadded.put(x)
 
 
 def replay_switch_state(module: nn.Module):

@@ -274,12 +274,13 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
         bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
         kv_element_bytes=policy.model.norm.weight.element_size())
     # Padding: in the rows as sampled (left-padded prompts, right-padded responses: the prefill's layout), and in
-    # the left-aligned micro-batches the scoring forwards and the update run (the first epoch's; later ones are
-    # shuffled the same way, so their share is alike).
+    # attention's layout in the scoring forwards and the update: each micro-batch left-aligned and cut to its longest
+    # row (the first epoch's; later ones are shuffled the same way, so their share is alike). Their norms, projections
+    # and MLPs run on the real tokens alone (llama.Unpadded): no padding at all.
     lengths = rollout.attention_mask.sum(1).tolist()
     micro = rollout.order.split(cfg.mini_batch_size // cfg.grad_accum)
     padding = {"perf/padding_share_sampled": roofline.padding_share(lengths, [range(B)], rollout.tokens.shape[1]),
-               "perf/padding_share_forward": roofline.padding_share(lengths, [c.tolist() for c in micro])}
+               "perf/padding_share_attention": roofline.padding_share(lengths, [c.tolist() for c in micro])}
     return roofline.StepReport({**report.metrics, **padding}, f"{report.line}, padding "
-                               f"{padding['perf/padding_share_sampled']:.0%} as sampled, "
-                               f"{padding['perf/padding_share_forward']:.0%} in the forwards")
+                               f"{padding['perf/padding_share_sampled']:.0%} as sampled, none in the linears, "
+                               f"{padding['perf/padding_share_attention']:.0%} in attention's layout")
