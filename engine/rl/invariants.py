@@ -209,14 +209,19 @@ def disabled_equals_base(policy: LLaMA, base_logprobs: torch.Tensor, tokens: tor
 @torch.no_grad()
 def reward_reads_last_real_token(reward_fn: RewardFn, tokens: torch.Tensor, attention_mask: torch.Tensor,
                                  pad_id: int, vocab_size: int, seed: int, tolerance: float) -> Invariant:
-    """PPO's reward of rollout rows vs the same rows with padding appended, and with every masked-out
-    slot (left padding, after EOS, appended) holding random tokens."""
+    """PPO's reward of rollout rows vs each row's real tokens scored alone (no padding at all), the same
+    rows with padding appended, and with every masked-out slot (left padding, after EOS, appended) holding
+    random tokens. Rows alone catch a read at a padding slot even where padding computes nothing (the
+    unpadded forward leaves zeros there, whatever the slot holds)."""
     scores = reward_fn(tokens, attention_mask)
+    real = attention_mask.bool()
+    alone = torch.cat([reward_fn(row[keep][None], torch.ones_like(row[keep])[None]) for row, keep in zip(tokens, real)])
     padded = reward_fn(F.pad(tokens, (0, 3), value=pad_id), F.pad(attention_mask, (0, 3)))
     junk = torch.randint(0, vocab_size, tokens.shape, generator=torch.Generator().manual_seed(seed))
-    scrambled = reward_fn(torch.where(attention_mask.bool(), tokens, junk.to(tokens.device)), attention_mask)
+    scrambled = reward_fn(torch.where(real, tokens, junk.to(tokens.device)), attention_mask)
     return Invariant("reward read at the last real token",
-                     max(max_abs_diff(scores, padded), max_abs_diff(scores, scrambled)), tolerance)
+                     max(max_abs_diff(scores, alone), max_abs_diff(scores, padded), max_abs_diff(scores, scrambled)),
+                     tolerance)
 
 
 @torch.no_grad()
