@@ -75,7 +75,7 @@ def test_eos_stops_each_row_separately_and_drops_finished_rows():
     eos = free.response_tokens[0, 3].item()  # make row 0's 4th token the end of text
     first = [(row == eos).nonzero()[0].item() if (row == eos).any() else None for row in free.response_tokens]
     batch_sizes = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    hook = model.model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
     out = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0), eos_id=eos, pad_id=PAD)
     hook.remove()
     for b, stop in enumerate(first):

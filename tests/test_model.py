@@ -181,6 +181,36 @@ def test_right_padded_batches_run_norms_projections_and_mlp_on_real_tokens_only(
         assert (model.model(tokens, attention_mask=mask)[real] - slow[real]).abs().max().item() > 1e-2
 
 
+def test_a_left_padded_prefill_runs_its_linears_on_real_tokens_and_fills_the_cache_for_decode():
+    """Generation's prefill (left-padded prompts onto an empty cache) projects only the prompts' real
+    tokens; attention keeps its mask, and the cache it fills serves the next decode step as the full masked
+    forward over prompt + token would."""
+    from rlhf_engine.engine.model.llama import KVCache, attention_mask_for, positions_from_padding
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2).eval()
+    lengths = [10, 4, 7]
+    tokens = torch.randint(3, 300, (3, 10))
+    mask = torch.tensor([[0] * (10 - n) + [1] * n for n in lengths])
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        cache = KVCache(model.cfg, 3, 11)
+        prefill = model.model(tokens, attention_mask=mask, cache=cache)
+        hook.remove()
+        assert seen == [(21, model.cfg.dim)]  # 10 + 4 + 7 real prompt tokens
+        masked = model.model(tokens, attention_mask=attention_mask_for(mask, 10),
+                             positions=positions_from_padding(mask, 10))
+        real = mask.bool()
+        assert (prefill[real] - masked[real]).abs().max().item() <= 1e-5
+        step = torch.randint(3, 300, (3, 1))
+        grown = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        decoded = model.model(step, attention_mask=grown, cache=cache)[:, 0]
+        full = model.model(torch.cat([tokens, step], dim=1), attention_mask=attention_mask_for(grown, 11),
+                           positions=positions_from_padding(grown, 11))[:, -1]
+        assert (decoded - full).abs().max().item() <= 1e-5
+
+
 def test_rollout_forwards_run_left_aligned_rows_and_read_the_same_response_states():
     """PPO's rows are [left-padded prompt | right-padded response]. `response_hidden` runs them with the
     real tokens first, the batch cut to its longest row (no left padding, no mask), and gathers the state

@@ -103,7 +103,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded | None = None):
         if unpadded is not None:
-            return self.forward_unpadded(x, cos, sin, unpadded)
+            return self.forward_unpadded(x, cos, sin, mask, cache, unpadded)
         B, T, _ = x.shape
         # [B, T, H*d] -> [B, H, T, d]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -117,16 +117,20 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
 
-    def forward_unpadded(self, x, cos, sin, unpadded: Unpadded):
+    def forward_unpadded(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded):
         """x [N, dim]: the projections and rotary run on real tokens only; attention runs on the rows
-        scattered back to [B, heads, T, d] (zeros at padding, which no real query can see: it is causal
-        and the padding comes last) and its output is gathered back to [N, H*d]."""
+        scattered back to [B, heads, T, d] (zeros at padding) and its output is gathered back to [N, H*d].
+        No real query sees the zeros: right padding comes after every real token (causal, mask None), and
+        a prompt's left padding is masked (a prefill, which also fills the cache with the padded layout)."""
         N = x.shape[0]
         q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(N, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin [N, d]: per token
-        out = attend(*(unpadded.pad(t) for t in (q, k, v)), None).to(x.dtype)
+        q, k, v = (unpadded.pad(t) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = attend(q, k, v, mask).to(x.dtype)
         return self.o_proj(unpadded.unpad(out))
 
 
@@ -285,8 +289,11 @@ class Transformer(nn.Module):
                 pass
             elif cache is None and right_padded(attention_mask):
                 unpadded = Unpadded.of(attention_mask)  # real tokens only, causal attention, no mask
-            elif not (past == 0 and right_padded(attention_mask)):
-                mask = attention_mask_for(attention_mask, T)
+            else:
+                if not (past == 0 and right_padded(attention_mask)):
+                    mask = attention_mask_for(attention_mask, T)
+                if past == 0 and cache is not None and cache.slot is None:
+                    unpadded = Unpadded.of(attention_mask)  # a prefill: real tokens only, masked attention
         elif attention_mask is not None:
             mask = attention_mask
         if mask is None and past > 0 and T > 1:  # chunked prefill onto a cache: causal with an offset
