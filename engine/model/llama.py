@@ -6,7 +6,8 @@ LLaMA checkpoints load with no key surgery and no weight permutation. The model 
 only: no loss, no device moves, no distributed code.
 
 Positions come from the attention mask (position = number of real tokens before this one), so a
-left-padded batch gives, row for row, the logits of each prompt run alone. A KVCache holds keys and
+left-padded batch gives, row for row, the logits of each prompt run alone. A right-padded batch (or a
+left-padded prefill onto an empty cache) runs everything but attention on its real tokens only (`Unpadded`). A KVCache holds keys and
 values by *slot* (column of the padded batch), shared by all rows; padding slots are masked out.
 """
 from __future__ import annotations
@@ -225,9 +226,9 @@ def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligne
 
 
 class Unpadded(NamedTuple):
-    """A right-padded batch [B, T] as its N real tokens in one run: norms, projections and the MLP do no
-    work on padding (on real StackExchange rows, a third of a padded batch's tokens); only attention sees
-    the padded layout, through `pad` and `unpad`."""
+    """A padded batch [B, T] as its N real tokens in one run: norms, projections and the MLP do no work on
+    padding (on real StackExchange rows, a third of a padded batch's tokens); only attention sees the padded
+    layout, through `pad` and `unpad`: causal for right-padded rows, masked for a left-padded prefill."""
     rows: torch.Tensor  # [N] flat index b * T + t of each real token, in order
     batch: int
     width: int
@@ -285,7 +286,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} slots, expected {past + T}")
             if positions is None:
                 positions = positions_from_padding(attention_mask, T)
-            if bool(attention_mask.all()):
+            if bool(attention_mask.all()):  # no padding at all: plain causal
                 pass
             elif cache is None and right_padded(attention_mask):
                 unpadded = Unpadded.of(attention_mask)  # real tokens only, causal attention, no mask
