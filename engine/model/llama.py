@@ -7,8 +7,9 @@ only: no loss, no device moves, no distributed code.
 
 Positions come from the attention mask (position = number of real tokens before this one), so a
 left-padded batch gives, row for row, the logits of each prompt run alone. A right-padded batch (or a
-left-padded prefill onto an empty cache) runs everything but attention on its real tokens only (`Unpadded`). A KVCache holds keys and
-values by *slot* (column of the padded batch), shared by all rows; padding slots are masked out.
+left-padded prefill onto an empty cache) runs everything but attention on its real tokens only
+(`Unpadded`). A KVCache holds keys and values by *slot* (column of the padded batch), shared by all
+rows; padding slots are masked out.
 """
 from __future__ import annotations
 
