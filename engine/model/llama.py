@@ -287,15 +287,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} slots, expected {past + T}")
             if positions is None:
                 positions = positions_from_padding(attention_mask, T)
-            if bool(attention_mask.all()):  # no padding at all: plain causal
-                pass
-            elif cache is None and right_padded(attention_mask):
-                unpadded = Unpadded.of(attention_mask)  # real tokens only, causal attention, no mask
-            else:
-                if not (past == 0 and right_padded(attention_mask)):
+            if not bool(attention_mask.all()):  # (no padding at all: plain causal)
+                right = past == 0 and right_padded(attention_mask)  # causal alone keeps padding unseen
+                if not right:
                     mask = attention_mask_for(attention_mask, T)
-                if past == 0 and cache is not None and cache.slot is None:
-                    unpadded = Unpadded.of(attention_mask)  # a prefill: real tokens only, masked attention
+                prefill = past == 0 and cache is not None and cache.slot is None
+                if (cache is None and right) or prefill:
+                    unpadded = Unpadded.of(attention_mask)  # real tokens only; attention keeps the mask, if any
         elif attention_mask is not None:
             mask = attention_mask
         if mask is None and past > 0 and T > 1:  # chunked prefill onto a cache: causal with an offset
