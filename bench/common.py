@@ -71,6 +71,14 @@ def random_base_checkpoint(cfg, tok_path: str, folder: str) -> str:
     return folder
 
 
+def length_range(ap: argparse.ArgumentParser, text: str, flag: str = "--response-length") -> tuple[int, int]:
+    """(min, max) from "N" or "MIN-MAX"; anything else, or MIN > MAX, is the parser's one-line error."""
+    bounds = text.split("-", 1)
+    if not all(x.isdigit() for x in bounds) or int(bounds[0]) > int(bounds[-1]):
+        ap.error(f"{flag} {text!r}: expected N or MIN-MAX")
+    return int(bounds[0]), int(bounds[-1])
+
+
 def emit_json(rows: list[dict], path: str | None) -> None:
     """Print one JSON line per row, and append them to `path` if given."""
     for row in rows:

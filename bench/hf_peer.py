@@ -32,6 +32,9 @@ import sys
 import tempfile
 import time
 
+from common import emit_json  # (this script's own bench/common.py, standard library only)
+from trl_peer import peer_python  # (the peer's venv, built on first use)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("sft-lora", "sft-full", "rm-lora", "decode")
 
@@ -178,12 +181,12 @@ def main():
     if args.worker:
         worker(*args.worker)
         return
-    if not args.model or not os.path.exists(os.path.join(args.model, "config.json")):
+    if not args.model:
+        ap.error("--model is required")
+    if not os.path.exists(os.path.join(args.model, "config.json")):
         ap.error(f"--model {args.model}: no config.json there (an HF folder the engine wrote is expected)")
     if args.steps < 2 or args.batch_size < 2 or args.batch_size % 2:
         ap.error("--steps must be at least 2 (the first is a warm-up) and --batch-size even and at least 2")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from trl_peer import peer_python
     pythons = {"engine": sys.executable, "peer": peer_python(os.path.abspath(args.venv))}
     work = tempfile.mkdtemp(prefix="hf_peer_")
     rows = []
@@ -223,11 +226,7 @@ def main():
         print(" | ".join([part, f"{e['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
                           f"{e['tokens_per_s'] / p['tokens_per_s']:.2f}x", f"{e['peak_rss_gb']:.2f} GB",
                           f"{p['peak_rss_gb']:.2f} GB"]))
-    for r in rows:
-        print(json.dumps(r))
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(r) + "\n")
+    emit_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ if "--root" in sys.argv:  # the engine under test comes from this checkout (befo
 sys.path.insert(0, ROOT)
 import train as _this_checkout  # noqa: E402,F401  train.py binds rlhf_engine to its own folder
 
-from bench.common import (add_run_args, emit_json, preset_base_checkpoint, run_worker, synthetic_pairs,  # noqa: E402
-                          tokenizer_for)
+# This script's own bench/common.py, whatever --root is (an older checkout's may lack a helper).
+from common import (add_run_args, emit_json, length_range, preset_base_checkpoint, run_worker,  # noqa: E402
+                    synthetic_pairs, tokenizer_for)
 
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-tokenizer", "tokenizer.model")
 PHASES = ("generate", "policy_forward", "reference_forward", "reward", "update")
@@ -174,10 +175,7 @@ def main():
         return
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
-    bounds = args.response_length.split("-", 1)
-    if not all(x.isdigit() for x in bounds) or int(bounds[0]) > int(bounds[-1]):
-        ap.error(f"--response-length {args.response_length!r}: expected N or MIN-MAX")
-    args.response_lengths = (int(bounds[0]), int(bounds[-1]))
+    args.response_lengths = length_range(ap, args.response_length)
     if args.reward_model and not args.model:
         ap.error("--reward-model needs --model (an adapter on that base)")
 

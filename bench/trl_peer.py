@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from common import emit_json, length_range  # this script's own bench/common.py (standard library only)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_PACKAGES = ("trl==0.11.4", "transformers==4.46.3", "peft==0.13.2", "accelerate==1.1.1", "datasets==3.1.0",
                  "rich")  # rich: trl 0.11.4 imports it without declaring it
@@ -177,10 +179,7 @@ def main():
         ap.error(f"--data {args.data}: no pairs.parquet there (the rl split of `train.py prepare`)")
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is a warm-up)")
-    bounds = args.response_length.split("-", 1)
-    if not all(x.isdigit() for x in bounds) or int(bounds[0]) > int(bounds[-1]):
-        ap.error(f"--response-length {args.response_length!r}: expected N or MIN-MAX")
-    args.response_lengths = (int(bounds[0]), int(bounds[-1]))
+    args.response_lengths = length_range(ap, args.response_length)
 
     python = peer_python(os.path.abspath(args.venv))
     work = tempfile.mkdtemp(prefix="trl_peer_")
@@ -214,10 +213,7 @@ def main():
                       *(f"{phases[p]:.1f}" for p in ("generate", "reward", "forward", "update", "step_rest")),
                       f"{row['prompt_tokens_mean']:.0f}/{row['response_tokens_mean']:.0f}",
                       f"{result['peak_rss_gb']:.2f} GB"]))
-    print(json.dumps(row))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit_json([row], args.json)
 
 
 if __name__ == "__main__":
