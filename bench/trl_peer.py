@@ -10,7 +10,7 @@ on first use with pip from the package registry, reused afterwards.
 
 The plan is made here, with the engine's own loaders, so both sides see the same thing: the queries are
 what `train.py ppo --max-prompt-length` would draw for each step (PromptLoader, seed 0: distinct
-rl-split questions as "<bos>Question: ...\\n\\nAnswer: ", shorter than the limit) and the response cap of
+rl-split questions as "<bos>Question: ...\\n\\nAnswer:", shorter than the limit) and the response cap of
 each step is the engine's own draw from MIN-MAX (ppo.py: random.Random(row_seed(seed, step))). The peer
 runs in a fresh process of the venv's Python, which imports neither this repo nor its engine.
 

@@ -3,15 +3,15 @@
 PairLoader (reward model, DPO): the texts "<bos>Question: {question}\n\nAnswer: {response}" for
 response_j (chosen) and response_k (rejected), each side right-padded to its own longest row. For DPO
 (`dpo=True`) each side ends with <eos>, as the policy's answers do, and the batch carries each side's
-prompt length: the tokens that "<bos>Question: {question}\n\nAnswer: " shares with the full text, so
-a loss can read the answer alone (a prompt's last token may merge with the answer's first). Pairs
-where either side has more than `max_length` tokens are dropped and counted (StackLLaMA: 512, `<=`
-kept). Epochs: the rank's pairs in a fresh order drawn from (seed, rank, epoch); iterating yields the
-rest of the current epoch, so `for epoch ...: for batch in loader` resumes mid-epoch after
-load_state_dict. Every rank gets the same number of pairs (a remainder of fewer than world_size pairs
-is left out), so data-parallel ranks take the same number of steps.
+prompt length: the tokens that the query "<bos>Question: {question}\n\nAnswer:" shares with the full text,
+so a loss can read the answer alone. Pairs where either side has more than `max_length` tokens are
+dropped and counted (StackLLaMA: 512, `<=` kept). Epochs: the rank's pairs in a fresh order drawn from
+(seed, rank, epoch); iterating yields the rest of the current epoch, so `for epoch ...: for batch in
+loader` resumes mid-epoch after load_state_dict. Every rank gets the same number of pairs (a remainder of
+fewer than world_size pairs is left out), so data-parallel ranks take the same number of steps.
 
-PromptLoader (PPO): each distinct question once, as the query "<bos>Question: {question}\n\nAnswer: ",
+PromptLoader (PPO): each distinct question once, as the query "<bos>Question: {question}\n\nAnswer:" (no
+space: the policy writes it with its answer's first word, as in every text it learnt from; data/tokenizer.py),
 kept if it has fewer than `max_length` tokens (StackLLaMA: < 512), left-padded so every row's last
 column is its last prompt token and generation appends to all rows in step. Endless: epoch after epoch,
 each in a fresh seeded order; a batch may span two epochs.
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlhf_engine.data.tokenizer import format_prompt
+from rlhf_engine.data.tokenizer import format_prompt, shared_prefix
 
 
 class PairBatch(NamedTuple):
@@ -70,15 +70,6 @@ def filter_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[in
     """Indices of the pairs whose sides both have at most max_length tokens, and how many were dropped."""
     keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if len(c) <= max_length and len(r) <= max_length]
     return keep, len(chosen) - len(keep)
-
-
-def shared_prefix(prompt: Sequence[int], text: Sequence[int]) -> int:
-    """How many leading tokens `text` shares with `prompt`: the prompt's length, or one less where the
-    tokenizer merged the prompt's last piece (e.g. the space after "Answer:") into the answer."""
-    n = 0
-    while n < min(len(prompt), len(text)) and prompt[n] == text[n]:
-        n += 1
-    return n
 
 
 def _epoch_order(n: int, seed: int, rank: int, epoch: int, shuffle: bool) -> np.ndarray:

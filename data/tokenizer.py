@@ -30,9 +30,30 @@ SENTENCEPIECE, BPE_JSON, BPE_CONFIG = "tokenizer.model", "tokenizer.json", "toke
 CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_end|>
 
 
-def format_prompt(question: str, answer: str = "") -> str:
-    """The StackLLaMA template; with no answer it is the PPO query that the policy continues."""
-    return "Question: " + question + "\n\nAnswer: " + answer
+def format_prompt(question: str, answer: str | None = None) -> str:
+    """The StackLLaMA template "Question: {question}\n\nAnswer: {answer}". With no answer it is the query a
+    model continues, cut before the space: tokenizers fold that space into the answer's first word
+    (sentencepiece's "▁You", byte-level BPE's "ĠThe"), so a query ending in a lone space piece asks the model
+    to go on from a token it never saw before an answer (the demo's SFT model then began 40% of its answers
+    mid-sentence). Cut there, the query's tokens are a prefix of every full text's."""
+    return "Question: " + question + "\n\nAnswer:" + ("" if answer is None else " " + answer)
+
+
+def encode_answers(tok: "Tokenizer", questions: list[str], answers: list[str]) -> list[list[int]]:
+    """Each answer's tokens as they follow its query in the full text (a model's response to it): the full
+    text's tokens after the ones it shares with the query."""
+    queries = tok.encode_batch([format_prompt(q) for q in questions])
+    texts = tok.encode_batch([format_prompt(q, a) for q, a in zip(questions, answers)])
+    return [text[shared_prefix(query, text):] for query, text in zip(queries, texts)]
+
+
+def shared_prefix(prompt: list[int], text: list[int]) -> int:
+    """How many leading tokens `text` shares with `prompt`: the prompt's length, or fewer where the
+    tokenizer merged the prompt's last piece into the answer (a prompt written by hand, e.g. ending in a space)."""
+    n = 0
+    while n < min(len(prompt), len(text)) and prompt[n] == text[n]:
+        n += 1
+    return n
 
 
 class Tokenizer:

@@ -145,6 +145,6 @@ def run(cfg: DemoConfig) -> int:
         print(f"  eval     {sentence}")
     print(f"  report   {os.path.join(out, 'eval', 'report.md')} and {os.path.join(out, 'eval', 'frontier.png')}")
     print(f"  try it   {sys.executable} train.py generate --model {sft_model} --adapter "
-          f"{last_checkpoint(os.path.join(out, 'ppo'))} --prompt 'Question: how do I store coffee beans?' "
-          "--max-new-tokens 48")
+          f"{last_checkpoint(os.path.join(out, 'ppo'))} --prompt $'Question: How often should I replace the beans?"
+          "\\n\\nAnswer:' --max-new-tokens 48")
     return 0

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_engine.data.tokenizer import format_prompt
+from rlhf_engine.data.tokenizer import encode_answers, format_prompt
 from rlhf_engine.engine.weights.adapters import is_adapter_folder, read_adapter_base
 from rlhf_engine.engine.weights.builder import load_model, resolve_tokenizer
 from rlhf_engine.engine.weights.hf_folder import CONFIG
@@ -125,11 +125,12 @@ def sample_arm(model, arm: str, questions: list[Question], prompts: dict[int, li
 
 def human_responses(questions: list[Question], tok, room: dict[int, int]) -> dict[str, list[list[int]]]:
     """The two human answers of each question as token responses, EOS-terminated like a model's (cut to
-    the room the model's context leaves after the prompt)."""
-    arms = {"human (better)": [], "human (other)": []}
-    for q in questions:
-        for arm, text in (("human (better)", q.better), ("human (other)", q.worse)):
-            arms[arm].append((tok.encode(text) + [tok.eos_id])[:room[q.index]])
+    the room the model's context leaves after the prompt), tokenized as they follow the query in a full text."""
+    texts, arms = [q.text for q in questions], {}
+    for arm, side in (("human (better)", [q.better for q in questions]),
+                      ("human (other)", [q.worse for q in questions])):
+        arms[arm] = [(answer + [tok.eos_id])[:room[q.index]]
+                     for q, answer in zip(questions, encode_answers(tok, texts, side))]
     return arms
 
 
@@ -138,11 +139,14 @@ def attack_responses(questions: dict[int, Question], baseline_answers: dict[tupl
     """The --attacks arms, {arm: {(question, sample): tokens}}, EOS-terminated and cut to the context's room:
     answers a judge must rank below the baseline's if it rewards answering (a constant answer scored 86.5%
     length-controlled on AlpacaEval 2, Zheng et al. 2024; StackLLaMA's policy learnt to pad with ```)."""
-    generic, padding = tok.encode(GENERIC_ANSWER), tok.encode(CODE_PADDING)
+    padding = tok.encode(CODE_PADDING)
+    texts = {i: q.text for i, q in questions.items()}
+    generic = dict(zip(texts, encode_answers(tok, list(texts.values()), [GENERIC_ANSWER] * len(texts))))
+    echo = dict(zip(texts, encode_answers(tok, list(texts.values()), list(texts.values()))))
     out = {arm: {} for arm in ATTACKS}
     for (i, j), answer in baseline_answers.items():
         text = [t for t in answer if t != tok.eos_id]
-        for arm, tokens in zip(ATTACKS, (generic, tok.encode(questions[i].text), text + padding)):
+        for arm, tokens in zip(ATTACKS, (generic[i], echo[i], text + padding)):
             out[arm][(i, j)] = (tokens + [tok.eos_id])[:room[i]]
     return out
 

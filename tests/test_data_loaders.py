@@ -13,7 +13,8 @@ PAD, BOS, EOS = 0, 1, 2
 
 class CharTokenizer:
     """One token per character, so a text's length is its token count: "Question: " and
-    "\\n\\nAnswer: " are 10 characters each, and format_prompt(q, a) with <bos> is 21 + len(q) + len(a)."""
+    "\\n\\nAnswer: " are 10 characters each, and format_prompt(q, a) with <bos> is 21 + len(q) + len(a); the
+    query format_prompt(q) stops before the space: 20 + len(q)."""
     pad_id, bos_id, eos_id = PAD, BOS, EOS
 
     def encode(self, text, bos=False, eos=False):
@@ -24,8 +25,8 @@ class CharTokenizer:
 
     @staticmethod
     def question(ids):
-        """The question back from a query's tokens (<bos> Question: q\n\nAnswer: ), padding dropped."""
-        return "".join(chr(i - 3) for i in ids if i > EOS)[len("Question: "):-len("\n\nAnswer: ")]
+        """The question back from a query's tokens (<bos> Question: q\n\nAnswer:), padding dropped."""
+        return "".join(chr(i - 3) for i in ids if i > EOS)[len("Question: "):-len("\n\nAnswer:")]
 
 
 TOK = CharTokenizer()
@@ -117,16 +118,16 @@ def test_prompts_are_left_padded_queries():
     table = pairs_table([("abc", "x", "y"), ("a", "x", "y")])
     batch = next(iter(PromptLoader(table, TOK, batch_size=2, seed=0)))
     rows = {TOK.question(t.tolist()): (t, m) for t, m in zip(batch.tokens, batch.attention_mask)}
-    assert batch.tokens.shape == (2, 24)  # 21 + len("abc")
-    assert rows["abc"][0].tolist() == [BOS] + TOK.encode("Question: abc\n\nAnswer: ")
+    assert batch.tokens.shape == (2, 23)  # 20 + len("abc")
+    assert rows["abc"][0].tolist() == [BOS] + TOK.encode("Question: abc\n\nAnswer:")
     assert rows["a"][0].tolist() == [PAD, PAD] + [BOS] + TOK.encode(format_prompt("a"))
-    assert rows["a"][1].tolist() == [False, False] + [True] * 22
+    assert rows["a"][1].tolist() == [False, False] + [True] * 21
     assert batch.attention_mask.dtype == torch.bool
 
 
 def test_prompt_length_limit_and_dedupe():
     table = pairs_table([("abc", "x", "y"), ("abc", "z", "y"), ("abcd", "x", "y"), ("abcde", "x", "y")])
-    loader = PromptLoader(table, TOK, batch_size=1, max_length=25)  # keeps fewer than 25 tokens
+    loader = PromptLoader(table, TOK, batch_size=1, max_length=24)  # keeps fewer than 24 tokens (abc: 23)
     assert [TOK.question(q) for q in loader.queries] == ["abc"] and loader.too_long == 2
 
 

@@ -1,7 +1,7 @@
 """Tokenizer wrapper: special ids, padding never mistaken for eos, the prompt template, vocab checks."""
 import pytest
 
-from rlhf_engine.data.tokenizer import Tokenizer, format_prompt
+from rlhf_engine.data.tokenizer import Tokenizer, encode_answers, format_prompt
 
 
 def test_special_ids_and_pad_distinct_from_eos(tiny_tokenizer_path):
@@ -22,7 +22,39 @@ def test_encode_decode_round_trip(tiny_tokenizer_path):
 
 def test_prompt_template():
     assert format_prompt("Why?", "Because.") == "Question: Why?\n\nAnswer: Because."
-    assert format_prompt("Why?") == "Question: Why?\n\nAnswer: "
+    assert format_prompt("Why?") == "Question: Why?\n\nAnswer:"  # the query: the space goes with the answer
+    assert format_prompt("Why?", "") == "Question: Why?\n\nAnswer: "
+
+
+def demo_tokenizer(synthetic_pairs):
+    return Tokenizer(synthetic_pairs[1])
+
+
+def llama_tokenizer(_):
+    from conftest import shared_file
+    return Tokenizer(shared_file("llama-tokenizer", "tokenizer.model"))
+
+
+def smollm2_tokenizer(_):
+    from conftest import shared_file
+    return Tokenizer(shared_file("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.mark.parametrize("load", [demo_tokenizer, llama_tokenizer, smollm2_tokenizer])
+def test_query_tokens_are_a_prefix_of_every_full_text(load, synthetic_pairs):
+    """A model answers the query's tokens, so they must be the start of the texts it learnt from; the old
+    template's trailing space is not: every one of these tokenizers folds it into the answer's first word."""
+    tok = load(synthetic_pairs)
+    question = "How do I fix the chain?\n\nI use my chain every week."
+    for answer in ("You should clean the chain every week.", "The best way is to oil it.", "1. First, dry it.",
+                   "```\noil --chain\n```", "\n\nHope this helps!"):
+        query, full = tok.encode(format_prompt(question), bos=True), tok.encode(format_prompt(question, answer), bos=True)
+        assert full[:len(query)] == query, answer
+        assert encode_answers(tok, [question], [answer]) == [full[len(query):]]
+        assert tok.decode(query + encode_answers(tok, [question], [answer])[0]).endswith("Answer: " + answer)
+    spaced = tok.encode(format_prompt(question) + " ", bos=True)  # the old query, ending in its lone space piece
+    full = tok.encode(format_prompt(question, "You should clean the chain every week."), bos=True)
+    assert full[:len(spaced)] != spaced
 
 
 def test_vocab_mismatch_is_a_clear_error(tiny_tokenizer_path):
