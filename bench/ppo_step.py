@@ -38,6 +38,7 @@ appended to --json FILE if given).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -75,6 +76,7 @@ def run_config(spec: dict) -> dict:
     from rlhf_engine.engine.ppo import PPOConfig, train
     from rlhf_engine.engine.rl.reward import reward_model_fn
     from rlhf_engine.engine.model.precision import torch_dtype
+    from rlhf_engine.engine.weights.builder import resolve_tokenizer
 
     eight_bit = spec["dtype"] == "8bit"  # an 8-bit base computing in bf16 around its int8 matmuls
     dtype = "bf16" if eight_bit else spec["dtype"]
@@ -94,7 +96,10 @@ def run_config(spec: dict) -> dict:
     if spec["reward_model"]:  # an adapter on the policy's own base: the engine loads it (one base)
         score = None
     elif spec["reward"] == "model":  # a reward model of the policy's size, as train() would load it
-        score = reward_model_fn(load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval())
+        # Older commits (--root) read the reward at the EOS and take no eos_id.
+        eos = {"eos_id": resolve_tokenizer(spec["base"], None).eos_id} if "eos_id" in inspect.signature(
+            reward_model_fn).parameters else {}
+        score = reward_model_fn(load_checkpoint(spec["base"], head="score", dtype=torch_dtype(dtype)).eval(), **eos)
     else:
         def score(tokens, mask):  # share of even token ids among the real tokens
             return ((tokens % 2 == 0).float() * mask).sum(1) / mask.sum(1)

@@ -102,7 +102,7 @@ def base_logprobs(cfg: CheckConfig, tok: Tokenizer, device: torch.device, tokens
 
 
 def capped(ids: list[int], cap: int) -> list[int]:
-    """At most `cap` tokens: the first (BOS) and the last cap - 1 (the prompt's end, "Answer: ")."""
+    """At most `cap` tokens: the first (BOS) and the last cap - 1 (the prompt's end, "Answer:")."""
     return ids if len(ids) <= cap else ids[:1] + ids[len(ids) - cap + 1:]
 
 
@@ -171,7 +171,7 @@ def run(cfg: CheckConfig) -> int:
         # puts an RM adapter on the policy's own base; tests/test_ppo_roles.py covers that sharing.)
         rm, adapter = load_reward_network(cfg.reward_model, tok, cfg.dtype, device, cfg.load_in_8bit,
                                           base_fallback=cfg.model)
-        reward_fn = reward_model_fn(rm, adapter=adapter)
+        reward_fn = reward_model_fn(rm, adapter=adapter, eos_id=tok.eos_id)
         results.append(reward_reads_last_real_token(reward_fn, rollout.tokens, rollout.attention_mask,
                                                     tok.pad_id, rm.cfg.vocab_size, cfg.seed, logprob_tol))
         pair_cap = min(PAIR_TOKENS, rm.cfg.max_seq_len - 5)

@@ -69,11 +69,24 @@ def roles_for(setup, tmp_path, reward, value_model):
     return pv, roles
 
 
+def test_reward_reads_a_finished_answer_before_its_eos(setup):
+    """The RM learnt from texts without EOS, so a finished answer is scored as its text: the EOS is left out
+    (row 1); an answer the cap cut (row 0) is read at its last token."""
+    tokens, mask, _ = batch()
+    net = load_checkpoint(setup[3], head="score").eval()
+    got = reward_model_fn(net, eos_id=2)(tokens, mask)
+    text = mask.clone()
+    text[1, -2] = 0  # row 1's EOS
+    torch.testing.assert_close(got, reward_model_fn(net, eos_id=2)(tokens, text))
+    at_eos = reward_model_fn(net, eos_id=-1)(tokens, mask)  # no token counts as EOS: row 1 read at its EOS
+    assert torch.equal(got[0], at_eos[0]) and (got[1] - at_eos[1]).abs() > 1e-3
+
+
 @pytest.mark.parametrize("reward", ["adapter", "merged"])
 def test_reward_on_the_policy_base_scores_as_the_merged_reward_model(setup, tmp_path, reward):
     tokens, mask, _ = batch()
     pv, roles = roles_for(setup, tmp_path, reward, "head")
-    want = reward_model_fn(load_checkpoint(setup[3], head="score").eval())(tokens, mask)
+    want = reward_model_fn(load_checkpoint(setup[3], head="score").eval(), eos_id=2)(tokens, mask)
     got = roles.reward_fn(tokens, mask)
     assert want.abs().min() > 1e-2  # a real score, not zeros
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -71,7 +71,7 @@ def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: Reward
                 raise ValueError(f"--reward-model {path}: ensemble members must be RM adapter folders (train.py rm "
                                  "checkpoints), which share the policy's frozen base; this is a merged model")
             members.append(reward_model_fn(policy, _attach_reward_adapter(cfg, path, f"{REWARD}{i}", policy, lora),
-                                           f"{REWARD}{i}"))
+                                           f"{REWARD}{i}", eos_id=tok.eos_id))
         reward_fn = Ensemble(members, cfg.reward_ensemble, cfg.uwo_lambda)
         added = sum(mib(adapter_parameters(policy, f"{REWARD}{i}")) for i in range(len(paths)))
         reward_line = (f"reward = {cfg.reward_ensemble} of an ensemble of {len(paths)} adapters on the policy base "
@@ -86,7 +86,7 @@ def build_roles(cfg, tok, policy: LLaMA, device: torch.device, reward_fn: Reward
         score = reward_net.score
         reward_line = f"reward = model {paths[0]} (+{mib(reward_net.parameters()):.1f} MiB)"
     if reward_fn is None:
-        reward_fn = reward_model_fn(reward_net, score, reward_adapter)
+        reward_fn = reward_model_fn(reward_net, score, reward_adapter, eos_id=tok.eos_id)
 
     if cfg.estimator != "ppo":
         return Roles(reward_fn, None, None, None, "; ".join([base_line, reward_line, "value = none (critic-free)"]))
