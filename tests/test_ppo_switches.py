@@ -66,8 +66,10 @@ def optimizer_steps(out):
 
 
 def test_approx_kl_early_stop_ends_the_epochs(ppo_base, tmp_path):
-    run(ppo_base, tmp_path / "all", kl_coef=0.0, max_steps=1)
-    history = run(ppo_base, tmp_path / "stop", kl_coef=0.0, max_steps=1, early_stop_kl=1e-9)
+    # lr 5e-2 moves the tiny policy far in one step: the ratio guard (default 10) is lifted so that only the
+    # early stop decides how many minibatches step.
+    run(ppo_base, tmp_path / "all", kl_coef=0.0, max_steps=1, ratio_threshold=1e9)
+    history = run(ppo_base, tmp_path / "stop", kl_coef=0.0, max_steps=1, early_stop_kl=1e-9, ratio_threshold=1e9)
     assert history[0]["ppo/early_stopped"] == 1.0
     # 2 epochs x 2 minibatches = 4 steps; the first minibatch's ratio is exactly 1 (approx KL 0), the
     # second sees the first's update, exceeds the threshold, and stops the epochs after its own step.
