@@ -45,12 +45,19 @@ def question_keyword(question: str) -> str | None:
     return next((w for w in re.findall(r"[a-z]+", question.lower()) if w in KEYWORDS), None)
 
 
-def answer_points(question: str, answer: str) -> int:
-    """The hidden quality of an answer (HTML or Markdown) to a synthetic question; see the module doc."""
+FEATURES = {"on topic": 2, "steps": 1, "polite": 1, "dismissive": -2}  # the hidden rule's points per feature
+
+
+def answer_features(question: str, answer: str) -> dict[str, bool]:
+    """Which of the hidden rule's features an answer (HTML or Markdown) to a synthetic question has."""
     words = set(re.findall(r"[a-z]+", answer.lower()))
-    keyword = question_keyword(question)
-    return (2 * (keyword in words) + ("First," in answer and "Then" in answer)
-            + (POLITE in answer) - 2 * (RUDE in answer))
+    return {"on topic": question_keyword(question) in words, "steps": "First," in answer and "Then" in answer,
+            "polite": POLITE in answer, "dismissive": RUDE in answer}
+
+
+def answer_points(question: str, answer: str) -> int:
+    """The hidden quality of an answer to a synthetic question; see the module doc."""
+    return sum(FEATURES[name] for name, has in answer_features(question, answer).items() if has)
 
 
 def _question(rng: random.Random, keyword: str) -> tuple[str, str]:

@@ -9,17 +9,20 @@ the proxy). Everything lands under one run folder, TensorBoard logs of every sta
 
 The synthetic site's answers are voted by a hidden rule (on topic, gives steps, polite; see
 data/synthetic.py), so the reward model has something real to learn and PPO something to improve;
-the PPO stage logs sample answers with their rewards every 10 steps (TensorBoard, text tab).
+the PPO stage logs sample answers with their rewards every 10 steps (TensorBoard, text tab). The
+closing summary's `truth` line scores SFT's and PPO's held-out answers with that rule: the ground truth
+that the judge only estimates, and where the two part, over-optimisation shows.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 from rlhf_engine.data.prepare import PrepareConfig, prepare
-from rlhf_engine.data.synthetic import write_synthetic_posts
+from rlhf_engine.data.synthetic import FEATURES, answer_features, write_synthetic_posts
 from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
 from rlhf_engine.engine import ppo, rm, sft
 from rlhf_engine.engine.training.dist import init_dist
@@ -41,6 +44,33 @@ SPLITS = ("finetune=0.26", "reward=0.26", "rl=0.2", "evaluation=0.14", "judge=0.
 
 def say(msg: str):
     print(f"\n[demo] {msg}", flush=True)
+
+
+def hidden_rule_verdict(samples: str, baseline: str = "SFT", arm: str = "PPO") -> str:
+    """What the synthetic site's hidden voting rule (data/synthetic.py), which no model sees, says of two
+    arms' answers in eval's samples.jsonl: the demo's ground truth, beside the judge that only estimates it.
+    A feature the arm gave up is over-optimisation the reward models cannot see."""
+    with open(samples) as f:
+        rows = [json.loads(line) for line in f]
+    features = {(r["arm"], r["question"], r["sample"]): answer_features(r["question_text"], r["response"])
+                for r in rows if r["arm"] in (baseline, arm)}
+    points = {key: sum(FEATURES[name] for name, has in f.items() if has) for key, f in features.items()}
+    pairs = [(points[key], points[(baseline, *key[1:])]) for key in points if key[0] == arm]
+    wins = sum((a > b) + 0.5 * (a == b) for a, b in pairs) / len(pairs)
+
+    def share(who, name):
+        mine = [f[name] for key, f in features.items() if key[0] == who]
+        return 100 * sum(mine) / len(mine)
+
+    def mean(who):
+        return sum(p for key, p in points.items() if key[0] == who) / len(pairs)
+    moves = ", ".join(f"{name} {share(baseline, name):.0f}% -> {share(arm, name):.0f}%" for name in FEATURES)
+    change = {name: weight * (share(arm, name) - share(baseline, name)) / 100 for name, weight in FEATURES.items()}
+    lost = [f"{name} ({points:+.2f} points per answer)" for name, points in change.items() if points <= -0.1]
+    return (f"the site's hidden voting rule, which no model sees: {arm} {mean(arm):.2f} points per answer against "
+            f"{baseline}'s {mean(baseline):.2f}, better on {100 * wins:.0f}% of {len(pairs)} questions (ties half); "
+            f"{moves}" + (f"; lost: {', '.join(lost)}, traded for what its reward model pays for (over-optimisation)"
+                          if lost else ""))
 
 
 def last_checkpoint(folder: str) -> str:
@@ -143,6 +173,7 @@ def run(cfg: DemoConfig) -> int:
     print(f"  curve    {curve_summary(ppo_result['evals'], ppo_cfg.eval_prompts)}")
     for sentence in verdict["verdicts"]:
         print(f"  eval     {sentence}")
+    print(f"  truth    {hidden_rule_verdict(os.path.join(out, 'eval', 'samples.jsonl'))}")
     print(f"  report   {os.path.join(out, 'eval', 'report.md')} and {os.path.join(out, 'eval', 'frontier.png')}")
     print(f"  try it   {sys.executable} train.py generate --model {sft_model} --adapter "
           f"{last_checkpoint(os.path.join(out, 'ppo'))} --prompt $'Question: How often should I replace the beans?"
