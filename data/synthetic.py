@@ -55,9 +55,14 @@ def answer_features(question: str, answer: str) -> dict[str, bool]:
             "polite": POLITE in answer, "dismissive": RUDE in answer}
 
 
+def rule_points(features: dict[str, bool]) -> int:
+    """The hidden rule's points for an answer with these features."""
+    return sum(FEATURES[name] for name, has in features.items() if has)
+
+
 def answer_points(question: str, answer: str) -> int:
     """The hidden quality of an answer to a synthetic question; see the module doc."""
-    return sum(FEATURES[name] for name, has in answer_features(question, answer).items() if has)
+    return rule_points(answer_features(question, answer))
 
 
 def _question(rng: random.Random, keyword: str) -> tuple[str, str]:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_engine.data.prepare import PrepareConfig, prepare
-from rlhf_engine.data.synthetic import FEATURES, answer_features, write_synthetic_posts
+from rlhf_engine.data.synthetic import FEATURES, answer_features, rule_points, write_synthetic_posts
 from rlhf_engine.data.train_tokenizer import corpus_texts, train_tokenizer
 from rlhf_engine.engine import ppo, rm, sft
 from rlhf_engine.engine.training.dist import init_dist
@@ -54,7 +54,7 @@ def hidden_rule_verdict(samples: str, baseline: str = "SFT", arm: str = "PPO") -
         rows = [json.loads(line) for line in f]
     features = {(r["arm"], r["question"], r["sample"]): answer_features(r["question_text"], r["response"])
                 for r in rows if r["arm"] in (baseline, arm)}
-    points = {key: sum(FEATURES[name] for name, has in f.items() if has) for key, f in features.items()}
+    points = {key: rule_points(f) for key, f in features.items()}
     pairs = [(points[key], points[(baseline, *key[1:])]) for key in points if key[0] == arm]
     wins = sum((a > b) + 0.5 * (a == b) for a, b in pairs) / len(pairs)
 
@@ -66,7 +66,7 @@ def hidden_rule_verdict(samples: str, baseline: str = "SFT", arm: str = "PPO") -
         return sum(p for key, p in points.items() if key[0] == who) / len(pairs)
     moves = ", ".join(f"{name} {share(baseline, name):.0f}% -> {share(arm, name):.0f}%" for name in FEATURES)
     change = {name: weight * (share(arm, name) - share(baseline, name)) / 100 for name, weight in FEATURES.items()}
-    lost = [f"{name} ({points:+.2f} points per answer)" for name, points in change.items() if points <= -0.1]
+    lost = [f"{name} ({delta:+.2f} points per answer)" for name, delta in change.items() if delta <= -0.1]
     return (f"the site's hidden voting rule, which no model sees: {arm} {mean(arm):.2f} points per answer against "
             f"{baseline}'s {mean(baseline):.2f}, better on {100 * wins:.0f}% of {len(pairs)} questions (ties half); "
             f"{moves}" + (f"; lost: {', '.join(lost)}, traded for what its reward model pays for (over-optimisation)"

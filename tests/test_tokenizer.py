@@ -48,7 +48,8 @@ def test_query_tokens_are_a_prefix_of_every_full_text(load, synthetic_pairs):
     question = "How do I fix the chain?\n\nI use my chain every week."
     for answer in ("You should clean the chain every week.", "The best way is to oil it.", "1. First, dry it.",
                    "```\noil --chain\n```", "\n\nHope this helps!"):
-        query, full = tok.encode(format_prompt(question), bos=True), tok.encode(format_prompt(question, answer), bos=True)
+        query = tok.encode(format_prompt(question), bos=True)
+        full = tok.encode(format_prompt(question, answer), bos=True)
         assert full[:len(query)] == query, answer
         assert encode_answers(tok, [question], [answer]) == [full[len(query):]]
         assert tok.decode(query + encode_answers(tok, [question], [answer])[0]).endswith("Answer: " + answer)
