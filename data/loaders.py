@@ -5,7 +5,10 @@ response_j (chosen) and response_k (rejected), each side right-padded to its own
 (`dpo=True`) each side ends with <eos>, as the policy's answers do, and the batch carries each side's
 prompt length: the tokens that the query "<bos>Question: {question}\n\nAnswer:" shares with the full text,
 so a loss can read the answer alone. Pairs where either side has more than `max_length` tokens are
-dropped and counted (StackLLaMA: 512, `<=` kept). Epochs: the rank's pairs in a fresh order drawn from
+dropped and counted (StackLLaMA: 512, `<=` kept), or with `truncate=True` cut to their first `max_length`
+tokens (question first, then as much of the answer as fits; a pair whose query alone fills the window is
+still dropped). Each pair keeps its sides' full lengths, so "the longer answer wins" is judged on the
+whole answers either way. Epochs: the rank's pairs in a fresh order drawn from
 (seed, rank, epoch); iterating yields the rest of the current epoch, so `for epoch ...: for batch in
 loader` resumes mid-epoch after load_state_dict. Every rank gets the same number of pairs (a remainder of
 fewer than world_size pairs is left out), so data-parallel ranks take the same number of steps.
@@ -48,9 +51,10 @@ class QueryBatch(NamedTuple):
 
 class PairCounts(NamedTuple):
     pairs: int  # rows in the table
-    too_long: int  # dropped: a side has more than max_length tokens
+    too_long: int  # dropped: a side has more than max_length tokens (truncate: the query alone fills them)
     unbalanced: int  # left out so that every rank has the same number of pairs
     rank_pairs: int  # this rank's pairs per epoch
+    truncated: int = 0  # kept with a side cut to max_length tokens (truncate only)
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +70,15 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple
 
 
 def filter_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
-                 max_length: int) -> tuple[list[int], int]:
-    """Indices of the pairs whose sides both have at most max_length tokens, and how many were dropped."""
-    keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if len(c) <= max_length and len(r) <= max_length]
+                 max_length: int, answer_starts: Sequence[tuple[int, int]] | None = None) -> tuple[list[int], int]:
+    """Indices of the pairs that fit in max_length tokens, and how many were dropped. A pair fits when both
+    sides have at most max_length tokens, or, given answer_starts (each side's first answer token: truncation),
+    when both sides keep at least one answer token once cut to max_length."""
+    if answer_starts is None:
+        fits = [len(c) <= max_length and len(r) <= max_length for c, r in zip(chosen, rejected)]
+    else:
+        fits = [c < max_length and r < max_length for c, r in answer_starts]
+    keep = [i for i, fit in enumerate(fits) if fit]
     return keep, len(chosen) - len(keep)
 
 
@@ -95,28 +105,34 @@ class PairLoader:
 
     def __init__(self, pairs: pa.Table, tokenizer, *, batch_size: int, max_length: int = 512, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, source: str | None = None,
-                 dpo: bool = False):
-        """source: where the pairs come from, for error messages. dpo: sides end with eos, prompt lengths kept."""
+                 dpo: bool = False, truncate: bool = False):
+        """source: where the pairs come from, for error messages. dpo: sides end with eos, prompt lengths kept.
+        truncate: cut sides longer than max_length instead of dropping the pair."""
         _check_layout(batch_size, rank, world_size, seed)
         questions = pairs["question"].to_pylist()
         chosen, rejected = (
             tokenizer.encode_batch([format_prompt(q, a) for q, a in zip(questions, pairs[side].to_pylist())], bos=True,
                                    eos=dpo)
             for side in ("response_j", "response_k"))
-        keep, too_long = filter_pairs(chosen, rejected, max_length)
+        starts = None  # per pair: where each side's answer starts (dpo and truncate only)
+        if dpo or truncate:
+            prompts = tokenizer.encode_batch([format_prompt(q) for q in questions], bos=True)
+            starts = [(shared_prefix(p, c), shared_prefix(p, r)) for p, c, r in zip(prompts, chosen, rejected)]
+        keep, too_long = filter_pairs(chosen, rejected, max_length, starts if truncate else None)
         per_rank = len(keep) // world_size
         if per_rank == 0:
             where = f"{source}: " if source else ""
             raise ValueError(f"{where}{len(keep)} of {len(chosen)} pairs fit in --max-length {max_length} tokens; "
                              f"{world_size} rank(s) need at least one each")
         mine = keep[rank::world_size][:per_rank]
-        self.chosen, self.rejected = [chosen[i] for i in mine], [rejected[i] for i in mine]
+        # Full lengths, before any cut: "the longer answer wins" reads these.
+        self.chosen_length, self.rejected_length = [len(chosen[i]) for i in mine], [len(rejected[i]) for i in mine]
+        self.chosen, self.rejected = [chosen[i][:max_length] for i in mine], [rejected[i][:max_length] for i in mine]
         self.chosen_prompt = self.rejected_prompt = None  # per pair: tokens before the answer (dpo only)
         if dpo:
-            prompts = tokenizer.encode_batch([format_prompt(questions[i]) for i in mine], bos=True)
-            self.chosen_prompt = [shared_prefix(p, c) for p, c in zip(prompts, self.chosen)]
-            self.rejected_prompt = [shared_prefix(p, r) for p, r in zip(prompts, self.rejected)]
-        self.stats = PairCounts(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank)
+            self.chosen_prompt, self.rejected_prompt = ([starts[i][side] for i in mine] for side in (0, 1))
+        cut = sum(max(len(chosen[i]), len(rejected[i])) > max_length for i in keep)
+        self.stats = PairCounts(len(chosen), too_long, len(keep) - per_rank * world_size, per_rank, cut)
         self.pad_id, self.batch_size, self.seed, self.rank, self.world_size = (
             tokenizer.pad_id, batch_size, seed, rank, world_size)
         self.shuffle = shuffle

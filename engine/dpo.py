@@ -31,7 +31,7 @@ from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import dpo_loss
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.training.pair_data import next_global_batch, pair_data
+from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from rlhf_engine.engine.training.roofline import (causal_attended, forward_flops, measured_peaks, mfu,
                                                   training_flops_per_token)
@@ -57,8 +57,11 @@ class DPOConfig(ScheduledStageConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "ε: the share of labels assumed flipped "
                                                                   "(conservative DPO; sigmoid only)"})
     max_length: int = field(default=512, metadata={
-        "help": "drop pairs where either side is longer (tokens); the reward model's default, so both learn from "
-                "the same pairs"})
+        "help": "drop pairs where either side is longer (tokens; --truncate cuts them instead); the reward model's "
+                "default, so both learn from the same pairs"})
+    truncate: bool = field(default=False, metadata={
+        "help": "cut pairs longer than --max-length to their first max-length tokens instead of dropping them "
+                "(the question, then as much of each answer as fits)"})
     batch_size: int = field(default=4, metadata={"help": "pairs per rank per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
@@ -143,7 +146,7 @@ def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist
                                              [held.rejected_prompt[i] for i in rows], tok.pad_id)
         loss, stats, _ = pair_loss(cfg, policy, policy.model, *(t.to(dist.device) for t in (tokens, mask, answer)))
         n = len(rows)
-        longer = torch.tensor([len(c) - len(r) for c, r in zip(chosen, rejected)]).sign().double()  # +1 chosen longer
+        longer = torch.tensor([held.chosen_length[i] - held.rejected_length[i] for i in rows]).sign().double()  # uncut
         for name, value in (("pairs", n), ("loss", loss.item() * n), ("correct", stats.accuracy.item() * n),
                             ("margin", stats.margin.item() * n), ("chosen_reward", stats.chosen_reward.sum().item()),
                             ("rejected_reward", stats.rejected_reward.sum().item()),
@@ -186,8 +189,8 @@ def train(cfg: DPOConfig, dist: Dist) -> dict:
     log.info(f"dpo: {total:,} parameters, {trainable:,} trainable (LoRA; the reference is the base with adapters "
              f"off), β {cfg.beta:g}, loss {cfg.loss}, world {dist.world_size}, device {dist.device}, dtype "
              f"{cfg.dtype}, {torch.get_num_threads()} threads per rank (OMP_NUM_THREADS)")
-    log.info(f"dpo: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
-             f"{cfg.max_length} tokens), {len(held.chosen):,} evaluation pairs; {pairs_per_step} pairs per "
+    log.info(f"dpo: {loader.stats.rank_pairs:,} training pairs ({dropped_or_cut(loader.stats, cfg)}), "
+             f"{len(held.chosen):,} evaluation pairs ({dropped_or_cut(held.stats, cfg)}); {pairs_per_step} pairs per "
              f"step, {max_steps} steps")
     if resume_from:
         log.info(f"dpo: resumed from {resume_from} at step {start}")

@@ -24,7 +24,7 @@ from rlhf_engine.engine.weights.builder import build_model, count_params, resolv
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.model.lora import LoRAConfig
-from rlhf_engine.engine.training.pair_data import next_global_batch, pair_data
+from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.reward import PairScores
@@ -41,7 +41,11 @@ class RMConfig(ScheduledStageConfig):
                                                       "reward split"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out pairs (the evaluation split); "
                                                                    "default: every 20th pair of --data"})
-    max_length: int = field(default=512, metadata={"help": "drop pairs where either side is longer (tokens)"})
+    max_length: int = field(default=512, metadata={"help": "drop pairs where either side is longer (tokens; "
+                                                                "--truncate cuts them instead)"})
+    truncate: bool = field(default=False, metadata={
+        "help": "cut pairs longer than --max-length to their first max-length tokens instead of dropping them "
+                "(the question, then as much of each answer as fits)"})
     batch_size: int = field(default=4, metadata={"help": "pairs per rank per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
@@ -88,7 +92,7 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist
             scores = scorer(tokens.to(dist.device), mask.to(dist.device))
         n = len(rows)
         loss, stats = pairwise_loss(scores[:n], scores[n:])
-        length_gap = torch.tensor([len(c) - len(r) for c, r in zip(chosen, rejected)])
+        length_gap = torch.tensor([held.chosen_length[i] - held.rejected_length[i] for i in rows])  # uncut lengths
         longer = length_gap.sign().double()  # +1 chosen longer
         sums["pairs"] += n
         sums["loss"] += loss.item() * n
@@ -131,8 +135,8 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
     log.info(f"rm: {total:,} parameters, {trainable:,} trainable ({'LoRA + score head' if lora else 'full'}), "
              f"world {dist.world_size}, device {dist.device}, dtype {cfg.dtype}, {torch.get_num_threads()} threads "
              "per rank (OMP_NUM_THREADS)")
-    log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({loader.stats.too_long:,} dropped as longer than "
-             f"{cfg.max_length} tokens), {len(held.chosen):,} evaluation pairs; {pairs_per_step} pairs per "
+    log.info(f"rm: {loader.stats.rank_pairs:,} training pairs ({dropped_or_cut(loader.stats, cfg)}), "
+             f"{len(held.chosen):,} evaluation pairs ({dropped_or_cut(held.stats, cfg)}); {pairs_per_step} pairs per "
              f"step, {max_steps} steps")
     if resume_from:
         log.info(f"rm: resumed from {resume_from} at step {start}")

@@ -52,8 +52,27 @@ def test_pair_length_filter_by_hand():
                          ("ab", "c", "efgh"),     # rejected 27: dropped
                          ("xy", "zz", "zz")])     # 25 and 25: kept (StackLLaMA keeps <= max_length)
     loader = PairLoader(table, TOK, batch_size=2, max_length=25, shuffle=False)
-    assert loader.stats == (4, 2, 0, 2)  # pairs, too_long, unbalanced, rank_pairs
+    assert loader.stats == (4, 2, 0, 2, 0)  # pairs, too_long, unbalanced, rank_pairs, truncated
     assert filter_pairs([[0] * 25, [0] * 26], [[0] * 3, [0] * 3], 25) == ([0], 1)
+
+
+def test_pair_truncation_by_hand():
+    """truncate=True: a side longer than max_length keeps its first max_length tokens, a pair whose query fills
+    the window is still dropped, and the full lengths stay for "the longer answer wins"."""
+    table = pairs_table([("ab", "cdef", "e"),        # 27 and 24 tokens: chosen cut to 25
+                         ("ab", "cdefgh", "cdefg"),  # 29 and 28: both cut to 25
+                         ("abcd", "x", "y"),         # query 24 tokens: its answer's space still fits
+                         ("abcde", "x", "y")])       # query 25 tokens: no answer token fits, dropped
+    loader = PairLoader(table, TOK, batch_size=4, max_length=25, shuffle=False, truncate=True)
+    assert loader.stats == (4, 1, 0, 3, 3)  # pairs, too_long, unbalanced, rank_pairs, truncated
+    assert loader.chosen_length == [27, 29, 26] and loader.rejected_length == [24, 28, 26]
+    (batch,) = loader
+    assert batch.chosen_mask.sum(1).tolist() == [25, 25, 25] and batch.rejected_mask.sum(1).tolist() == [24, 25, 25]
+    assert batch.chosen_tokens[1].tolist() == TOK.encode(format_prompt("ab", "cdefgh"), bos=True)[:25]
+    assert batch.rejected_tokens[0, :24].tolist() == TOK.encode(format_prompt("ab", "e"), bos=True)  # uncut
+    dpo = PairLoader(table, TOK, batch_size=4, max_length=25, shuffle=False, truncate=True, dpo=True)
+    assert dpo.chosen_prompt == [22, 22, 24] and dpo.chosen[0][-1] != EOS  # the cut took the eos
+    assert filter_pairs([[0] * 30, [0] * 30], [[0] * 3, [0] * 3], 25, [(24, 20), (25, 20)]) == ([0], 1)
 
 
 def test_pair_batches_are_right_padded_separately():

@@ -114,3 +114,23 @@ def test_evaluation_does_not_depend_on_the_world_size(separable_pairs, tiny_toke
     assert evals["2x2"]["rm/eval_pairs"] == evals["1x2x2"]["rm/eval_pairs"] == 6
     assert evals["2x2"]["rm/accuracy"] == evals["1x2x2"]["rm/accuracy"]
     assert abs(evals["2x2"]["rm/eval_loss"] - evals["1x2x2"]["rm/eval_loss"]) <= 1e-5 * evals["1x2x2"]["rm/eval_loss"]
+
+
+def test_the_length_rule_reads_uncut_lengths_under_truncate(tmp_path):
+    """With --truncate both sides of a long pair are cut to --max-length, yet "the longer answer wins" must
+    still see the chosen answer of the first pair as the longer one (read on the cut rows it would tie: 0.25)."""
+    from test_data_loaders import TOK, pairs_table
+
+    from rlhf_engine.data.loaders import PairLoader
+    from rlhf_engine.engine.rm import evaluate
+
+    class Zeros(torch.nn.Module):
+        def forward(self, tokens, mask):
+            return torch.zeros(tokens.shape[0])
+
+    table = pairs_table([("ab", "cdefgh", "cdefg"), ("ab", "c", "defg")])  # 29 vs 28 (both cut to 25), 24 vs 27
+    held = PairLoader(table, TOK, batch_size=2, max_length=25, shuffle=False, truncate=True)
+    cfg = RMConfig(model="tiny", data="unused", out=str(tmp_path), max_length=25, truncate=True, batch_size=2)
+    result = evaluate(cfg, Zeros(), held, TOK, init_dist("cpu"))
+    assert result["rm/longer_wins_accuracy"] == 0.5  # first pair: chosen longer; second: rejected longer
+    assert result["rm/accuracy"] == 0.0 and result["rm/eval_pairs"] == 2  # ties are not wins

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rlhf_engine.data.loaders import PairBatch, PairLoader
+from rlhf_engine.data.loaders import PairBatch, PairCounts, PairLoader
 from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.training.dist import Dist
 
@@ -30,7 +30,7 @@ def held_out(table, every: int = 20):
 
 def pair_data(cfg, dist: Dist, tok, dpo: bool = False) -> PairData:
     """The loaders a pair stage trains and evaluates on, from its config's data, eval_data, max_length,
-    batch_size, grad_accum, epochs, max_steps and seed. dpo: the loaders' DPO view (data/loaders.py)."""
+    truncate, batch_size, grad_accum, epochs, max_steps and seed. dpo: the loaders' DPO view (data/loaders.py)."""
     table = read_pairs(cfg.data, min_rows=1)
     if cfg.eval_data:
         train_pairs, eval_pairs = table, read_pairs(cfg.eval_data, min_rows=1)
@@ -41,14 +41,22 @@ def pair_data(cfg, dist: Dist, tok, dpo: bool = False) -> PairData:
                              "pass --eval-data")
     pairs_per_step = dist.world_size * cfg.grad_accum * cfg.batch_size
     loader = PairLoader(train_pairs, tok, batch_size=pairs_per_step, max_length=cfg.max_length, seed=cfg.seed,
-                        source=cfg.data, dpo=dpo)
+                        source=cfg.data, dpo=dpo, truncate=cfg.truncate)
     held = PairLoader(eval_pairs, tok, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
-                      source=cfg.eval_data or cfg.data, dpo=dpo)
+                      source=cfg.eval_data or cfg.data, dpo=dpo, truncate=cfg.truncate)
     steps_per_epoch = loader.stats.rank_pairs // pairs_per_step
     if steps_per_epoch == 0:
         raise ValueError(f"{loader.stats.rank_pairs} usable pairs in {cfg.data} cannot fill one step of "
                          f"{pairs_per_step} pairs (world x grad_accum x batch_size)")
     return PairData(loader, held, pairs_per_step, cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch)))
+
+
+def dropped_or_cut(stats: PairCounts, cfg) -> str:
+    """The log's account of a loader's pairs that did not fit cfg.max_length tokens."""
+    if cfg.truncate:
+        return (f"{stats.truncated:,} cut to {cfg.max_length} tokens, {stats.too_long:,} dropped as their question "
+                "alone fills them")
+    return f"{stats.too_long:,} dropped as longer than {cfg.max_length} tokens"
 
 
 def next_global_batch(data: PairData) -> PairBatch:
