@@ -109,10 +109,13 @@ def test_evaluation_does_not_depend_on_the_world_size(separable_pairs, tiny_toke
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-3000:]
-        evals[name] = {k: read_metrics(tmp_path / name, k)[3] for k in ("rm/eval_loss", "rm/accuracy", "rm/eval_pairs")}
+        keys = ("rm/eval_loss", "rm/accuracy", "rm/eval_pairs", "rm/accuracy_low", "rm/minus_length_rule_high")
+        evals[name] = {k: read_metrics(tmp_path / name, k)[3] for k in keys}
     # 3 micro-batches of 2 pairs in all: 6 pairs whatever the world size (per rank, 2 ranks saw 12 and 1 saw 6)
     assert evals["2x2"]["rm/eval_pairs"] == evals["1x2x2"]["rm/eval_pairs"] == 6
     assert evals["2x2"]["rm/accuracy"] == evals["1x2x2"]["rm/accuracy"]
+    for key in ("rm/accuracy_low", "rm/minus_length_rule_high"):  # the pairs gathered in the same order
+        assert evals["2x2"][key] == evals["1x2x2"][key]
     assert abs(evals["2x2"]["rm/eval_loss"] - evals["1x2x2"]["rm/eval_loss"]) <= 1e-5 * evals["1x2x2"]["rm/eval_loss"]
 
 
@@ -134,3 +137,7 @@ def test_the_length_rule_reads_uncut_lengths_under_truncate(tmp_path):
     result = evaluate(cfg, Zeros(), held, TOK, init_dist("cpu"))
     assert result["rm/longer_wins_accuracy"] == 0.5  # first pair: chosen longer; second: rejected longer
     assert result["rm/accuracy"] == 0.0 and result["rm/eval_pairs"] == 2  # ties are not wins
+    # per pair: model minus rule = 0 - 1 and 0 - 0; every bootstrap mean of those lies in [-1, 0]
+    assert result["rm/minus_length_rule"] == -0.5 and -1 <= result["rm/minus_length_rule_low"] < -0.5
+    assert -0.5 < result["rm/minus_length_rule_high"] <= 0
+    assert result["rm/accuracy_low"] == result["rm/accuracy_high"] == 0.0

@@ -137,7 +137,7 @@ def all_reduce_max(dist: Dist, x: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_objects(dist: Dist, obj) -> list:
-    """Every rank's `obj` (picklable, small: RNG states, cursors), in rank order."""
+    """Every rank's `obj` (picklable, small: RNG states, cursors, per-pair outcomes), in rank order."""
     if not dist.enabled:
         return [obj]
     out = [None] * dist.world_size
