@@ -7,8 +7,8 @@ prompt length: the tokens that the query "<bos>Question: {question}\n\nAnswer:" 
 so a loss can read the answer alone. Pairs where either side has more than `max_length` tokens are
 dropped and counted (StackLLaMA: 512, `<=` kept), or with `truncate=True` cut to their first `max_length`
 tokens (question first, then as much of the answer as fits; a pair whose query alone fills the window is
-still dropped). Each pair keeps its sides' full lengths, so "the longer answer wins" is judged on the
-whole answers either way. Epochs: the rank's pairs in a fresh order drawn from
+still dropped; a cut DPO side loses its <eos>). Each pair keeps its sides' full lengths, so "the longer
+answer wins" is judged on the whole answers either way. Epochs: the rank's pairs in a fresh order drawn from
 (seed, rank, epoch); iterating yields the rest of the current epoch, so `for epoch ...: for batch in
 loader` resumes mid-epoch after load_state_dict. Every rank gets the same number of pairs (a remainder of
 fewer than world_size pairs is left out), so data-parallel ranks take the same number of steps.
