@@ -31,7 +31,8 @@ from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import dpo_loss
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
+from rlhf_engine.engine.training.pair_data import (against_length_rule, dropped_or_cut, next_global_batch, pair_data,
+                                                   rule_comparison_text)
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from rlhf_engine.engine.training.roofline import (causal_attended, forward_flops, measured_peaks, mfu,
                                                   training_flops_per_token)
@@ -133,12 +134,14 @@ def pair_loss(cfg: DPOConfig, policy: nn.Module, model, tokens, mask, answer):
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist: Dist) -> dict:
     """Held-out loss, implicit-reward accuracy and margin, and "the longer answer wins", on one global set
-    of pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share."""
+    of pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share. With
+    intervals for the accuracy and for its difference from the rule's (pair_data.against_length_rule)."""
     policy.eval()
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size
     sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
             for name in ("pairs", "loss", "correct", "margin", "chosen_reward", "rejected_reward", "longer_wins")}
+    outcomes = []  # per pair: (the implicit reward ranks it right, the length rule does: 1, 1/2 on a tie, 0)
     for start in range(first, last, cfg.batch_size):
         rows = range(start, min(start + cfg.batch_size, last))
         chosen, rejected = [held.chosen[i] for i in rows], [held.rejected[i] for i in rows]
@@ -152,13 +155,15 @@ def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist
                             ("rejected_reward", stats.rejected_reward.sum().item()),
                             ("longer_wins", ((longer + 1) / 2).sum().item())):  # ties count half
             sums[name] += value
+        outcomes += zip((stats.chosen_reward > stats.rejected_reward).tolist(), ((longer + 1) / 2).tolist())
     total = all_reduce_named(dist, sums)
     policy.train()
     n = max(total["pairs"], 1.0)
     return {"dpo/eval_loss": total["loss"] / n, "dpo/accuracy": total["correct"] / n, "dpo/margin": total["margin"] / n,
             "dpo/eval_chosen_reward": total["chosen_reward"] / n,
             "dpo/eval_rejected_reward": total["rejected_reward"] / n,
-            "dpo/longer_wins_accuracy": total["longer_wins"] / n, "dpo/eval_pairs": int(total["pairs"])}
+            "dpo/longer_wins_accuracy": total["longer_wins"] / n, "dpo/eval_pairs": int(total["pairs"]),
+            **against_length_rule(dist, outcomes, "dpo")}
 
 
 def train(cfg: DPOConfig, dist: Dist) -> dict:
@@ -265,9 +270,8 @@ def train(cfg: DPOConfig, dist: Dist) -> dict:
     ev = evaluate(cfg, policy, held, tok, dist)
     log.scalars(max_steps, ev)
     log.info(f"dpo: final eval loss {ev['dpo/eval_loss']:.4f} (ln 2 = 0.6931 at the start) on {ev['dpo/eval_pairs']} "
-             f"pairs; implicit-reward accuracy {ev['dpo/accuracy']:.3f} (the longer answer wins "
-             f"{ev['dpo/longer_wins_accuracy']:.3f}), margin {ev['dpo/margin']:.3f}, chosen reward "
-             f"{ev['dpo/eval_chosen_reward']:+.3f}, rejected {ev['dpo/eval_rejected_reward']:+.3f}")
+             f"pairs, margin {ev['dpo/margin']:.3f}, chosen reward {ev['dpo/eval_chosen_reward']:+.3f}, rejected "
+             f"{ev['dpo/eval_rejected_reward']:+.3f}; implicit-reward {rule_comparison_text(ev, 'dpo')}")
     if start < max_steps or not resume_from:
         save(max_steps)
     log.close()

@@ -15,18 +15,17 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_engine.data.loaders import PairLoader, pad
 from rlhf_engine.engine.weights.builder import build_model, count_params, resolve_tokenizer
-from rlhf_engine.engine.eval.stats import MeanInterval, bootstrap_mean
-from rlhf_engine.engine.training.dist import Dist, all_gather_objects, all_reduce_named, grad_sync
+from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.model.lora import LoRAConfig
-from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
+from rlhf_engine.engine.training.pair_data import (against_length_rule, dropped_or_cut, next_global_batch, pair_data,
+                                                   rule_comparison_text)
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.reward import PairScores
@@ -81,8 +80,7 @@ def stack_pairs(chosen, chosen_mask, rejected, rejected_mask, pad_id):
 def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist) -> dict:
     """Accuracy, loss and margin of the model, and the accuracy of "the longer answer wins", on one global
     set of held-out pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share.
-    95% intervals (percentile bootstrap over pairs) for the accuracy and for its difference from the length
-    rule's on the same pairs: is the reward model above chance, and above the rule?"""
+    With intervals for the accuracy and for its difference from the rule's (pair_data.against_length_rule)."""
     scorer.eval()
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size
@@ -108,14 +106,9 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist
     total = all_reduce_named(dist, sums)
     scorer.train()
     n = max(total["pairs"], 1.0)
-    gathered = [o for rank in all_gather_objects(dist, outcomes) for o in rank]  # rank order: the pairs' order
-    right, rule = np.array(gathered, dtype=float).reshape(-1, 2).T
-    accuracy, gap = (bootstrap_mean(v) if len(v) else MeanInterval(0.0, 0.0, 0.0) for v in (right, right - rule))
     return {"rm/eval_loss": total["loss"] / n, "rm/accuracy": total["correct"] / n, "rm/margin": total["margin"] / n,
             "rm/longer_wins_accuracy": total["longer_wins"] / n, "rm/eval_pairs": int(total["pairs"]),
-            "rm/accuracy_low": accuracy.low, "rm/accuracy_high": accuracy.high,
-            "rm/minus_length_rule": gap.mean, "rm/minus_length_rule_low": gap.low,
-            "rm/minus_length_rule_high": gap.high}
+            **against_length_rule(dist, outcomes, "rm")}
 
 
 def train(cfg: RMConfig, dist: Dist) -> dict:
@@ -211,11 +204,8 @@ def train(cfg: RMConfig, dist: Dist) -> dict:
 
     ev = evaluate(cfg, scorer, held, tok, dist)
     log.scalars(max_steps, ev)
-    log.info(f"rm: final eval accuracy {ev['rm/accuracy']:.3f} [95% CI {ev['rm/accuracy_low']:.3f}-"
-             f"{ev['rm/accuracy_high']:.3f}] on {ev['rm/eval_pairs']} pairs, loss {ev['rm/eval_loss']:.4f}, margin "
-             f"{ev['rm/margin']:.3f}; the longer answer wins {ev['rm/longer_wins_accuracy']:.3f} of them: the reward "
-             f"model {ev['rm/minus_length_rule']:+.3f} [{ev['rm/minus_length_rule_low']:+.3f}, "
-             f"{ev['rm/minus_length_rule_high']:+.3f}] against that rule")
+    log.info(f"rm: final eval on {ev['rm/eval_pairs']} pairs: loss {ev['rm/eval_loss']:.4f}, margin "
+             f"{ev['rm/margin']:.3f}, {rule_comparison_text(ev, 'rm')}")
     if start < max_steps or not resume_from:
         save(max_steps)
     log.close()

@@ -151,6 +151,12 @@ def test_dpo_learns_the_preference_from_ln2_and_saves_what_trained(dpo_setup, tm
     n = len(held.chosen)
     assert (ratio[:n] > ratio[n:]).float().mean().item() == pytest.approx(result["dpo/accuracy"])
     assert 0.5 * (ratio[:n] - ratio[n:]).mean().item() == pytest.approx(result["dpo/margin"], rel=1e-3)
+    # beside the length rule on the same pairs: the mean difference, and intervals around both figures
+    rule = [(1 + (c > r) - (c < r)) / 2 for c, r in zip(held.chosen_length, held.rejected_length)]
+    gap = (ratio[:n] > ratio[n:]).float().mean().item() - sum(rule) / n
+    assert result["dpo/minus_length_rule"] == pytest.approx(gap)
+    assert result["dpo/minus_length_rule_low"] <= gap <= result["dpo/minus_length_rule_high"]
+    assert result["dpo/accuracy_low"] <= result["dpo/accuracy"] <= result["dpo/accuracy_high"]
 
 
 def test_dpo_resume_is_exact(dpo_setup, tmp_path):
