@@ -31,8 +31,8 @@ from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import dpo_loss
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
-from rlhf_engine.engine.training.pair_data import (against_length_rule, dropped_or_cut, next_global_batch, pair_data,
-                                                   rule_comparison_text)
+from rlhf_engine.engine.eval.pair_accuracy import against_length_rule, rule_comparison_text
+from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, cosine_lr, set_lr
 from rlhf_engine.engine.training.roofline import (causal_attended, forward_flops, measured_peaks, mfu,
                                                   training_flops_per_token)
@@ -135,7 +135,7 @@ def pair_loss(cfg: DPOConfig, policy: nn.Module, model, tokens, mask, answer):
 def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist: Dist) -> dict:
     """Held-out loss, implicit-reward accuracy and margin, and "the longer answer wins", on one global set
     of pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share. With
-    intervals for the accuracy and for its difference from the rule's (pair_data.against_length_rule)."""
+    intervals for the accuracy and for its difference from the rule's (eval/pair_accuracy.py)."""
     policy.eval()
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size

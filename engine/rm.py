@@ -24,8 +24,8 @@ from rlhf_engine.engine.weights.builder import build_model, count_params, resolv
 from rlhf_engine.engine.training.dist import Dist, all_reduce_named, grad_sync
 from rlhf_engine.engine.training.logging import Logger, peak_memory_bytes
 from rlhf_engine.engine.model.lora import LoRAConfig
-from rlhf_engine.engine.training.pair_data import (against_length_rule, dropped_or_cut, next_global_batch, pair_data,
-                                                   rule_comparison_text)
+from rlhf_engine.engine.eval.pair_accuracy import against_length_rule, rule_comparison_text
+from rlhf_engine.engine.training.pair_data import dropped_or_cut, next_global_batch, pair_data
 from rlhf_engine.engine.training.optim import BadStepGuard, build_adamw, clip_and_step, linear_lr, set_lr
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.reward import PairScores
@@ -80,7 +80,7 @@ def stack_pairs(chosen, chosen_mask, rejected, rejected_mask, pad_id):
 def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist) -> dict:
     """Accuracy, loss and margin of the model, and the accuracy of "the longer answer wins", on one global
     set of held-out pairs (the first eval_batches x batch_size, or all): each rank scores a contiguous share.
-    With intervals for the accuracy and for its difference from the rule's (pair_data.against_length_rule)."""
+    With intervals for the accuracy and for its difference from the rule's (eval/pair_accuracy.py)."""
     scorer.eval()
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size

@@ -2,8 +2,7 @@
 is given, the training loader of global batches and the evaluation loader, and the run's length in steps.
 
 Each step draws one global batch of world x grad_accum x batch_size pairs and rank r trains on its slice,
-so a run's curve does not depend on how the batch is split over ranks and accumulation. Both stages'
-held-out accuracy comes with intervals beside "the longer answer wins" on the same pairs (against_length_rule).
+so a run's curve does not depend on how the batch is split over ranks and accumulation.
 """
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import numpy as np
 
 from rlhf_engine.data.loaders import PairBatch, PairCounts, PairLoader
 from rlhf_engine.data.pairs_io import read_pairs
-from rlhf_engine.engine.eval.stats import MeanInterval, bootstrap_mean
-from rlhf_engine.engine.training.dist import Dist, all_gather_objects
+from rlhf_engine.engine.training.dist import Dist
 
 
 class PairData(NamedTuple):
@@ -59,27 +57,6 @@ def dropped_or_cut(stats: PairCounts, cfg) -> str:
         return (f"{stats.truncated:,} cut to {cfg.max_length} tokens, {stats.too_long:,} dropped as their question "
                 "alone fills them")
     return f"{stats.too_long:,} dropped as longer than {cfg.max_length} tokens"
-
-
-def against_length_rule(dist: Dist, outcomes: list[tuple[float, float]], prefix: str) -> dict:
-    """95% intervals (percentile bootstrap over pairs, engine/eval/stats.py) for a held-out pair accuracy and
-    for its difference from "the longer answer wins" on the same pairs: is the model above chance, and above
-    the rule? outcomes: this rank's (ranked right: 1 or 0, the rule: 1, 1/2 on a tie, 0) per pair; ranks hold
-    contiguous shares, gathered in rank order, so any world size bootstraps the same pairs in the same order."""
-    gathered = [o for rank in all_gather_objects(dist, outcomes) for o in rank]
-    right, rule = np.array(gathered, dtype=float).reshape(-1, 2).T
-    accuracy, gap = (bootstrap_mean(v) if len(v) else MeanInterval(0.0, 0.0, 0.0) for v in (right, right - rule))
-    return {f"{prefix}/accuracy_low": accuracy.low, f"{prefix}/accuracy_high": accuracy.high,
-            f"{prefix}/minus_length_rule": gap.mean, f"{prefix}/minus_length_rule_low": gap.low,
-            f"{prefix}/minus_length_rule_high": gap.high}
-
-
-def rule_comparison_text(ev: dict, prefix: str) -> str:
-    """The final log's words for against_length_rule's figures."""
-    return (f"accuracy {ev[prefix + '/accuracy']:.3f} [95% CI {ev[prefix + '/accuracy_low']:.3f}-"
-            f"{ev[prefix + '/accuracy_high']:.3f}], the longer answer wins {ev[prefix + '/longer_wins_accuracy']:.3f}: "
-            f"the model {ev[prefix + '/minus_length_rule']:+.3f} [{ev[prefix + '/minus_length_rule_low']:+.3f}, "
-            f"{ev[prefix + '/minus_length_rule_high']:+.3f}] against that rule")
 
 
 def next_global_batch(data: PairData) -> PairBatch:
