@@ -140,7 +140,7 @@ def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size
     sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
-            for name in ("pairs", "loss", "correct", "margin", "chosen_reward", "rejected_reward", "longer_wins")}
+            for name in ("pairs", "loss", "correct", "margin", "chosen_reward", "rejected_reward")}
     outcomes = []  # per pair: (the implicit reward ranks it right, the length rule does: 1, 1/2 on a tie, 0)
     for start in range(first, last, cfg.batch_size):
         rows = range(start, min(start + cfg.batch_size, last))
@@ -152,18 +152,16 @@ def evaluate(cfg: DPOConfig, policy: AnswerLogProbs, held: PairLoader, tok, dist
         longer = torch.tensor([held.chosen_length[i] - held.rejected_length[i] for i in rows]).sign().double()  # uncut
         for name, value in (("pairs", n), ("loss", loss.item() * n), ("correct", stats.accuracy.item() * n),
                             ("margin", stats.margin.item() * n), ("chosen_reward", stats.chosen_reward.sum().item()),
-                            ("rejected_reward", stats.rejected_reward.sum().item()),
-                            ("longer_wins", ((longer + 1) / 2).sum().item())):  # ties count half
+                            ("rejected_reward", stats.rejected_reward.sum().item())):
             sums[name] += value
-        outcomes += zip((stats.chosen_reward > stats.rejected_reward).tolist(), ((longer + 1) / 2).tolist())
+        outcomes += zip((stats.chosen_reward > stats.rejected_reward).tolist(), ((longer + 1) / 2).tolist())  # tie: 1/2
     total = all_reduce_named(dist, sums)
     policy.train()
     n = max(total["pairs"], 1.0)
     return {"dpo/eval_loss": total["loss"] / n, "dpo/accuracy": total["correct"] / n, "dpo/margin": total["margin"] / n,
             "dpo/eval_chosen_reward": total["chosen_reward"] / n,
             "dpo/eval_rejected_reward": total["rejected_reward"] / n,
-            "dpo/longer_wins_accuracy": total["longer_wins"] / n, "dpo/eval_pairs": int(total["pairs"]),
-            **against_length_rule(dist, outcomes, "dpo")}
+            "dpo/eval_pairs": int(total["pairs"]), **against_length_rule(dist, outcomes, "dpo")}
 
 
 def train(cfg: DPOConfig, dist: Dist) -> dict:

@@ -85,7 +85,7 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist
     n_eval = min(len(held.chosen), cfg.eval_batches * cfg.batch_size) if cfg.eval_batches else len(held.chosen)
     first, last = dist.rank * n_eval // dist.world_size, (dist.rank + 1) * n_eval // dist.world_size
     sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
-            for name in ("pairs", "loss", "correct", "margin", "longer_wins")}
+            for name in ("pairs", "loss", "correct", "margin")}
     outcomes = []  # per pair: (the model ranks it right, the length rule does: 1, 1/2 on a tie, 0)
     for start in range(first, last, cfg.batch_size):
         rows = range(start, min(start + cfg.batch_size, last))
@@ -101,14 +101,12 @@ def evaluate(cfg: RMConfig, scorer: nn.Module, held: PairLoader, tok, dist: Dist
         sums["loss"] += loss.item() * n
         sums["correct"] += stats.accuracy.item() * n
         sums["margin"] += stats.margin.item() * n
-        sums["longer_wins"] += ((longer + 1) / 2).sum().item()  # ties count half
-        outcomes += zip((scores[:n] > scores[n:]).tolist(), ((longer + 1) / 2).tolist())
+        outcomes += zip((scores[:n] > scores[n:]).tolist(), ((longer + 1) / 2).tolist())  # a tie counts half
     total = all_reduce_named(dist, sums)
     scorer.train()
     n = max(total["pairs"], 1.0)
     return {"rm/eval_loss": total["loss"] / n, "rm/accuracy": total["correct"] / n, "rm/margin": total["margin"] / n,
-            "rm/longer_wins_accuracy": total["longer_wins"] / n, "rm/eval_pairs": int(total["pairs"]),
-            **against_length_rule(dist, outcomes, "rm")}
+            "rm/eval_pairs": int(total["pairs"]), **against_length_rule(dist, outcomes, "rm")}
 
 
 def train(cfg: RMConfig, dist: Dist) -> dict:

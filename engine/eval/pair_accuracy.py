@@ -15,14 +15,16 @@ from rlhf_engine.engine.training.dist import Dist, all_gather_objects
 
 
 def against_length_rule(dist: Dist, outcomes: list[tuple[float, float]], prefix: str) -> dict:
-    """95% intervals (percentile bootstrap over pairs, engine/eval/stats.py) for a held-out pair accuracy and
-    for its difference from "the longer answer wins" on the same pairs: is the model above chance, and above
-    the rule? outcomes: this rank's (ranked right: 1 or 0, the rule: 1, 1/2 on a tie, 0) per pair; ranks hold
-    contiguous shares, gathered in rank order, so any world size bootstraps the same pairs in the same order."""
+    """The accuracy of "the longer answer wins" on a stage's held-out pairs, and 95% intervals (percentile
+    bootstrap over pairs, engine/eval/stats.py) for the stage's accuracy and for its difference from the rule's:
+    is the model above chance, and above the rule? outcomes: this rank's (ranked right: 1 or 0, the rule: 1, 1/2
+    on a tie, 0) per pair; ranks hold contiguous shares, gathered in rank order, so any world size bootstraps the
+    same pairs in the same order."""
     gathered = [o for rank in all_gather_objects(dist, outcomes) for o in rank]
     right, rule = np.array(gathered, dtype=float).reshape(-1, 2).T
     accuracy, gap = (bootstrap_mean(v) if len(v) else MeanInterval(0.0, 0.0, 0.0) for v in (right, right - rule))
-    return {f"{prefix}/accuracy_low": accuracy.low, f"{prefix}/accuracy_high": accuracy.high,
+    return {f"{prefix}/longer_wins_accuracy": float(rule.mean()) if len(rule) else 0.0,
+            f"{prefix}/accuracy_low": accuracy.low, f"{prefix}/accuracy_high": accuracy.high,
             f"{prefix}/minus_length_rule": gap.mean, f"{prefix}/minus_length_rule_low": gap.low,
             f"{prefix}/minus_length_rule_high": gap.high}
 
