@@ -17,9 +17,8 @@ ids. The response length is fixed (default 64, inside StackLLaMA's 32–128) so 
 With --model the policy is that checkpoint (README's "StackLLaMA on a laptop" run), the queries come from
 --data (<= --max-prompt-length tokens), and --reward-model is an RM adapter on the same base, so the policy,
 the reference and the reward model share one frozen network. Real queries differ in length: "pad sampled" is
-the padding share of the rows as the sampler lays them out (left-padded prompts, right-padded responses),
-"pad attention" that of attention's layout in the scoring forwards and the update (each micro-batch
-left-aligned, cut to its longest row); their linears run on the real tokens only.
+the padding share of the rows as the sampler lays them out (left-padded prompts, right-padded responses);
+the model computes none of it (linears and attention run on the real tokens only).
 
 Everything is built in a scratch folder first: synthetic StackExchange posts (data/synthetic.py) through
 `prepare` (the rl split's questions are the queries), a sentencepiece tokenizer trained on that text of
@@ -116,8 +115,7 @@ def run_config(spec: dict) -> dict:
     response_tokens = sum(h["env/response_length_mean"] * spec["batch_size"] for h, _ in measured)
     response_mean = response_tokens / len(measured) / spec["batch_size"]
     limit = {k: sum(h.get(f"perf/{k}", float("nan")) for h, _ in measured) / len(measured)  # nan: no report
-             for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac", "padding_share_sampled",
-                       "padding_share_attention")}
+             for k in ("generate_bandwidth_frac", "score_peak_frac", "update_peak_frac", "padding_share_sampled")}
     return dict(s_per_step=total / len(measured), phase_share=phases, **limit,
                 phase_s={p: sum(h[f"time/{p}"] for h, _ in measured) / len(measured) for p in PHASES},
                 tokens_per_s=tokens / total, response_tokens_per_s=response_tokens / total,
@@ -244,7 +242,7 @@ def run_all(args, work: str) -> list[dict]:
 def print_rows(rows: list[dict], json_path: str | None) -> None:
     head = ["config", "params", "vocab", "s/step", *("gen", "policy", "ref", "reward", "update", "other"),
             "tok/s", "resp tok/s", "prompt/resp", "peak RSS", "update/peak", "score/peak", "decode/bw",
-            "pad sampled", "pad attention"]
+            "pad sampled"]
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
@@ -259,7 +257,7 @@ def print_rows(rows: list[dict], json_path: str | None) -> None:
                           f"{r['peak_rss_gb']:.2f} GB",
                           *(f"{100 * r.get(k, float('nan')):.0f}%" for k in (
                               "update_peak_frac", "score_peak_frac", "generate_bandwidth_frac",
-                              "padding_share_sampled", "padding_share_attention"))]))
+                              "padding_share_sampled"))]))
     for r in [r for r in rows if "error" not in r][:1]:
         print(f"{r['batch_size']} queries, minibatch {r['mini_batch_size']}, {r['ppo_epochs']} PPO epochs, response "
               f"{r['response_length']} tokens, LoRA r={r['lora_r']} on q_proj/v_proj, reward {r['reward']}, "

@@ -147,36 +147,47 @@ def test_right_padded_batches_skip_the_mask_and_keep_every_real_output():
         assert (out[0, 4:] - alone[0]).abs().max().item() <= 1e-5
 
 
-def test_right_padded_batches_run_norms_projections_and_mlp_on_real_tokens_only(monkeypatch):
-    """A right-padded batch's linears see its N real tokens ([N, dim], not [B * T, dim]); attention sees
-    them scattered back to [B, heads, T, d]. Hidden states and gradients equal the masked padded path's on
-    every real token, with and without gradient checkpointing; padding's states come back as zeros."""
-    from rlhf_engine.engine.model.llama import Unpadded, attention_mask_for, positions_from_padding
+def test_padded_batches_run_on_real_tokens_only_attention_included(monkeypatch):
+    """A padded batch's linears see its N real tokens ([N, dim], not [B * T, dim]) and attention runs row by
+    row over each row's real tokens (varlen), for right- and left-padded rows alike. Hidden states and
+    gradients equal the masked padded path's on every real token, with and without gradient checkpointing;
+    padding's states come back as zeros."""
+    import rlhf_engine.engine.model.llama as llama
+    from rlhf_engine.engine.model.llama import attention_mask_for, positions_from_padding
     torch.manual_seed(0)
     model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2)
-    lengths = [12, 5, 9, 1]
-    tokens = torch.randint(3, 300, (4, 12))
-    mask = torch.tensor([[1] * n + [0] * (12 - n) for n in lengths])
-    real = mask.bool()
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
-             for m in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj)]
-    fast = model.model(tokens, attention_mask=mask)
-    for h in hooks:
-        h.remove()
-    assert seen == [(27, model.cfg.dim), (27, model.cfg.hidden_dim)]  # 12 + 5 + 9 + 1 real tokens
-    assert fast[~real].abs().max().item() == 0.0
-    slow = model.model(tokens, attention_mask=attention_mask_for(mask, 12), positions=positions_from_padding(mask, 12))
-    assert (fast[real] - slow[real]).abs().max().item() <= 1e-5
-    weights = list(model.model.parameters())
-    want = torch.autograd.grad(slow[real].square().sum(), weights)
-    for checkpointing in (False, True):
-        model.model.grad_checkpointing = checkpointing
-        got = torch.autograd.grad(model.model(tokens, attention_mask=mask)[real].square().sum(), weights)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    # Broken on purpose: a scatter into attention's layout one slot late is caught by the same comparison.
-    monkeypatch.setattr(Unpadded, "pad", lambda self, t: Unpadded.put(self, t).roll(1, dims=1).transpose(1, 2))
+    lengths = [12, 5, 9, 0, 1]
+    tokens = torch.randint(3, 300, (5, 12))
+    for left in (False, True):
+        mask = torch.tensor([[0] * (12 - n) + [1] * n if left else [1] * n + [0] * (12 - n) for n in lengths])
+        real = mask.bool()
+        seen, attended = [], []
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+                 for m in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj)]
+        real_attend = llama.attend
+        monkeypatch.setattr(llama, "attend", lambda q, k, v, m: attended.append(q.shape[2]) or real_attend(q, k, v, m))
+        fast = model.model(tokens, attention_mask=mask)
+        monkeypatch.setattr(llama, "attend", real_attend)
+        for h in hooks:
+            h.remove()
+        assert seen == [(27, model.cfg.dim), (27, model.cfg.hidden_dim)]  # 12 + 5 + 9 + 1 real tokens
+        assert attended[:4] == [12, 5, 9, 1]  # layer 0: each row alone, the empty row skipped
+        assert fast[~real].abs().max().item() == 0.0
+        slow = model.model(tokens, attention_mask=attention_mask_for(mask, 12),
+                           positions=positions_from_padding(mask, 12))
+        assert (fast[real] - slow[real]).abs().max().item() <= 1e-5
+        weights = list(model.model.parameters())
+        want = torch.autograd.grad(slow[real].square().sum(), weights)
+        for checkpointing in (False, True):
+            model.model.grad_checkpointing = checkpointing
+            got = torch.autograd.grad(model.model(tokens, attention_mask=mask)[real].square().sum(), weights)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        model.model.grad_checkpointing = False
+    # Broken on purpose: rows packed end to end but attended as one sequence (the classic packing bug: a row
+    # sees the rows before it) is caught by the same comparison.
+    real_rows = llama.attend_rows
+    monkeypatch.setattr(llama, "attend_rows", lambda q, k, v, lengths: real_rows(q, k, v, (sum(lengths),)))
     with torch.no_grad():
         assert (model.model(tokens, attention_mask=mask)[real] - slow[real]).abs().max().item() > 1e-2
 

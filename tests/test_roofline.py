@@ -81,6 +81,6 @@ def test_mfu_uses_4n_for_a_frozen_base(full):
 
 def test_padding_share_by_hand():
     lengths = [3, 5, 2, 6]  # real tokens per row: 16
-    assert roofline.padding_share(lengths, [range(4)], width=8) == pytest.approx(1 - 16 / 32)  # as sampled
-    assert roofline.padding_share(lengths, [[0, 1], [2, 3]]) == pytest.approx(1 - 16 / (2 * 5 + 2 * 6))  # aligned
-    assert roofline.padding_share(lengths, [[0], [1], [2], [3]]) == 0.0  # one row per chunk: no padding at all
+    assert roofline.padding_share(lengths, width=8) == pytest.approx(1 - 16 / 32)
+    assert roofline.padding_share(lengths, width=6) == pytest.approx(1 - 16 / 24)
+    assert roofline.padding_share([], width=6) == 0.0

@@ -6,10 +6,10 @@ LLaMA checkpoints load with no key surgery and no weight permutation. The model 
 only: no loss, no device moves, no distributed code.
 
 Positions come from the attention mask (position = number of real tokens before this one), so a
-left-padded batch gives, row for row, the logits of each prompt run alone. A right-padded batch (or a
-left-padded prefill onto an empty cache) runs everything but attention on its real tokens only
-(`Unpadded`). A KVCache holds keys and values by *slot* (column of the padded batch), shared by all
-rows; padding slots are masked out.
+padded batch gives, row for row, the logits of each row run alone. A padded batch run whole (or a
+prefill onto an empty cache) runs on its real tokens only, attention included (`Unpadded`,
+`attend_rows`): padding costs no FLOPs. A KVCache holds keys and values by *slot* (column of the padded
+batch), shared by all rows; padding slots are masked out.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded | None = None):
         if unpadded is not None:
-            return self.forward_unpadded(x, cos, sin, mask, cache, unpadded)
+            return self.forward_unpadded(x, cos, sin, cache, unpadded)
         B, T, _ = x.shape
         # [B, T, H*d] -> [B, H, T, d]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -119,21 +119,18 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
 
-    def forward_unpadded(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded):
-        """x [N, dim]: the projections and rotary run on real tokens only; attention runs on the rows
-        scattered back to [B, heads, T, d] (zeros at padding) and its output is gathered back to [N, H*d].
-        No real query sees the zeros: right padding comes after every real token (causal, mask None), and
-        a prompt's left padding is masked (a prefill, which also fills the cache with the padded layout)."""
+    def forward_unpadded(self, x, cos, sin, cache: KVCache | None, unpadded: Unpadded):
+        """x [N, dim]: every row's real tokens end to end. Projections, rotary and attention all run on them
+        alone: each row attends causally over its own tokens (varlen attention), so padding costs no FLOPs.
+        A prefill also writes k, v into the cache in the padded layout the decode steps read."""
         N = x.shape[0]
         q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(N, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin [N, d]: per token
-        q, k, v = (unpadded.pad(t) for t in (q, k, v))
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        out = attend(q, k, v, mask).to(x.dtype)
-        return self.o_proj(unpadded.unpad(out))
+            cache.update(self.layer, unpadded.pad(k), unpadded.pad(v))
+        return self.o_proj(attend_rows(q, k, v, unpadded.lengths).to(x.dtype).flatten(1))
 
 
 def attend(q, k, v, mask):
@@ -150,6 +147,14 @@ def attend(q, k, v, mask):
         if mask is None:  # causal (T == 1 against a cache needs no mask at all)
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attend_rows(q, k, v, lengths: tuple[int, ...]):
+    """Varlen attention: q [N, H, d], k, v [N, n_kv, d] hold rows of `lengths` tokens end to end; each row
+    attends causally over its own tokens only -> [N, H, d]. One fused causal kernel per row: at 4 rows of
+    10-400 tokens the loop costs microseconds, and no query or key slot is padding."""
+    rows = zip(q.split(lengths), k.split(lengths), v.split(lengths))
+    return torch.cat([attend(*(t.transpose(0, 1)[None] for t in row), None)[0].transpose(0, 1) for row in rows])
 
 
 def decode_attention(q, k, v, mask):
@@ -204,8 +209,7 @@ def attention_mask_for(padding: torch.Tensor, T: int) -> torch.Tensor:
 def right_padded(padding: torch.Tensor) -> bool:
     """Whether every row of a padding mask [B, S] is its real tokens then only padding. Such a batch needs
     no mask beyond causal: a real token attends only to slots before it, all real, and what a padding slot
-    computes is never read. The fused causal kernel then runs, not SDPA's masked math path (reward-model,
-    DPO and evaluation batches are right-padded)."""
+    computes is never read. A decode step's static cache (a CUDA graph's) then needs no mask."""
     return not bool((padding[:, 1:].int() > padding[:, :-1].int()).any())
 
 
@@ -216,9 +220,10 @@ class LeftAligned(NamedTuple):
 
 
 def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligned:
-    """The same rows with padding only at the right, cut to the longest row: no work on a left-padded
-    prompt's pad slots, and `right_padded` lets the fused causal kernel run instead of the masked one.
-    Positions are unchanged (a token's position is the number of real tokens before it either way)."""
+    """The same rows with padding only at the right, cut to the longest row: the hidden states come back
+    [B, W] instead of [B, S] (the model itself does no work on padding either way, `Unpadded`), and the last
+    real token of a row is at column length - 1. Positions are unchanged (a token's position is the number
+    of real tokens before it either way)."""
     real = attention_mask.bool()
     order = torch.argsort((~real).int(), dim=1, stable=True)  # real tokens first, in their order
     width = int(real.sum(1).max())
@@ -227,16 +232,19 @@ def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligne
 
 
 class Unpadded(NamedTuple):
-    """A padded batch [B, T] as its N real tokens in one run: norms, projections and the MLP do no work on
-    padding (on real StackExchange rows, a third of a padded batch's tokens); only attention sees the padded
-    layout, through `pad` and `unpad`: causal for right-padded rows, masked for a left-padded prefill."""
+    """A padded batch [B, T] as its N real tokens in one run, row after row: norms, projections, attention
+    (`attend_rows`) and the MLP do no work on padding (on real StackExchange rows, a third of a padded batch's
+    slots). Any padding pattern works, since a token's position and what it may attend to are fixed by the
+    real tokens before it in its row; a prefill also scatters k, v back to the padded layout for the cache."""
     rows: torch.Tensor  # [N] flat index b * T + t of each real token, in order
+    lengths: tuple[int, ...]  # real tokens per row, rows with none left out: `rows` splits into these runs
     batch: int
     width: int
 
     @classmethod
     def of(cls, padding: torch.Tensor) -> Unpadded:
-        return cls(padding.flatten().nonzero().squeeze(1), *padding.shape)
+        lengths = tuple(n for n in padding.sum(1).tolist() if n)
+        return cls(padding.flatten().nonzero().squeeze(1), lengths, *padding.shape)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]"""
@@ -248,12 +256,8 @@ class Unpadded(NamedTuple):
         return out.view(self.batch, self.width, *t.shape[1:])
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-token heads [N, h, d] -> attention's layout [B, h, T, d]."""
+        """Per-token heads [N, h, d] -> the cache's layout [B, h, T, d]."""
         return self.put(t).transpose(1, 2)
-
-    def unpad(self, t: torch.Tensor) -> torch.Tensor:
-        """Attention's output [B, h, T, d] -> [N, h * d]."""
-        return self.take(t.transpose(1, 2)).flatten(1)
 
 
 def positions_from_padding(padding: torch.Tensor, T: int) -> torch.Tensor:
@@ -288,12 +292,10 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = positions_from_padding(attention_mask, T)
             if not bool(attention_mask.all()):  # (no padding at all: plain causal)
-                right = past == 0 and right_padded(attention_mask)  # causal alone keeps padding unseen
-                if not right:
+                if past == 0 and (cache is None or cache.slot is None):  # a whole batch, or a prefill
+                    unpadded = Unpadded.of(attention_mask)  # real tokens only, attention row by row
+                elif not (past == 0 and right_padded(attention_mask)):  # causal alone keeps right padding unseen
                     mask = attention_mask_for(attention_mask, T)
-                prefill = past == 0 and cache is not None and cache.slot is None
-                if (cache is None and right) or prefill:
-                    unpadded = Unpadded.of(attention_mask)  # real tokens only; attention keeps the mask, if any
         elif attention_mask is not None:
             mask = attention_mask
         if mask is None and past > 0 and T > 1:  # chunked prefill onto a cache: causal with an offset

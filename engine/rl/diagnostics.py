@@ -273,14 +273,8 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
         peak_name=roofline.peak_kind(peaks, cfg.dtype, cfg.load_in_8bit),
         bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
         kv_element_bytes=policy.model.norm.weight.element_size())
-    # Padding: in the rows as sampled (left-padded prompts, right-padded responses: the prefill's layout), and in
-    # attention's layout in the scoring forwards and the update: each micro-batch left-aligned and cut to its longest
-    # row (the first epoch's; later ones are shuffled the same way, so their share is alike). Their norms, projections
-    # and MLPs run on the real tokens alone (llama.Unpadded): no padding at all.
-    lengths = rollout.attention_mask.sum(1).tolist()
-    micro = rollout.order.split(cfg.mini_batch_size // cfg.grad_accum)
-    padding = {"perf/padding_share_sampled": roofline.padding_share(lengths, [range(B)], rollout.tokens.shape[1]),
-               "perf/padding_share_attention": roofline.padding_share(lengths, [c.tolist() for c in micro])}
-    return roofline.StepReport({**report.metrics, **padding}, f"{report.line}, padding "
-                               f"{padding['perf/padding_share_sampled']:.0%} as sampled, none in the linears, "
-                               f"{padding['perf/padding_share_attention']:.0%} in attention's layout")
+    # Padding in the rows as sampled (left-padded prompts, right-padded responses). The model runs every batch on
+    # its real tokens alone, attention row by row (llama.Unpadded): none of it is computed.
+    padding = roofline.padding_share(rollout.attention_mask.sum(1).tolist(), rollout.tokens.shape[1])
+    return roofline.StepReport({**report.metrics, "perf/padding_share_sampled": padding},
+                               f"{report.line}, padding {padding:.0%} as sampled, none computed")

@@ -155,12 +155,10 @@ class StepReport(NamedTuple):
     line: str  # "update 71% of fp32 peak, score 45%, decode 38% of bandwidth"
 
 
-def padding_share(lengths, chunks, width: int | None = None) -> float:
-    """The share of computed slots that are padding when rows of real `lengths` run in `chunks` (lists
-    of row indices), each chunk `width` slots wide, or as wide as its longest row (left-aligned rows)."""
-    real = sum(int(lengths[i]) for chunk in chunks for i in chunk)
-    slots = sum(len(chunk) * (width if width is not None else max(int(lengths[i]) for i in chunk)) for chunk in chunks)
-    return 1.0 - real / slots if slots else 0.0
+def padding_share(lengths, width: int) -> float:
+    """The share of a [len(lengths), width] batch's slots that are padding, for rows of real `lengths`."""
+    slots = len(lengths) * width
+    return 1.0 - sum(int(n) for n in lengths) / slots if slots else 0.0
 
 
 def ppo_step_report(cfg: ModelConfig, prompt_lengths, response_lengths, seconds: dict[str, float],
