@@ -118,11 +118,12 @@ def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
     assert code == 0, rows
 
 
-def test_a_pad_leak_fails_left_padding(run_dir, capsys, monkeypatch):
-    """Attention that lets real tokens see the padding (the mask built as if every slot were real)."""
+def test_a_row_leak_fails_left_padding(run_dir, capsys, monkeypatch):
+    """Varlen attention that lets a row see the rows packed before it (the row lengths ignored: the
+    whole batch's real tokens attended as one sequence), the classic packing bug."""
     import rlhf_engine.engine.model.llama as model_module
-    honest = model_module.attention_mask_for
-    monkeypatch.setattr(model_module, "attention_mask_for", lambda padding, T: honest(torch.ones_like(padding), T))
+    honest = model_module.attend_rows
+    monkeypatch.setattr(model_module, "attend_rows", lambda q, k, v, lengths: honest(q, k, v, (sum(lengths),)))
     code, rows, _ = check_table(capsys, run_dir)
     assert rows["left padding changes no log-prob"][1] == "FAIL"
     assert rows["left padding changes no log-prob"][0] > 1e-2

@@ -123,9 +123,9 @@ def test_decode_attention_equals_sdpa(n_kv):
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8), atol=1e-6, rtol=1e-5)
 
 
-def test_right_padded_batches_skip_the_mask_and_keep_every_real_output():
-    """A right-padded batch runs the fused causal kernel (no [B, 1, T, S] mask); its real tokens' hidden
-    states are what the masked path gives and what each row gives alone. Left padding keeps the mask."""
+def test_padded_batches_keep_every_real_output_as_each_row_alone():
+    """A right- or left-padded batch's real tokens get the hidden states the 4-D-masked path gives and
+    each row gives alone. (`right_padded` is what lets a static decode step skip the mask.)"""
     from rlhf_engine.engine.model.llama import attention_mask_for, positions_from_padding, right_padded
     assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]])) and not right_padded(torch.tensor([[1, 0, 1]]))
@@ -193,9 +193,9 @@ def test_padded_batches_run_on_real_tokens_only_attention_included(monkeypatch):
 
 
 def test_a_left_padded_prefill_runs_its_linears_on_real_tokens_and_fills_the_cache_for_decode():
-    """Generation's prefill (left-padded prompts onto an empty cache) projects only the prompts' real
-    tokens; attention keeps its mask, and the cache it fills serves the next decode step as the full masked
-    forward over prompt + token would."""
+    """Generation's prefill (left-padded prompts onto an empty cache) projects and attends only the
+    prompts' real tokens, and the cache it fills (in the padded layout) serves the next decode step as the
+    full masked forward over prompt + token would."""
     from rlhf_engine.engine.model.llama import KVCache, attention_mask_for, positions_from_padding
     torch.manual_seed(0)
     model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2).eval()
@@ -222,12 +222,11 @@ def test_a_left_padded_prefill_runs_its_linears_on_real_tokens_and_fills_the_cac
         assert (decoded - full).abs().max().item() <= 1e-5
 
 
-def test_rollout_forwards_run_left_aligned_rows_and_read_the_same_response_states():
-    """PPO's rows are [left-padded prompt | right-padded response]. `response_hidden` runs them with the
-    real tokens first, the batch cut to its longest row (no left padding, no mask), and gathers the state
-    before each response token: equal, on every real response token, to slicing the padded forward at
-    P - 1 + t. Reading one column early or late, or attending across rows' padding, breaks the equality."""
-    from rlhf_engine.engine.model.llama import left_align
+def test_rollout_forwards_read_the_state_before_each_response_token():
+    """PPO's rows are [left-padded prompt | right-padded response]. `response_hidden` runs them as they are
+    (real tokens only) and reads the state before each response token: equal, on every real response token,
+    to the 4-D-masked padded forward sliced at P - 1 + t. Reading one column early or late breaks it."""
+    from rlhf_engine.engine.model.llama import attention_mask_for, positions_from_padding
     from rlhf_engine.engine.rl.rollout import response_hidden
     torch.manual_seed(0)
     model = LLaMA(ModelConfig.preset("tiny", vocab_size=300)).init_weights(std=0.2).eval()
@@ -236,17 +235,10 @@ def test_rollout_forwards_run_left_aligned_rows_and_read_the_same_response_state
     tokens = torch.randint(3, 300, (3, P + R))
     mask = torch.tensor([[0] * (P - p) + [1] * p + [1] * r + [0] * (R - r) for p, r in zip(prompt_lens, response_lens)])
     response_mask = mask[:, P:].bool()
-    seen = []
-    hook = model.model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["attention_mask"]),
-                                                 with_kwargs=True)
     with torch.no_grad():
         fast = response_hidden(model.model, tokens, mask, P)
-        hook.remove()
-        slow = model.model(tokens, attention_mask=mask)[:, P - 1:-1]
+        slow = model.model(tokens, attention_mask=attention_mask_for(mask, P + R),
+                           positions=positions_from_padding(mask, P + R))[:, P - 1:-1]
     assert fast.shape == slow.shape == (3, R, model.cfg.dim)
     assert (fast - slow)[response_mask].abs().max().item() <= 1e-5
     assert (fast[:, :-1] - slow[:, 1:])[response_mask[:, 1:]].abs().max().item() > 1e-2  # one column off differs
-    assert seen[0].shape == (3, 12) and seen[0][:, 0].all() and seen[0].sum(1).tolist() == [12, 5, 9]
-    aligned = left_align(tokens, mask)
-    assert aligned.tokens[1, :5].tolist() == tokens[1, 4:9].tolist()  # row 1: 3 prompt + 2 response tokens
-    assert aligned.column[1, P].item() == 3  # its first response token now sits at column 3

@@ -153,6 +153,8 @@ def attend_rows(q, k, v, lengths: tuple[int, ...]):
     """Varlen attention: q [N, H, d], k, v [N, n_kv, d] hold rows of `lengths` tokens end to end; each row
     attends causally over its own tokens only -> [N, H, d]. One fused causal kernel per row: at 4 rows of
     10-400 tokens the loop costs microseconds, and no query or key slot is padding."""
+    if not lengths:  # a batch of padding only
+        return q
     rows = zip(q.split(lengths), k.split(lengths), v.split(lengths))
     return torch.cat([attend(*(t.transpose(0, 1)[None] for t in row), None)[0].transpose(0, 1) for row in rows])
 
@@ -213,24 +215,6 @@ def right_padded(padding: torch.Tensor) -> bool:
     return not bool((padding[:, 1:].int() > padding[:, :-1].int()).any())
 
 
-class LeftAligned(NamedTuple):
-    tokens: torch.Tensor  # [B, W] each row's real tokens first, in order, then padding; W = the longest row
-    attention_mask: torch.Tensor  # [B, W] right-padded
-    column: torch.Tensor  # [B, S] the aligned column of each original column's token (real columns only)
-
-
-def left_align(tokens: torch.Tensor, attention_mask: torch.Tensor) -> LeftAligned:
-    """The same rows with padding only at the right, cut to the longest row: the hidden states come back
-    [B, W] instead of [B, S] (the model itself does no work on padding either way, `Unpadded`), and the last
-    real token of a row is at column length - 1. Positions are unchanged (a token's position is the number
-    of real tokens before it either way)."""
-    real = attention_mask.bool()
-    order = torch.argsort((~real).int(), dim=1, stable=True)  # real tokens first, in their order
-    width = int(real.sum(1).max())
-    return LeftAligned(tokens.gather(1, order)[:, :width], attention_mask.gather(1, order)[:, :width],
-                       real.long().cumsum(1) - 1)
-
-
 class Unpadded(NamedTuple):
     """A padded batch [B, T] as its N real tokens in one run, row after row: norms, projections, attention
     (`attend_rows`) and the MLP do no work on padding (on real StackExchange rows, a third of a padded batch's
@@ -243,7 +227,7 @@ class Unpadded(NamedTuple):
 
     @classmethod
     def of(cls, padding: torch.Tensor) -> Unpadded:
-        lengths = tuple(n for n in padding.sum(1).tolist() if n)
+        lengths = tuple(int(n) for n in padding.sum(1).tolist() if n)
         return cls(padding.flatten().nonzero().squeeze(1), lengths, *padding.shape)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from rlhf_engine.engine.model.llama import LLaMA, left_align
+from rlhf_engine.engine.model.llama import LLaMA
 from rlhf_engine.engine.model.lora import DEFAULT, use_adapter
 from rlhf_engine.engine.rl.rlhf_math import combine_rewards, last_token_index
 from rlhf_engine.engine.weights.adapters import ADAPTER_CONFIG, is_adapter_folder
@@ -45,17 +45,17 @@ def reward_model_fn(net: LLaMA, head: nn.Module | None = None, adapter: str | No
     scores the decoded string. Read at the EOS, a position it never trained on, the demo's reward models
     fell from 0.79 to 0.52-0.69 held-out accuracy and its judge from 0.75-0.78 to 0.59-0.68.
 
-    Rows are left-padded prompt + right-padded response; the RM wants one right-padded sequence, so
-    each row's real tokens are moved to the left first (`left_align`).
+    Rows are left-padded prompt + right-padded response (the model runs their real tokens only); the
+    score is read at each row's last real token.
     """
     head = head if head is not None else net.score
 
     @torch.no_grad()
     def score(tokens, attention_mask):
-        packed, packed_mask, _ = left_align(tokens, without_final_eos(tokens, attention_mask, eos_id))
+        mask = without_final_eos(tokens, attention_mask, eos_id)
         with use_adapter(net, adapter):
-            hidden = net.model(packed, attention_mask=packed_mask)
-        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(packed_mask)]
+            hidden = net.model(tokens, attention_mask=mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(mask)]
         return head(last.to(head.weight.dtype)).squeeze(-1).float()
     return score
 

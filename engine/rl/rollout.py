@@ -2,9 +2,8 @@
 repeat, read the reward model's scores, and return it all as one named `Rollout`.
 
 A rollout row is [prompt (left-padded, P) | response (right-padded, R)]: the sampler's layout. The
-forwards run the rows left-aligned (`response_hidden`: real tokens first, cut to the longest row, so no
-FLOPs on a prompt's left padding and the fused causal kernel), and read the distribution over response
-token t at the token before it, gathered back to [B, R].
+forwards run those rows as they are (the model computes nothing on their padding, `llama.Unpadded`) and
+read the distribution over response token t at the token before it, column P - 1 + t.
 `PolicyAndValue.forward` computes the rollout's "old" log-probs and values and, in the update, the
 new ones; the reference log-probs are the same network with its adapters disabled. On identical
 inputs the old and new log-probs are bit-identical, so the first minibatch's importance ratio is
@@ -24,7 +23,7 @@ from rlhf_engine.data.loaders import PromptLoader
 from rlhf_engine.data.pairs_io import read_pairs
 from rlhf_engine.engine.model.generate import Generation, SamplingConfig, generate
 from rlhf_engine.engine.model.lora import disable_lora, use_adapter
-from rlhf_engine.engine.model.llama import LLaMA, Transformer, left_align
+from rlhf_engine.engine.model.llama import LLaMA, Transformer
 from rlhf_engine.engine.rl.reward import Ensemble, RewardFn
 from rlhf_engine.engine.model.precision import autocast
 from rlhf_engine.engine.rl.rlhf_math import per_token_kl
@@ -67,14 +66,9 @@ class PolicyOutput(NamedTuple):
 
 def response_hidden(body: Transformer, tokens, attention_mask, prompt_len: int) -> torch.Tensor:
     """[B, R, dim]: `body`'s last hidden state at the token before each response token of the rows
-    [B, P + R] (what predicts response token t; original column P − 1 + t), computed on the rows
-    left-aligned. Prompts run from a dozen to hundreds of tokens, so a left-padded batch would spend
-    much of every forward and backward on padding. Responses past EOS read an arbitrary real row
-    position: the response mask zeroes them."""
-    rows = left_align(tokens, attention_mask)
-    hidden = body(rows.tokens, attention_mask=rows.attention_mask)  # [B, W, dim]
-    before = (rows.column[:, prompt_len:] - 1).clamp(0, hidden.shape[1] - 1)  # [B, R]
-    return hidden.gather(1, before.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    [B, P + R] (what predicts response token t: column P − 1 + t). The prompt's last token is always real
+    (left padding); positions past a response's EOS read padding's zeros, which the response mask drops."""
+    return body(tokens, attention_mask=attention_mask)[:, prompt_len - 1:-1]
 
 
 class PolicyAndValue(nn.Module):
