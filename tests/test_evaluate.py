@@ -51,8 +51,14 @@ def test_a_model_against_itself_wins_half_with_kl_zero(arms, random_rm, tmp_path
     base = arms[0]
     result = run(arms, random_rm, tmp_path, models=(f"a={base}", f"b={base}"), samples_per_prompt=2, human=False)
     b = result["arms"]["b"]
-    assert b["judges"]["judge"]["win_rate"]["rate"] == 0.5 and b["kl"]["mean"] == 0.0
-    assert b["judges"]["judge"]["lc_win_rate"]["rate"] == pytest.approx(0.5, abs=1e-9)
+    # The same answers; their scores equal to round-off (the arms are scored in different batches, and a
+    # batch's composition moves a score by ~1e-7 on 2 threads), so ties that round-off breaks move the rate.
+    rows = samples(tmp_path)
+    a_rows, b_rows = [r for r in rows if r["arm"] == "a"], [r for r in rows if r["arm"] == "b"]
+    assert [r["response"] for r in a_rows] == [r["response"] for r in b_rows]
+    assert all(abs(x["scores"]["judge"] - y["scores"]["judge"]) <= 1e-5 for x, y in zip(a_rows, b_rows))
+    assert b["judges"]["judge"]["win_rate"]["rate"] == pytest.approx(0.5, abs=0.05) and b["kl"]["mean"] == 0.0
+    assert b["judges"]["judge"]["lc_win_rate"]["rate"] == pytest.approx(0.5, abs=0.05)
     for name in ("report.md", "results.json", "samples.jsonl", "frontier.png"):
         assert os.path.getsize(tmp_path / name) > 0
 
