@@ -122,8 +122,10 @@ def test_a_row_leak_fails_left_padding(run_dir, capsys, monkeypatch):
     """Varlen attention that lets a row see the rows packed before it (the row lengths ignored: the
     whole batch's real tokens attended as one sequence), the classic packing bug."""
     import rlhf_engine.engine.model.llama as model_module
+    from rlhf_engine.engine.model.varlen import plan_rows
     honest = model_module.attend_rows
-    monkeypatch.setattr(model_module, "attend_rows", lambda q, k, v, lengths: honest(q, k, v, (sum(lengths),)))
+    monkeypatch.setattr(model_module, "attend_rows",
+                        lambda q, k, v, groups: honest(q, k, v, plan_rows((q.shape[0],), 1, q.device)))
     code, rows, _ = check_table(capsys, run_dir)
     assert rows["left padding changes no log-prob"][1] == "FAIL"
     assert rows["left padding changes no log-prob"][0] > 1e-2

@@ -7,9 +7,10 @@ only: no loss, no device moves, no distributed code.
 
 Positions come from the attention mask (position = number of real tokens before this one), so a
 padded batch gives, row for row, the logits of each row run alone. A padded batch run whole (or a
-prefill onto an empty cache) runs on its real tokens only, attention included (`Unpadded`,
-`attend_rows`): padding costs no FLOPs. A KVCache holds keys and values by *slot* (column of the padded
-batch), shared by all rows; padding slots are masked out.
+prefill onto an empty cache) runs on its real tokens only (`Unpadded`): no linear sees padding, and
+attention (`attend_rows`) pads rows only where one call over a few rows costs less than a call per row.
+A KVCache holds keys and values by *slot* (column of the padded batch), shared by all rows; padding slots
+are masked out.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.varlen import RowGroups, plan_rows
 
 
 class RMSNorm(nn.Module):
@@ -130,7 +132,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin [N, d]: per token
         if cache is not None:
             cache.update(self.layer, unpadded.pad(k), unpadded.pad(v))
-        return self.o_proj(attend_rows(q, k, v, unpadded.lengths).to(x.dtype).flatten(1))
+        return self.o_proj(attend_rows(q, k, v, unpadded.groups).to(x.dtype).flatten(1))
 
 
 def attend(q, k, v, mask):
@@ -149,16 +151,21 @@ def attend(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def attend_rows(q, k, v, lengths: tuple[int, ...]):
-    """Varlen attention: q [N, H, d], k, v [N, n_kv, d] hold rows of `lengths` tokens end to end; each row
-    attends causally over its own tokens only -> [N, H, d]. One fused causal kernel per row, so no query or key
-    slot is padding; the price is a call per row per layer, which at the real shape (4 rows of 10-400 tokens,
-    dim 576) is small but at the demo's tiny dims outweighs the padding it saves (demo 174 -> 244 s): choosing
-    per batch between this and one padded call is the open fix."""
-    if not lengths:  # a batch of padding only
+def attend_rows(q, k, v, groups: RowGroups):
+    """Varlen attention: q [N, H, d], k, v [N, n_kv, d] hold rows of real tokens end to end; each row
+    attends causally over its own tokens only -> [N, H, d]. `groups` (varlen.plan_rows) says which rows share
+    one causal call over a right-padded block: a call per row does no work on padding, fewer calls cost less
+    per call; padding slots are never attended by a real query and never read."""
+    if not groups.shapes:  # a batch of padding only
         return q
-    rows = zip(q.split(lengths), k.split(lengths), v.split(lengths))
-    return torch.cat([attend(*(t.transpose(0, 1)[None] for t in row), None)[0].transpose(0, 1) for row in rows])
+    if groups.gather is not None:
+        q, k, v = (t.index_select(0, groups.gather) for t in (q, k, v))
+    sizes = [rows * width for rows, width in groups.shapes]
+    # each block [rows * width, h, d] -> [rows, h, width, d] -> attention -> back to [rows * width, H, d]
+    out = torch.cat([attend(*(t.view(rows, width, *t.shape[1:]).transpose(1, 2) for t in block), None)
+                     .transpose(1, 2).flatten(0, 1)
+                     for (rows, width), *block in zip(groups.shapes, q.split(sizes), k.split(sizes), v.split(sizes))])
+    return out if groups.scatter is None else out.index_select(0, groups.scatter)
 
 
 def decode_attention(q, k, v, mask):
@@ -223,14 +230,15 @@ class Unpadded(NamedTuple):
     slots). Any padding pattern works, since a token's position and what it may attend to are fixed by the
     real tokens before it in its row; a prefill also scatters k, v back to the padded layout for the cache."""
     rows: torch.Tensor  # [N] flat index b * T + t of each real token, in order
-    lengths: tuple[int, ...]  # real tokens per row, rows with none left out: `rows` splits into these runs
+    groups: RowGroups  # which rows attend in one call (varlen.plan_rows): planned once, used by every layer
     batch: int
     width: int
 
     @classmethod
-    def of(cls, padding: torch.Tensor) -> Unpadded:
-        lengths = tuple(int(n) for n in padding.sum(1).tolist() if n)
-        return cls(padding.flatten().nonzero().squeeze(1), lengths, *padding.shape)
+    def of(cls, padding: torch.Tensor, head_dims: int) -> Unpadded:
+        lengths = tuple(int(n) for n in padding.sum(1).tolist() if n)  # rows with no real token left out
+        return cls(padding.flatten().nonzero().squeeze(1), plan_rows(lengths, head_dims, padding.device),
+                   *padding.shape)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]"""
@@ -279,7 +287,7 @@ class Transformer(nn.Module):
                 positions = positions_from_padding(attention_mask, T)
             if not bool(attention_mask.all()):  # (no padding at all: plain causal)
                 if past == 0 and (cache is None or cache.slot is None):  # a whole batch, or a prefill
-                    unpadded = Unpadded.of(attention_mask)  # real tokens only, attention row by row
+                    unpadded = Unpadded.of(attention_mask, self.cfg.n_heads * self.cfg.head_dim)
                 elif not (past == 0 and right_padded(attention_mask)):  # causal alone keeps right padding unseen
                     mask = attention_mask_for(attention_mask, T)
         elif attention_mask is not None:

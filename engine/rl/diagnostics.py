@@ -274,7 +274,8 @@ def step_report(cfg, policy, rollout, update_seconds: float, minibatches_run: in
         bandwidth=peaks.bandwidth, model_bytes=roofline.weight_bytes(policy),
         kv_element_bytes=policy.model.norm.weight.element_size())
     # Padding in the rows as sampled (left-padded prompts, right-padded responses). The model runs every batch on
-    # its real tokens alone, attention row by row (llama.Unpadded): none of it is computed.
+    # its real tokens alone (llama.Unpadded): none of it reaches a linear, and attention pads rows only where one
+    # call over a few rows of near-equal length costs less than a call per row (varlen.plan_rows).
     padding = roofline.padding_share(rollout.attention_mask.sum(1).tolist(), rollout.tokens.shape[1])
     return roofline.StepReport({**report.metrics, "perf/padding_share_sampled": padding},
-                               f"{report.line}, padding {padding:.0%} as sampled, none computed")
+                               f"{report.line}, padding {padding:.0%} as sampled, none in the linears")
