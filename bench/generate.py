@@ -15,6 +15,11 @@ cache is skipped where that engine lacks it.
 
     python bench/generate.py --ppo [--root ../prev] [--threads 2]
 
+The LM head alone (--head): a decode step's logits for 1-64 rows at SmolLM2-135M's 49,152 x 576 head, fp32,
+as h Wᵀ (F.linear) and as (W hᵀ)ᵀ (what generate's next_token_logits runs on CPU), best of --repeats x 20 calls.
+
+    python bench/generate.py --head [--threads 2]
+
 Prints a table and one JSON line per run (also appended to --json FILE if given).
 """
 from __future__ import annotations
@@ -83,9 +88,25 @@ def ppo_decode(args) -> list[dict]:
     return rows
 
 
+def head_forms(args) -> list[dict]:
+    """ms per call of the decode step's LM head, h Wᵀ against (W hᵀ)ᵀ, for 1-64 rows."""
+    weight = torch.randn(49152, 576, generator=torch.Generator().manual_seed(0))
+    rows = []
+    print(f"{'rows':>4} {'h Wᵀ ms':>9} {'(W hᵀ)ᵀ ms':>12} {'ratio':>6}")
+    for b in (1, 4, 16, 64):
+        hidden = torch.randn(b, 576)
+        linear = best_time(lambda: [torch.nn.functional.linear(hidden, weight) for _ in range(20)], args.repeats) / 20
+        flipped = best_time(lambda: [(weight @ hidden.T).T.contiguous() for _ in range(20)], args.repeats) / 20
+        rows.append(dict(bench="generate_head", rows=b, vocab=49152, dim=576, linear_ms=round(1e3 * linear, 3),
+                         flipped_ms=round(1e3 * flipped, 3), threads=torch.get_num_threads(), torch=torch.__version__))
+        print(f"{b:>4} {1e3 * linear:>9.2f} {1e3 * flipped:>12.2f} {linear / flipped:>5.2f}x", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ppo", action="store_true", help="PPO's sampled decode at llama-60m instead (see above)")
+    ap.add_argument("--head", action="store_true", help="the decode step's LM head alone, two forms (see above)")
     ap.add_argument("--root", help="import the engine from this checkout")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
@@ -99,6 +120,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.ppo:
         emit_json(ppo_decode(args), args.json)
+        return
+    if args.head:
+        emit_json(head_forms(args), args.json)
         return
 
     rows = []
