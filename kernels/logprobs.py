@@ -27,8 +27,10 @@ import torch.nn.functional as F
 CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V] buffer (512 rows at V = 32000)
 # Up to this many bytes of float32 log-softmax blocks are kept from forward for backward, which then
 # skips recomputing them (from hidden states, the LM-head matmul again). Larger inputs recompute: memory
-# stays one [N, V] buffer at most, against autograd's several of a plain log_softmax.
-SAVE_BYTES = 256 * 2**20
+# stays one [N, V] buffer at most, against autograd's several of a plain log_softmax. 512 MiB covers SFT at
+# 4 x 512 tokens on SmolLM2's 49,152 pieces (403 MB): keeping them made that step 13-18% faster for 0.2-0.3 GB
+# (bench/hf_peer.py --parts sft-lora, docs/BENCHMARKS.md), still 0.85x the peer's peak.
+SAVE_BYTES = 512 * 2**20
 
 
 def available() -> bool:
