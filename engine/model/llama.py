@@ -122,9 +122,10 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
 
     def forward_unpadded(self, x, cos, sin, cache: KVCache | None, unpadded: Unpadded):
-        """x [N, dim]: every row's real tokens end to end. Projections, rotary and attention all run on them
-        alone: each row attends causally over its own tokens (varlen attention), so padding costs no FLOPs.
-        A prefill also writes k, v into the cache in the padded layout the decode steps read."""
+        """x [N, dim]: every row's real tokens end to end. Projections and rotary run on them alone; each row
+        attends causally over its own tokens (varlen attention, rows of near-equal length sharing a call where
+        that is cheaper: `unpadded.groups`). A prefill also writes k, v into the cache in the padded layout the
+        decode steps read."""
         N = x.shape[0]
         q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(N, self.n_kv_heads, self.head_dim)

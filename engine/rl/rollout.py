@@ -2,7 +2,7 @@
 repeat, read the reward model's scores, and return it all as one named `Rollout`.
 
 A rollout row is [prompt (left-padded, P) | response (right-padded, R)]: the sampler's layout. The
-forwards run those rows as they are (the model computes nothing on their padding, `llama.Unpadded`) and
+forwards run those rows as they are (no linear computes their padding, `llama.Unpadded`) and
 read the distribution over response token t at the token before it, column P - 1 + t.
 `PolicyAndValue.forward` computes the rollout's "old" log-probs and values and, in the update, the
 new ones; the reference log-probs are the same network with its adapters disabled. On identical
