@@ -40,8 +40,16 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     verdicts = [line for line in lines if line.strip().startswith("eval ")]
     assert len(verdicts) == 2 and all("95% CI" in v and "length-controlled" in v for v in verdicts)
     # and the proxy-vs-judge curve during training, in words
+    # (which way it reads depends on the seed and on round-off: seed 0 said over-optimisation until 3f4f36b, and
+    # now that the judge peaked at step 25 with the proxy falling after it too; the words must match the numbers)
     curve = next(line for line in lines if line.strip().startswith("curve "))
-    assert "steps 0/25/50" in curve and ("over-optimisation" in curve), curve
+    assert "steps 0/25/50" in curve and "under the judge" in curve, curve
+    proxy = [float(x) for x in curve.split("proxy score ")[1].split(",")[0].split(" -> ")]
+    peak = next((i for i, step in enumerate((0, 25, 50)) if f"peaked at step {step}" in curve), None)
+    if peak is None:
+        assert curve.endswith("no over-optimisation seen"), curve
+    else:
+        assert ("over-optimisation" in curve) == (proxy[-1] > proxy[peak]), curve
     for name in ("report.md", "frontier.png", "results.json"):
         assert os.path.getsize(tmp_path / "run" / "eval" / name) > 0
     # Issue 24's bar on this seed: the judge prefers PPO and its interval's lower bound is above 50%.
