@@ -32,10 +32,13 @@ def test_free_calls_give_a_call_per_row_and_dear_calls_one(monkeypatch):
     assert plan_rows((), 64, CPU).shapes == ()  # a batch of padding only
 
 
-@pytest.mark.parametrize("call_cost", [0.0, 1000.0, 1e12])
-def test_attention_over_any_plan_equals_attention_row_by_row(monkeypatch, call_cost):
-    """Outputs and gradients of q, k, v (GQA: 4 query heads over 2 kv heads) equal each row attended alone;
-    broken on purpose, one row's length misplanned lets it see the next row and is caught."""
+@pytest.mark.parametrize("call_cost, shapes", [(0.0, ((1, 10), (1, 100), (1, 12), (1, 98), (1, 1))),
+                                               (1000.0, ((3, 12), (2, 100))), (1e12, ((5, 100),))])
+def test_attention_over_any_plan_equals_attention_row_by_row(monkeypatch, call_cost, shapes):
+    """A call per row, two padded groups of different widths, one padded call: outputs and gradients of q, k, v
+    (GQA: 4 query heads over 2 kv heads) equal each row attended alone. Broken on purpose, one row's length
+    misplanned lets it see the next row and is caught. (The plan is costed at 1 head dim so that call cost
+    1000 mixes the two: rows {1, 10, 12} and {98, 100}.)"""
     torch.manual_seed(0)
     lengths = (10, 100, 12, 98, 1)
     N = sum(lengths)
@@ -47,9 +50,11 @@ def test_attention_over_any_plan_equals_attention_row_by_row(monkeypatch, call_c
     want = torch.cat(rows)
     want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
     monkeypatch.setattr(varlen, "CALL_COST", {"cpu": call_cost})
-    got = attend_rows(q, k, v, plan_rows(lengths, 32, CPU))
+    groups = plan_rows(lengths, 1, CPU)
+    assert groups.shapes == shapes
+    got = attend_rows(q, k, v, groups)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), want_grads):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    leaky = attend_rows(q, k, v, plan_rows((10, 100, 12 + 98, 1), 32, CPU))  # rows 2 and 3 as one
+    leaky = attend_rows(q, k, v, plan_rows((10, 100, 12 + 98, 1), 1, CPU))  # rows 2 and 3 as one
     assert (leaky - want).abs().max().item() > 1e-2

@@ -118,7 +118,7 @@ def prompt_response_rows(prompts: list[list[int]], responses: list[list[int]], p
 
 def next_token_logits(model: LLaMA, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on each row's last position: hidden [b, dim] -> logits [b, V]. On CPU it runs as (W hᵀ)ᵀ,
-    [V, dim] x [dim, b]: for a decode step's few rows MKL runs that 1.6x (b = 16) to 4x (b = 4) faster than
+    [V, dim] x [dim, b]: for a decode step's few rows MKL runs that 1.4x (b = 16) to 3.6x (b = 4) faster than
     h Wᵀ at SmolLM2's 49,152 x 576 head, 15% of its decode step (bench/generate.py --head). An 8-bit or
     adapted head keeps its own forward."""
     head = model.lm_head
