@@ -31,6 +31,11 @@ CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V]
 # 4 x 512 tokens on SmolLM2's 49,152 pieces (403 MB): keeping them made that step 13-18% faster for 0.2-0.3 GB
 # (bench/hf_peer.py --parts sft-lora, docs/BENCHMARKS.md), still 0.85x the peer's peak.
 SAVE_BYTES = 512 * 2**20
+# Row-wise reductions over a block (logsumexp, entropy, KL) run over slices of its rows whose temporaries
+# stay this small. A fresh [n, V] buffer above glibc's mmap threshold (32 MiB at most) is new pages from
+# the kernel on every call, and on the VM this was measured on, faulting them in cost ~10x the arithmetic:
+# torch.logsumexp on a [341, 49152] block took 67 ms in its [n, V] subtraction against 5 ms for its exp.
+SLICE_BYTES = 4 * 2**20
 
 
 def available() -> bool:
@@ -102,9 +107,12 @@ def hidden_logprobs_with_reference(hidden, lm_head_weight, ref_hidden, ref_lm_he
         _, ref_logp = _block_log_softmax(ref_hidden[bs, ts], ref_lm_head_weight, temperature, ref_mm_dtype)
         out.logprobs[bs, ts] = logp.gather(1, tok).view(shape)
         out.ref_logprobs[bs, ts] = ref_logp.gather(1, tok).view(shape)
-        p = logp.exp()
-        out.entropy[bs, ts] = -(p * logp).sum(-1).view(shape)
-        out.kl[bs, ts] = (p * ref_logp.neg_().add_(logp)).sum(-1).view(shape)  # ref_logp is not needed again
+        out.entropy[bs, ts] = _row_entropy(logp).view(shape)
+        log_ratio = ref_logp.neg_().add_(logp)  # in place: ref_logp is not needed again
+        kl = torch.empty(len(logp), dtype=logp.dtype, device=logp.device)
+        for rows in _row_slices(logp):
+            kl[rows] = (logp[rows].exp() * log_ratio[rows]).sum(-1)
+        out.kl[bs, ts] = kl.view(shape)
     return out
 
 
@@ -168,8 +176,35 @@ def _block_logits(x, weight, temperature, mm_dtype=None):
 def _block_log_softmax(x_block, weight, temperature, mm_dtype):
     """(logsumexp [n, 1], log-softmax [n, V]) of one block's logits / T; x_block [.., V] or [.., D]."""
     z = _block_logits(x_block.reshape(-1, x_block.shape[-1]), weight, temperature, mm_dtype)  # [n, V]
-    row_lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
+    row_lse = _row_logsumexp(z)  # [n, 1]
     return row_lse, z.sub_(row_lse)  # in place: z is not needed again
+
+
+def _row_slices(z):
+    """Slices of z's rows [n, V] whose float temporaries fit in SLICE_BYTES (at least one row each)."""
+    step = max(1, SLICE_BYTES // (z.element_size() * max(z.shape[-1], 1)))
+    return [slice(i, i + step) for i in range(0, z.shape[0], step)]
+
+
+def _row_logsumexp(z):
+    """torch.logsumexp(z, -1, keepdim=True) of z [n, V], bit for bit, computed a slice of rows at a time
+    so that no [n, V] temporary is allocated (SLICE_BYTES): the same ops per row as torch's, max, then
+    log Σ exp(z − max) + max, with an infinite max taken as 0."""
+    out = torch.empty(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    for rows in _row_slices(z):
+        zs = z[rows]
+        m = zs.amax(-1, keepdim=True)
+        m = m.masked_fill(m.isinf(), 0.0)
+        out[rows] = (zs - m).exp_().sum(-1, keepdim=True).log_().add_(m)
+    return out
+
+
+def _row_entropy(logp):
+    """−Σ p log p per row of a log-softmax block [n, V] -> [n], a slice of rows at a time."""
+    out = torch.empty(logp.shape[0], dtype=logp.dtype, device=logp.device)
+    for rows in _row_slices(logp):
+        out[rows] = -(logp[rows].exp() * logp[rows]).sum(-1)
+    return out
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -195,7 +230,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             lse[bs, ts] = row_lse.view(shape)
             logprobs[bs, ts] = logp.gather(1, tokens[bs, ts].reshape(-1, 1)).view(shape)
             if with_entropy:
-                entropy[bs, ts] = -(logp.exp() * logp).sum(-1).view(shape)
+                entropy[bs, ts] = _row_entropy(logp).view(shape)
         ctx.save_for_backward(x, weight, tokens, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.mm_dtype = temperature, chunk, mm_dtype
         ctx.set_materialize_grads(False)
@@ -234,9 +269,10 @@ def _grad_logits(logp, tok, g_lp, g_h, entropy):
 
     logprob = logp[tok]:            d/dz_k = onehot_k - p_k
     H = -sum_j p_j logp_j:          d/dz_k = -p_k (logp_k + H)
-    Both are formed in place on logp and p, so the block needs two [n, V] buffers.
+    Both are formed in place on logp (the block's own buffer, not needed after this), so the block needs
+    one more [n, V] buffer for p when there is an entropy gradient and none otherwise.
     """
-    p = logp.exp()  # [n, V]
+    p = logp.exp() if g_h is not None else logp.exp_()  # [n, V]; without g_h, logp is not read again
     coeff = torch.zeros_like(p[:, :1]) if g_lp is None else g_lp.to(p.dtype)  # [n, 1]
     if g_h is not None:  # coeff_k = g_lp + g_h (logp_k + H)
         coeff = logp.add_(entropy).mul_(g_h.to(p.dtype)).add_(coeff)

@@ -171,9 +171,11 @@ def test_rollout_pass_with_reference(chunk_size, autocast):
     assert same.kl.abs().max().item() <= 1e-6  # KL(π‖π) = 0
 
 
-def test_kept_blocks_and_recomputed_blocks_give_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_kept_blocks_and_recomputed_blocks_give_the_same_gradients(monkeypatch, with_entropy):
     """Backward reuses the forward's log-softmax blocks when they fit SAVE_BYTES, else recomputes them: the
-    gradients are bit-identical either way, and a second backward (retain_graph) recomputes."""
+    gradients are bit-identical either way, and a second backward (retain_graph) recomputes. Without an
+    entropy gradient backward exponentiates a kept block in place: the second backward must not see that."""
     g = torch.Generator().manual_seed(5)
     hidden, w = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
     tokens = torch.randint(0, V, (B, T), generator=g)
@@ -181,7 +183,8 @@ def test_kept_blocks_and_recomputed_blocks_give_the_same_gradients(monkeypatch):
     def grads(save_bytes, twice=False):
         monkeypatch.setattr(lp_kernel, "SAVE_BYTES", save_bytes)
         h, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = loss_of(*lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.8, with_entropy=True, chunk_size=4))
+        out = lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.8, with_entropy=with_entropy, chunk_size=4)
+        loss = loss_of(*out) if with_entropy else loss_of(out, torch.zeros(()))
         first = torch.autograd.grad(loss, (h, ww), retain_graph=twice)
         return (first, torch.autograd.grad(loss, (h, ww))) if twice else first
 
@@ -189,3 +192,30 @@ def test_kept_blocks_and_recomputed_blocks_give_the_same_gradients(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
     first, second = grads(2**30, twice=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_row_reductions_in_slices_equal_whole_blocks(monkeypatch):
+    """logsumexp, entropy and the KL run over slices of a block's rows (no [n, V] temporary): slices of 2 rows
+    (blocks of 4 and 5 rows, so a short last slice) give the same values and gradients, bit for bit, as one
+    slice per block; the logsumexp is torch's, infinite rows included."""
+    g = torch.Generator().manual_seed(7)
+    hidden, w, ref_hidden = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g), torch.randn(B, T, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+
+    def run(slice_bytes, chunk):
+        monkeypatch.setattr(lp_kernel, "SLICE_BYTES", slice_bytes)
+        h, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.9, with_entropy=True, chunk_size=chunk)
+        grads = torch.autograd.grad(loss_of(lp, ent), (h, ww))
+        ref = lp_kernel.hidden_logprobs_with_reference(hidden, w, ref_hidden, w, tokens, 0.9, chunk)
+        return (lp, ent, *grads, *ref)
+
+    for chunk in (4, 5):
+        sliced, whole = run(2 * 4 * V, chunk), run(2**30, chunk)
+        assert all(torch.equal(a, b) for a, b in zip(sliced, whole))
+    monkeypatch.setattr(lp_kernel, "SLICE_BYTES", 2 * 4 * V)
+    assert lp_kernel._row_slices(torch.empty(5, V)) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    z = torch.randn(5, V, generator=g) * 30
+    z[1] = float("-inf")
+    z[3, :2] = float("inf")
+    assert torch.equal(lp_kernel._row_logsumexp(z), torch.logsumexp(z, -1, keepdim=True))
