@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.varlen import RowGroups, plan_rows
+from rlhf_engine.kernels.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -189,7 +190,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up, two tensors kept
 
 
 class Block(nn.Module):
