@@ -29,7 +29,7 @@ CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V]
 # skips recomputing them (from hidden states, the LM-head matmul again). Larger inputs recompute: memory
 # stays one [N, V] buffer at most, against autograd's several of a plain log_softmax. 512 MiB covers SFT at
 # 4 x 512 tokens on SmolLM2's 49,152 pieces (403 MB): keeping them made that step 13-18% faster for 0.2-0.3 GB
-# (bench/hf_peer.py --parts sft-lora, docs/BENCHMARKS.md), still 0.85x the peer's peak.
+# (bench/hf_peer.py --parts sft-lora, docs/BENCHMARKS.md), the peak still below the peer's.
 SAVE_BYTES = 512 * 2**20
 # Row-wise reductions over a block (logsumexp, entropy, KL) run over slices of its rows whose temporaries
 # stay this small. A fresh [n, V] buffer above glibc's mmap threshold (32 MiB at most) is new pages from

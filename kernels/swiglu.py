@@ -4,7 +4,7 @@ Written as `F.silu(gate) * up`, autograd keeps gate (for silu's backward), silu(
 product's): three [tokens, hidden] tensors a layer. Their gradients need only gate and up, with silu(gate)
 recomputed in backward (one elementwise op), so the custom Function below keeps two. At SmolLM2's
 hidden 1536 that is 12.6 MB a layer for SFT's 4 × 512 tokens, 377 MB over 30 layers; the gradients are
-bit-identical (the same aten ops: silu, mul, silu_backward), and the time measured level (bench/mlp.py).
+bit-identical (the same aten ops: silu, mul, silu_backward), and the time measured level (bench/swiglu.py).
 """
 from __future__ import annotations
 
