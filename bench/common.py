@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 FALLBACK_VOCAB = 1000  # about the most pieces sentencepiece can learn from the synthetic text
@@ -87,6 +89,17 @@ def emit_json(rows: list[dict], path: str | None) -> None:
         if path:
             with open(path, "a") as f:
                 f.write(line + "\n")
+
+
+def variants_in_fresh_processes(script: str, flags: list[str], names) -> list[dict]:
+    """Run `script *flags --variant=NAME` for each name, each in a fresh Python process (so each one's peak RSS
+    is its own), and return the JSON object each printed last."""
+    rows = []
+    for name in names:
+        out = subprocess.run([sys.executable, script, *flags, f"--variant={name}"], check=True,
+                             capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
 
 
 def run_worker(spec_path: str, fn) -> None:

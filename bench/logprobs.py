@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from common import variants_in_fresh_processes  # (this script's own bench/common.py)
 
 VARIANTS = ("logits/reference", "logits/chunked", "hidden/reference", "hidden/chunked")
 
@@ -87,11 +88,7 @@ def main():
         return
     shape = dict(batch=args.batch, seq=args.seq, vocab=args.vocab, dim=args.dim, dtype=args.dtype, clock=args.clock)
     flags = [f"--{k}={v}" for k, v in shape.items()]
-    rows = []
-    for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *flags, f"--variant={name}"], check=True,
-                             capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = variants_in_fresh_processes(__file__, flags, VARIANTS)
     print(f"token log-probs + entropy, forward+backward, B={args.batch} T={args.seq} V={args.vocab} "
           f"D={args.dim} {args.dtype}, {args.clock} clock, torch threads={rows[0]['threads']}")
     print(f"{'variant':<20}{'peak MiB above inputs':>24}{'seconds':>10}")

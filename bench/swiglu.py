@@ -15,9 +15,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from common import variants_in_fresh_processes  # (this script's own bench/common.py)
 
 VARIANTS = ("reference", "swiglu")
 
@@ -80,11 +81,7 @@ def main():
         return
     shape = dict(tokens=args.tokens, dim=args.dim, hidden=args.hidden, layers=args.layers, frozen=args.frozen)
     flags = [f"--{k}={v}" for k, v in shape.items() if k != "frozen"] + (["--frozen"] if args.frozen else [])
-    rows = []
-    for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *flags, f"--variant={name}"], check=True,
-                             capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = variants_in_fresh_processes(__file__, flags, VARIANTS)
     print(f"{args.layers} MLPs {args.dim} -> {args.hidden} -> {args.dim}, {args.tokens} tokens, forward + backward, "
           f"linears {'frozen' if args.frozen else 'trained'}, fp32, torch threads={rows[0]['threads']}")
     print(f"{'variant':<12}{'kept MiB':>10}{'peak MiB above inputs':>24}{'seconds':>10}")
