@@ -199,7 +199,8 @@ def test_row_reductions_in_slices_equal_whole_blocks(monkeypatch):
     (blocks of 4 and 5 rows, so a short last slice) give the same values and gradients, bit for bit, as one
     slice per block; the logsumexp is torch's, infinite rows included."""
     g = torch.Generator().manual_seed(7)
-    hidden, w, ref_hidden = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g), torch.randn(B, T, D, generator=g)
+    hidden, w = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    ref_hidden = torch.randn(B, T, D, generator=g)
     tokens = torch.randint(0, V, (B, T), generator=g)
 
     def run(slice_bytes, chunk):
