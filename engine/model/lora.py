@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_engine.kernels.int8_matmul import dequantize_int8
+from rlhf_engine.kernels.lora import lora_update
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # StackLLaMA's choice
 NEVER_TARGETED = ("lm_head", "score")  # heads are trained whole (or not at all), never through LoRA
@@ -57,13 +58,13 @@ class Adapter(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         if device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT and nn.Linear
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
 
     def forward(self, x):
-        a = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(a.device.type):  # under autocast the matmuls pick their dtype (a cast
-            a = a.to(self.lora_a.dtype)  # here would be undone there: bf16 -> fp32 -> bf16, a copy for nothing)
-        return F.linear(F.linear(a, self.lora_a), self.lora_b) * self.scaling
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype (a cast
+            x = x.to(self.lora_a.dtype)  # here would be undone there: bf16 -> fp32 -> bf16, a copy for nothing)
+        # dropout's mask kept as bytes and x shared with the layer's other adapters (kernels/lora.py)
+        return lora_update(x, self.lora_a, self.lora_b, self.scaling, self.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_b @ self.lora_a) * self.scaling  # [out, in]
