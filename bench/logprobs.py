@@ -10,6 +10,7 @@ most memory the step ever held above its inputs (outputs and gradients included:
 returns large blocks to the OS on free, so one process per variant keeps variants from sharing pages.
 Time: the best of 3 further runs in the same process, by the wall clock on all threads, or with
 --clock cpu by one torch thread's own CPU time (other jobs on shared cores cannot inflate it).
+The frozen-head variants give log-probs only and leave the LM-head weight without a gradient (LoRA SFT, DPO).
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -23,7 +24,9 @@ import time
 
 from common import variants_in_fresh_processes  # (this script's own bench/common.py)
 
-VARIANTS = ("logits/reference", "logits/chunked", "hidden/reference", "hidden/chunked")
+# frozen-head: the LM head frozen and log-probs only (LoRA SFT, DPO), where the kernel keeps d logprob / d hidden
+VARIANTS = ("logits/reference", "logits/chunked", "hidden/reference", "hidden/chunked", "frozen-head/reference",
+            "frozen-head/chunked")
 
 
 def run_variant(name: str, args) -> dict:
@@ -47,9 +50,14 @@ def run_variant(name: str, args) -> dict:
         inputs = [torch.randn(B, T, V, dtype=dtype, requires_grad=True)]
     else:
         inputs = [torch.randn(B, T, D, dtype=dtype, requires_grad=True),
-                  (torch.randn(V, D, dtype=dtype) / D**0.5).requires_grad_()]
+                  (torch.randn(V, D, dtype=dtype) / D**0.5).requires_grad_(source == "hidden")]
 
     def step():
+        if source == "frozen-head":
+            fn = lp_kernel.hidden_reference if impl == "reference" else lp_kernel.hidden_token_logprobs
+            logprobs = fn(*inputs, tokens)
+            logprobs = logprobs[0] if impl == "reference" else logprobs
+            return torch.autograd.grad((logprobs * weights).sum(), inputs[0])
         if impl == "reference":
             fn = lp_kernel.reference if source == "logits" else lp_kernel.hidden_reference
             logprobs, entropy = fn(*inputs, tokens)
@@ -91,9 +99,9 @@ def main():
     rows = variants_in_fresh_processes(__file__, flags, VARIANTS)
     print(f"token log-probs + entropy, forward+backward, B={args.batch} T={args.seq} V={args.vocab} "
           f"D={args.dim} {args.dtype}, {args.clock} clock, torch threads={rows[0]['threads']}")
-    print(f"{'variant':<20}{'peak MiB above inputs':>24}{'seconds':>10}")
+    print(f"{'variant':<22}{'peak MiB above inputs':>24}{'seconds':>10}")
     for r in rows:
-        print(f"{r['variant']:<20}{r['peak_mib_above_inputs']:>24.1f}{r['seconds']:>10.3f}")
+        print(f"{r['variant']:<22}{r['peak_mib_above_inputs']:>24.1f}{r['seconds']:>10.3f}")
     print(json.dumps({"bench": "logprobs", **shape, "results": rows}))
 
 

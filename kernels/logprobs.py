@@ -28,8 +28,8 @@ CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V]
 # Up to this many bytes of float32 log-softmax blocks are kept from forward for backward, which then
 # skips recomputing them (from hidden states, the LM-head matmul again). Larger inputs recompute: memory
 # stays one [N, V] buffer at most, against autograd's several of a plain log_softmax. 512 MiB covers SFT at
-# 4 x 512 tokens on SmolLM2's 49,152 pieces (403 MB): keeping them made that step 13-18% faster for 0.2-0.3 GB
-# (bench/hf_peer.py --parts sft-lora, docs/BENCHMARKS.md), the peak still below the peer's.
+# 4 x 512 tokens on SmolLM2's 49,152 pieces (403 MB) when the head trains; a frozen head keeps d logprob /
+# d hidden instead (below).
 SAVE_BYTES = 512 * 2**20
 # Row-wise reductions over a block (logsumexp, entropy, KL) run over slices of its rows whose temporaries
 # stay this small. A fresh [n, V] buffer above glibc's mmap threshold (32 MiB at most) is new pages from
@@ -209,7 +209,8 @@ def _row_entropy(logp):
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """Inputs: x [B, T, V] logits (weight None) or [B, T, D] hidden with weight [V, D]; tokens [B, T].
-    Saves only x, weight, tokens and per-row logsumexp / entropy ([B, T]); backward recomputes each block."""
+    Saves x, weight, tokens and per-row logsumexp / entropy ([B, T]), plus the blocks kept (SAVE_BYTES) or,
+    for a frozen head, d logprob / d hidden [B, T, D] formed in forward; otherwise backward recomputes."""
 
     @staticmethod
     def forward(ctx, x, weight, tokens, temperature, chunk, with_entropy):
@@ -220,25 +221,38 @@ class _ChunkedLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logprobs) if with_entropy else None
         mm_dtype = _matmul_dtype(x, weight)
         vocab = x.shape[-1] if weight is None else weight.shape[0]
-        keep = any(ctx.needs_input_grad[:2]) and B * T * vocab * 4 <= SAVE_BYTES
+        # A frozen head (LoRA, DPO's policy) and no entropy: the only gradient is g · d logprob / d hidden with
+        # g one number a row, so the [n, D] factor is formed here from each block, whose [n, V] buffers die with
+        # it: the same multiply-adds as backward's, D/V of the memory kept (SFT at 4 x 512: 4.7 MB, not 403).
+        precompute = weight is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not with_entropy
+        grad_unit = torch.empty_like(x) if precompute else None  # [B, T, D]
+        keep = not precompute and any(ctx.needs_input_grad[:2]) and B * T * vocab * 4 <= SAVE_BYTES
         ctx.kept = [] if keep else None
         for bs, ts in _blocks(B, T, chunk):
             row_lse, logp = _block_log_softmax(x[bs, ts], weight, temperature, mm_dtype)  # [n, 1], [n, V]
             if keep:
                 ctx.kept.append(logp)
             shape = logprobs[bs, ts].shape
+            tok = tokens[bs, ts].reshape(-1, 1)  # [n, 1]
             lse[bs, ts] = row_lse.view(shape)
-            logprobs[bs, ts] = logp.gather(1, tokens[bs, ts].reshape(-1, 1)).view(shape)
+            logprobs[bs, ts] = logp.gather(1, tok).view(shape)
             if with_entropy:
                 entropy[bs, ts] = _row_entropy(logp).view(shape)
-        ctx.save_for_backward(x, weight, tokens, lse, entropy)
+            if precompute:  # (onehot - p) / T @ W, in place on the block (its log-probs are read above)
+                grad_z = logp.exp_().neg_().scatter_add_(1, tok, torch.ones_like(tok, dtype=logp.dtype))
+                grad_z = grad_z.div_(temperature).to(x.dtype)
+                grad_unit[bs, ts] = (grad_z.to(mm_dtype) @ weight.to(mm_dtype)).view(grad_unit[bs, ts].shape)
+        ctx.save_for_backward(None if precompute else x, weight, tokens, lse, entropy, grad_unit)
         ctx.temperature, ctx.chunk, ctx.mm_dtype = temperature, chunk, mm_dtype
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        x, weight, tokens, lse, entropy = ctx.saved_tensors
+        x, weight, tokens, lse, entropy, grad_unit = ctx.saved_tensors
+        if grad_unit is not None:  # no entropy output, so grad_entropy is None
+            grad_x = None if grad_logprobs is None else grad_unit * grad_logprobs.unsqueeze(-1).to(grad_unit.dtype)
+            return grad_x, None, None, None, None, None
         B, T = tokens.shape
         want_x, want_w = ctx.needs_input_grad[:2]
         grad_x = torch.empty_like(x) if want_x else None  # every block writes its rows

@@ -220,3 +220,51 @@ def test_row_reductions_in_slices_equal_whole_blocks(monkeypatch):
     z[1] = float("-inf")
     z[3, :2] = float("inf")
     assert torch.equal(lp_kernel._row_logsumexp(z), torch.logsumexp(z, -1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk_size", [4, 5, None])
+def test_a_frozen_head_keeps_the_hidden_gradient_not_the_blocks(dtype, tol, chunk_size):
+    """With the head frozen and no entropy (LoRA SFT, DPO) forward forms d logprob / d hidden, [B, T, D], and
+    keeps neither the [n, V] blocks nor the hidden states; backward scales it by each row's gradient. The
+    gradient equals the trained-head path's (which keeps the blocks) and the full log-softmax's, a second
+    backward (retain_graph) gives it again, and a gradient reaching no log-prob gives none."""
+    g = torch.Generator().manual_seed(11)
+    hidden, w = torch.randn(B, T, D, generator=g).to(dtype), torch.randn(V, D, generator=g).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.randn(B, T, generator=g)  # a different upstream gradient for every position
+
+    def grad_of(fn, head_trains):
+        h, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_(head_trains)
+        lp = fn(h, ww)
+        return lp, torch.autograd.grad((lp * weights).sum(), h, retain_graph=True)[0], h, ww
+
+    frozen_lp, frozen, h, _ = grad_of(
+        lambda h, ww: lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.8, chunk_size=chunk_size), False)
+    ctx = frozen_lp.grad_fn
+    assert ctx.kept is None and ctx.saved_tensors[0] is None  # no blocks, no hidden states kept
+    assert ctx.saved_tensors[-1].shape == hidden.shape
+    trained_lp, trained, _, _ = grad_of(
+        lambda h, ww: lp_kernel.hidden_token_logprobs(h, ww, tokens, 0.8, chunk_size=chunk_size), True)
+    assert trained_lp.grad_fn.saved_tensors[-1] is None  # the head trains: the blocks path
+    _, want, _, _ = grad_of(lambda h, ww: lp_kernel.hidden_reference(h, ww, tokens, 0.8)[0], False)
+    assert torch.equal(frozen_lp, trained_lp) and frozen.dtype == dtype
+    assert_close(frozen, trained, tol)
+    assert_close(frozen, want, 10 * tol)
+    again = torch.autograd.grad((frozen_lp * weights).sum(), h)[0]
+    assert torch.equal(again, frozen)
+    # the hand rule for one row: d logprob / d hidden = (W[token] - softmax(W h / T) @ W) / T, times the weight
+    b, t = 1, 2
+    p = torch.softmax(w.double() @ hidden[b, t].double() / 0.8, -1)
+    by_hand = weights[b, t] * (w[tokens[b, t]].double() - p @ w.double()) / 0.8
+    assert_close(frozen[b, t], by_hand, 10 * tol)
+
+
+def test_a_frozen_head_with_an_entropy_gradient_takes_the_blocks_path():
+    """An entropy output may carry a gradient (PPO's entropy bonus), which d logprob / d hidden cannot give."""
+    g = torch.Generator().manual_seed(12)
+    hidden, w = torch.randn(B, T, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    got = lp_kernel.hidden_token_logprobs(hidden, w, tokens, 0.8, with_entropy=True, chunk_size=4)
+    assert got[0].grad_fn.saved_tensors[-1] is None
+    assert_matches(got, lp_kernel.hidden_reference(hidden, w, tokens, 0.8), (hidden,), 1e-5)
