@@ -19,6 +19,8 @@ repo's pin), which imports nothing from this repo. Peak RSS (getrusage) is each 
   no early stop (the engine: EOS never sampled as a stop; the peer: min_new_tokens = max_new_tokens);
   tokens/s counts the new tokens over the whole call (prefill included), the best of --repeats calls.
 Training steps: --steps, the first a warm-up left out; tokens/s is rows x seq-len over the mean step.
+--compile: both sides run their training step's module through torch.compile (the engine's loss module as
+`train.py sft/rm --compile` does, the peer's whole model); the compile falls in the warm-up; decode stays eager.
 Prints a table and one JSON line per configuration and side (also appended to --json FILE).
 """
 from __future__ import annotations
@@ -86,6 +88,8 @@ def run_engine(spec: dict) -> dict:
     model.train()
     optimizer = build_adamw(model, 1e-5, 0.0)
     net = PairScores(model) if head == "score" else CausalLMLoss(model)
+    if spec["compile"]:
+        net = torch.compile(net)
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +139,8 @@ def run_peer(spec: dict) -> dict:
         model = get_peft_model(model, lora)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    if spec["compile"]:
+        model = torch.compile(model)
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
@@ -174,6 +180,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="decode: timed calls after a warm-up call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both sides' training steps")
     ap.add_argument("--venv", default=os.path.join(ROOT, ".peer-venv"), help="the peer's virtual environment")
     ap.add_argument("--json", help="append the JSON lines to this file")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC SIDE
@@ -195,6 +202,7 @@ def main():
             spec = dict(model=os.path.abspath(args.model), part=part, seq_len=args.seq_len, batch_size=args.batch_size,
                         steps=args.steps, decode_batch=args.decode_batch, prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                        compile=args.compile and part != "decode",
                         result=os.path.join(work, f"{part}-{side}.json"))
             with open(os.path.join(work, f"{part}-{side}.spec.json"), "w") as f:
                 json.dump(spec, f)
@@ -214,7 +222,7 @@ def main():
             rows.append(dict(bench="hf_peer", part=part, side=side, model=spec["model"], seconds=seconds,
                              tokens_per_s=tokens / seconds, seq_len=args.seq_len, batch_size=args.batch_size,
                              decode_batch=args.decode_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                             **result))
+                             compiled=spec["compile"], **result))
     print("part | engine tok/s | peer tok/s | engine / peer | engine peak RSS | peer peak RSS")
     print(" | ".join(["---"] * 6))
     for part in args.parts:
@@ -223,7 +231,8 @@ def main():
             print(f"{part} | failed: {got}")
             continue
         e, p = got["engine"], got["peer"]
-        print(" | ".join([part, f"{e['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
+        label = part + (" (compiled)" if e["compiled"] else "")
+        print(" | ".join([label, f"{e['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
                           f"{e['tokens_per_s'] / p['tokens_per_s']:.2f}x", f"{e['peak_rss_gb']:.2f} GB",
                           f"{p['peak_rss_gb']:.2f} GB"]))
     emit_json(rows, args.json)
