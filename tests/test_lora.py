@@ -240,6 +240,25 @@ def test_activation_checkpointing_replays_the_adapter_the_forward_used():
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)
 
 
+def test_activation_checkpointing_redraws_the_same_dropout_masks():
+    """A recomputed block draws LoRA dropout's masks again (kernels/lora.py draws them with torch.rand): they
+    must be the forward's, or the gradients would belong to other masks than the loss. Without dropout the
+    same gradients; a different seed gives different ones, so the masks matter here."""
+    def grads(ckpt, seed=0):
+        model = apply_lora(base_model(), LoRAConfig(r=4, dropout=0.5, targets=("all-linear",)))
+        randomise_adapters(model)
+        model.train()
+        model.model.grad_checkpointing = ckpt
+        torch.manual_seed(seed)
+        model(TOKENS).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, recomputed, other = grads(False), grads(True), grads(False, seed=1)
+    for n in plain:
+        torch.testing.assert_close(recomputed[n], plain[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(other[n], plain[n]) for n in plain)
+
+
 def test_reward_adapter_with_its_head_loads_apart_from_the_model(tmp_path):
     """A reward model's adapter folder carries score.weight; on a policy (lm head) it comes back apart."""
     rm = apply_lora(LLaMA(CFG, head="score").init_weights(generator=torch.Generator().manual_seed(0)).eval(),
