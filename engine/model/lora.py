@@ -125,7 +125,8 @@ class LoRALinear(nn.Module):
         self.active, self.disabled = state
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={a.r} scaling={a.scaling:g}" for n, a in self.adapters.items())
+        adapters = ", ".join(f"{n}: r={a.r} scaling={a.scaling:g} dropout={a.dropout:g}"
+                             for n, a in self.adapters.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}]"
 
 
