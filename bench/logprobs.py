@@ -97,8 +97,8 @@ def main():
     shape = dict(batch=args.batch, seq=args.seq, vocab=args.vocab, dim=args.dim, dtype=args.dtype, clock=args.clock)
     flags = [f"--{k}={v}" for k, v in shape.items()]
     rows = variants_in_fresh_processes(__file__, flags, VARIANTS)
-    print(f"token log-probs + entropy, forward+backward, B={args.batch} T={args.seq} V={args.vocab} "
-          f"D={args.dim} {args.dtype}, {args.clock} clock, torch threads={rows[0]['threads']}")
+    print(f"token log-probs (+ entropy, except frozen-head), forward+backward, B={args.batch} T={args.seq} "
+          f"V={args.vocab} D={args.dim} {args.dtype}, {args.clock} clock, torch threads={rows[0]['threads']}")
     print(f"{'variant':<22}{'peak MiB above inputs':>24}{'seconds':>10}")
     for r in rows:
         print(f"{r['variant']:<22}{r['peak_mib_above_inputs']:>24.1f}{r['seconds']:>10.3f}")

@@ -127,7 +127,10 @@ def _dispatch(x, weight, tokens, temperature, chunk_size, with_entropy):
     _check(x, tokens, temperature)
     vocab = x.shape[-1] if weight is None else weight.shape[0]
     chunk_size = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
-    return _ChunkedLogprobs.apply(x, weight, tokens, float(temperature), int(chunk_size), with_entropy)
+    # Whether a gradient can be asked for: needs_input_grad follows requires_grad even under no_grad, where
+    # keeping blocks or forming the frozen head's gradient would be work for nothing.
+    grad_enabled = torch.is_grad_enabled()
+    return _ChunkedLogprobs.apply(x, weight, tokens, float(temperature), int(chunk_size), with_entropy, grad_enabled)
 
 
 # ---- chunked path -------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     for a frozen head, d logprob / d hidden [B, T, D] formed in forward; otherwise backward recomputes."""
 
     @staticmethod
-    def forward(ctx, x, weight, tokens, temperature, chunk, with_entropy):
+    def forward(ctx, x, weight, tokens, temperature, chunk, with_entropy, grad_enabled):
         B, T = tokens.shape
         dtype = _compute_dtype(x)
         logprobs = torch.empty(B, T, dtype=dtype, device=x.device)
@@ -224,9 +227,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # A frozen head (LoRA, DPO's policy) and no entropy: the only gradient is g · d logprob / d hidden with
         # g one number a row, so the [n, D] factor is formed here from each block, whose [n, V] buffers die with
         # it: the same multiply-adds as backward's, D/V of the memory kept (SFT at 4 x 512: 4.7 MB, not 403).
-        precompute = weight is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not with_entropy
+        want_x, want_w = (grad_enabled and wants for wants in ctx.needs_input_grad[:2])
+        precompute = weight is not None and want_x and not want_w and not with_entropy
         grad_unit = torch.empty_like(x) if precompute else None  # [B, T, D]
-        keep = not precompute and any(ctx.needs_input_grad[:2]) and B * T * vocab * 4 <= SAVE_BYTES
+        head = weight.to(mm_dtype) if precompute else None
+        keep = not precompute and (want_x or want_w) and B * T * vocab * 4 <= SAVE_BYTES
         ctx.kept = [] if keep else None
         for bs, ts in _blocks(B, T, chunk):
             row_lse, logp = _block_log_softmax(x[bs, ts], weight, temperature, mm_dtype)  # [n, 1], [n, V]
@@ -238,21 +243,21 @@ class _ChunkedLogprobs(torch.autograd.Function):
             logprobs[bs, ts] = logp.gather(1, tok).view(shape)
             if with_entropy:
                 entropy[bs, ts] = _row_entropy(logp).view(shape)
-            if precompute:  # (onehot - p) / T @ W, in place on the block (its log-probs are read above)
-                grad_z = logp.exp_().neg_().scatter_add_(1, tok, torch.ones_like(tok, dtype=logp.dtype))
-                grad_z = grad_z.div_(temperature).to(x.dtype)
-                grad_unit[bs, ts] = (grad_z.to(mm_dtype) @ weight.to(mm_dtype)).view(grad_unit[bs, ts].shape)
+            if precompute:  # in place on the block: its log-probs are read above
+                grad_unit[bs, ts] = _logprob_grad_factor(logp, tok, temperature, head, x.dtype).view(
+                    grad_unit[bs, ts].shape)
         ctx.save_for_backward(None if precompute else x, weight, tokens, lse, entropy, grad_unit)
         ctx.temperature, ctx.chunk, ctx.mm_dtype = temperature, chunk, mm_dtype
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # gradients built from saved values: no double backward
     def backward(ctx, grad_logprobs, grad_entropy):
         x, weight, tokens, lse, entropy, grad_unit = ctx.saved_tensors
         if grad_unit is not None:  # no entropy output, so grad_entropy is None
-            grad_x = None if grad_logprobs is None else grad_unit * grad_logprobs.unsqueeze(-1).to(grad_unit.dtype)
-            return grad_x, None, None, None, None, None
+            grad_x = None if grad_logprobs is None else (grad_unit * grad_logprobs.unsqueeze(-1)).to(grad_unit.dtype)
+            return grad_x, None, None, None, None, None, None
         B, T = tokens.shape
         want_x, want_w = ctx.needs_input_grad[:2]
         grad_x = torch.empty_like(x) if want_x else None  # every block writes its rows
@@ -275,7 +280,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_x[bs, ts] = (grad_z.to(md) @ weight.to(md)).view(grad_x[bs, ts].shape)  # [n, D]
             if want_w:
                 grad_w += (grad_z.t() @ x_block).float()  # [V, D]
-        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def _logprob_grad_factor(logp, tok, temperature, head, dtype):
+    """d logprob / d hidden for one block: (onehot - p) / T @ W -> [n, D], p formed in place on logp [n, V];
+    the softmax math in float32, the matmul in the head's dtype, as backward would do it."""
+    grad_z = logp.exp_().neg_().scatter_add_(1, tok, torch.ones_like(tok, dtype=logp.dtype))
+    return grad_z.div_(temperature).to(dtype).to(head.dtype) @ head
 
 
 def _grad_logits(logp, tok, g_lp, g_h, entropy):

@@ -1,12 +1,14 @@
 """LoRA's update with dropout, (α/r)·B·A·dropout(x), keeping x and a bool mask for backward.
 
-Written as `linear(linear(dropout(x), A), B) * scale`, autograd keeps dropout's float noise (for dropout's
-backward) and the dropped copy of x (for A's gradient): two float copies of the input per adapted layer. The
-Function below keeps x itself, which q_proj's and v_proj's adapters share (the same normed hidden state),
-and a one-byte keep mask: at SmolLM2's SFT shape (4 × 512 tokens, dim 576, q and v adapted) that is 6.8 MB
-a layer instead of 18, 340 MB less over 30 layers. The keep-scale 1/(1-p) moves from the [tokens, dim]
+Written as `linear(linear(dropout(x), A), B) * scale`, autograd keeps dropout's noise (a float tensor on CPU;
+CUDA's fused dropout keeps a byte mask) and the dropped copy of x (for A's gradient): on CPU two float copies of
+the input per adapted layer. The Function below keeps x itself, which q_proj's and v_proj's adapters share (the
+same normed hidden state, when it needs no cast to the adapters' dtype), and a one-byte keep mask: at SmolLM2's
+SFT shape on CPU (4 × 512 tokens, dim 576, q and v adapted) that is 6.8 MB a layer instead of 18, 340 MB less
+over 30 layers; on CUDA one float copy a layer less. The keep-scale 1/(1-p) moves from the [tokens, dim]
 input to the [tokens, r] product (the same value, rounded at another place: equal to the reference within
-fp32 round-off, tested with the same mask). Dropout off (eval, p = 0) or no gradient wanted: the reference.
+fp32 round-off, tested with the same mask). Dropout off (eval, p = 0), no gradient wanted, or autocast (bf16
+training on a GPU, where the matmuls pick their dtypes): the reference.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class _LoRAUpdate(torch.autograd.Function):
         return F.linear(h, lora_b) * scaling
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # gradients built from the saved h: no double backward
     def backward(ctx, grad):
         x, lora_a, lora_b, keep_mask, h = ctx.saved_tensors
         want_x, want_a, want_b = ctx.needs_input_grad[:3]
@@ -54,6 +57,8 @@ def lora_update(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
                 training: bool) -> torch.Tensor:
     """(α/r)·B·A·dropout(x); with dropout on and a gradient wanted, through the Function that keeps x and a
     bool mask. Under autocast the reference runs (its matmuls pick their dtypes there)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {p!r}")
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
     if not (training and p > 0 and wants_grad) or torch.is_autocast_enabled(x.device.type):
         return reference(x, lora_a, lora_b, scaling, p, training)

@@ -224,11 +224,11 @@ def test_row_reductions_in_slices_equal_whole_blocks(monkeypatch):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("chunk_size", [4, 5, None])
-def test_a_frozen_head_keeps_the_hidden_gradient_not_the_blocks(dtype, tol, chunk_size):
+def test_a_frozen_head_keeps_the_hidden_gradient_not_the_blocks(dtype, tol, chunk_size, monkeypatch):
     """With the head frozen and no entropy (LoRA SFT, DPO) forward forms d logprob / d hidden, [B, T, D], and
     keeps neither the [n, V] blocks nor the hidden states; backward scales it by each row's gradient. The
-    gradient equals the trained-head path's (which keeps the blocks) and the full log-softmax's, a second
-    backward (retain_graph) gives it again, and a gradient reaching no log-prob gives none."""
+    gradient equals the trained-head path's (which keeps the blocks) and the full log-softmax's, and a second
+    backward (retain_graph) gives it again. Under no_grad nothing is formed or kept; a double backward raises."""
     g = torch.Generator().manual_seed(11)
     hidden, w = torch.randn(B, T, D, generator=g).to(dtype), torch.randn(V, D, generator=g).to(dtype)
     tokens = torch.randint(0, V, (B, T), generator=g)
@@ -254,6 +254,19 @@ def test_a_frozen_head_keeps_the_hidden_gradient_not_the_blocks(dtype, tol, chun
     again = torch.autograd.grad((frozen_lp * weights).sum(), h)[0]
     assert torch.equal(again, frozen)
     # the hand rule for one row: d logprob / d hidden = (W[token] - softmax(W h / T) @ W) / T, times the weight
+    formed = []
+    factor = lp_kernel._logprob_grad_factor
+    monkeypatch.setattr(lp_kernel, "_logprob_grad_factor", lambda *a: formed.append(1) or factor(*a))
+    with torch.no_grad():  # a leaf that requires grad, but no graph: no factor formed (nor blocks kept)
+        idle = lp_kernel.hidden_token_logprobs(hidden.clone().requires_grad_(), w, tokens, 0.8, chunk_size=chunk_size)
+    assert idle.grad_fn is None and torch.equal(idle, frozen_lp.detach()) and not formed
+    lp_kernel.hidden_token_logprobs(hidden.clone().requires_grad_(), w, tokens, 0.8, chunk_size=chunk_size)
+    assert formed  # the spy sees the factor when a gradient can be asked for
+    h2 = hidden.clone().requires_grad_()
+    lp2 = lp_kernel.hidden_token_logprobs(h2, w, tokens, 0.8)
+    (g2,) = torch.autograd.grad(lp2.square().sum(), h2, create_graph=True)  # the upstream 2·lp has a graph
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        g2.sum().backward()
     b, t = 1, 2
     p = torch.softmax(w.double() @ hidden[b, t].double() / 0.8, -1)
     by_hand = weights[b, t] * (w[tokens[b, t]].double() - p @ w.double()) / 0.8

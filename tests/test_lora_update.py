@@ -89,3 +89,35 @@ def test_without_dropout_or_gradients_it_is_the_reference(case):
             return  # dropout on, no gradient: a random draw, only its path is checked
         assert "LoRAUpdate" not in type(out.grad_fn).__name__
     assert torch.equal(out, F.linear(F.linear(x, lora_a), lora_b) * 2.0)
+
+
+def test_bad_dropout_and_double_backward_raise():
+    x, lora_a, lora_b, _, _ = inputs()
+    with pytest.raises(ValueError, match=r"LoRA dropout must be in \[0, 1\), got 1.0"):
+        kernel.lora_update(x, lora_a, lora_b, 2.0, 1.0, True)
+    x.requires_grad_(True)
+    out = kernel.lora_update(x, lora_a, lora_b, 2.0, 0.3, True)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)  # the upstream 2·out has a graph
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()  # built from saved values: a second derivative would be silently wrong
+
+
+@pytest.mark.slow
+def test_the_function_under_torch_compile_drops_and_scales_as_eager():
+    """Under torch.compile the Function traces (no graph break) and its forward and backward keep their meaning:
+    with A = B = I the update is dropout(x), zero where dropped and x / keep elsewhere, and the gradient follows
+    the same mask."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    x = (torch.rand(32, 64) + 1.0).requires_grad_(True)
+    eye_a, eye_b = torch.eye(64), torch.eye(64)  # two tensors: dynamo refuses one passed twice to a Function
+    dropped = torch.compile(lambda x: kernel.lora_update(x, eye_a, eye_b, 1.0, 0.25, True))(x)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    zero = dropped == 0
+    assert 0.2 < zero.float().mean().item() < 0.3
+    torch.testing.assert_close(dropped[~zero], (x / 0.75)[~zero])
+    dropped.sum().backward()
+    assert torch.equal(x.grad == 0, zero)
+    torch.testing.assert_close(x.grad[~zero], torch.full_like(x, 1 / 0.75)[~zero])

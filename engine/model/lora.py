@@ -63,7 +63,8 @@ class Adapter(nn.Module):
     def forward(self, x):
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype (a cast
             x = x.to(self.lora_a.dtype)  # here would be undone there: bf16 -> fp32 -> bf16, a copy for nothing)
-        # dropout's mask kept as bytes and x shared with the layer's other adapters (kernels/lora.py)
+        # dropout's mask kept as bytes, and x shared with the layer's other adapters when no cast copied it
+        # (kernels/lora.py)
         return lora_update(x, self.lora_a, self.lora_b, self.scaling, self.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
