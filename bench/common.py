@@ -1,5 +1,5 @@
 """Pieces the benchmarks share: synthetic pairs, their tokenizers, random base checkpoints, a best-of timer,
-JSON-line output."""
+JSON-line output, variants in fresh processes and what a step keeps for backward."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +100,33 @@ def variants_in_fresh_processes(script: str, flags: list[str], names) -> list[di
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
+
+
+def kept_peak_and_time(step, weight_ptrs: set, repeats: int = 5) -> dict:
+    """What one forward + backward `step()` keeps and costs: runs it once under a saved-tensors hook that counts
+    the bytes of the distinct storages autograd holds for backward (tensors whose data_ptr is in weight_ptrs
+    excluded), reads the process's peak RSS rise over that run (getrusage), then times `repeats` more runs."""
+    import resource
+
+    import torch
+    kept: dict = {}
+
+    def pack(t):
+        if t.data_ptr() not in weight_ptrs:
+            kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"kept_mib": round(sum(kept.values()) / 2**20, 1),
+            "peak_mib_above_inputs": round((peak_kib - base_kib) / 1024, 1), "seconds": round(min(times), 4),
+            "threads": torch.get_num_threads()}
 
 
 def run_worker(spec_path: str, fn) -> None:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
-from common import variants_in_fresh_processes  # (this script's own bench/common.py)
+from common import kept_peak_and_time, variants_in_fresh_processes  # (this script's own bench/common.py)
 
 VARIANTS = ("reference", "lora_update")
 
@@ -44,33 +42,17 @@ def run_variant(name: str, args) -> dict:
     weights = {t.data_ptr() for layer in layers for lin in layer for t in lin}
     x0 = torch.randn(args.tokens, args.dim, requires_grad=True)
 
-    def step(count=None):
-        def pack(t):
-            if count is not None and t.data_ptr() not in weights:
-                count.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x, values = x0, 0.0
-            for (wq, aq, bq), (wv, av, bv) in layers:
-                h = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)  # the block's normed input
-                x = x + F.linear(h, wq) + update(h, aq, bq, scaling, args.dropout, True)
-                values = values + (F.linear(h, wv) + update(h, av, bv, scaling, args.dropout, True)).sum()
+    def step():
+        x, values = x0, 0.0
+        for (wq, aq, bq), (wv, av, bv) in layers:
+            h = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)  # the block's normed input
+            x = x + F.linear(h, wq) + update(h, aq, bq, scaling, args.dropout, True)
+            values = values + (F.linear(h, wv) + update(h, av, bv, scaling, args.dropout, True)).sum()
         (x.square().mean() + values * 1e-6).backward()
         for t in [x0, *(t for layer in layers for lin in layer for t in lin[1:])]:
             t.grad = None
 
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kept: dict = {}
-    step(kept)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"variant": name, "kept_mib": round(sum(kept.values()) / 2**20, 1),
-            "peak_mib_above_inputs": round((peak_kib - base_kib) / 1024, 1), "seconds": round(min(times), 4),
-            "threads": torch.get_num_threads()}
+    return {"variant": name, **kept_peak_and_time(step, weights)}
 
 
 def main():

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
-from common import variants_in_fresh_processes  # (this script's own bench/common.py)
+from common import kept_peak_and_time, variants_in_fresh_processes  # (this script's own bench/common.py)
 
 VARIANTS = ("reference", "swiglu")
 
@@ -40,31 +38,15 @@ def run_variant(name: str, args) -> dict:
         p.requires_grad_(not args.frozen)
     x0 = torch.randn(args.tokens, args.dim, requires_grad=True)
 
-    def step(count=None):
-        def pack(t):
-            if count is not None and t.data_ptr() not in weights:
-                count.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = x0
-            for gate, up, down in layers:
-                x = x + down(act(gate(x), up(x)))
+    def step():
+        x = x0
+        for gate, up, down in layers:
+            x = x + down(act(gate(x), up(x)))
         x.square().mean().backward()
         for p in [x0, *(p for layer in layers for p in layer.parameters())]:
             p.grad = None
 
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kept: dict = {}
-    step(kept)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"variant": name, "kept_mib": round(sum(kept.values()) / 2**20, 1),
-            "peak_mib_above_inputs": round((peak_kib - base_kib) / 1024, 1), "seconds": round(min(times), 4),
-            "threads": torch.get_num_threads()}
+    return {"variant": name, **kept_peak_and_time(step, weights)}
 
 
 def main():
