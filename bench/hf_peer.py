@@ -21,6 +21,11 @@ repo's pin), which imports nothing from this repo. Peak RSS (getrusage) is each 
 Training steps: --steps, the first a warm-up left out; tokens/s is rows x seq-len over the mean step.
 --compile: both sides run their training step's module through torch.compile (the engine's loss module as
 `train.py sft/rm --compile` does, the peer's whole model); the compile falls in the warm-up; decode stays eager.
+--dtype bf16 (for a CPU with AVX-512 BF16, where it is each side's fastest dtype): the frozen base is stored
+in bf16 and the trained tensors stay float32 (LoRA's adapters, the score head; every weight in sft-full), and
+each training step runs under torch.autocast(bf16), on both sides: the engine as `train.py sft/rm --dtype
+bf16` builds it, the peer loaded with torch_dtype=bfloat16 (peft keeps the adapters in float32; sft-full
+loads float32) under autocast, as a Trainer with bf16=True would run it. Decode: both models in bf16.
 Prints a table and one JSON line per configuration and side (also appended to --json FILE).
 """
 from __future__ import annotations
@@ -63,6 +68,7 @@ def run_engine(spec: dict) -> dict:
     import train  # noqa: F401  (binds rlhf_engine to this checkout)
     from rlhf_engine.engine.model.generate import SamplingConfig, generate
     from rlhf_engine.engine.model.lora import LoRAConfig
+    from rlhf_engine.engine.model.precision import autocast
     from rlhf_engine.engine.rl.reward import PairScores
     from rlhf_engine.engine.rl.rlhf_math import pairwise_loss
     from rlhf_engine.engine.sft import CausalLMLoss
@@ -72,8 +78,10 @@ def run_engine(spec: dict) -> dict:
     part = spec["part"]
     lora = None if part == "sft-full" else LoRAConfig(r=16, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
     head = "score" if part == "rm-lora" else "lm"
-    model = build_model(spec["model"], tok, head=head, lora=None if part == "decode" else lora)
+    model = build_model(spec["model"], tok, head=head, dtype=spec["dtype"], lora=None if part == "decode" else lora)
+    bf16 = autocast(torch.device("cpu"), spec["dtype"])  # a no-op for fp32
     if part == "decode":
+        model.to(torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
         prompts = batches(dict(spec, batch_size=spec["decode_batch"], seq_len=spec["prompt_len"], steps=1),
                           model.cfg.vocab_size)[0].tolist()
         cfg = SamplingConfig(max_new_tokens=spec["new_tokens"], temperature=1.0, seed=0)
@@ -81,7 +89,8 @@ def run_engine(spec: dict) -> dict:
 
         def call():
             t = time.perf_counter()
-            out = generate(model, prompts, cfg, eos_id=-1, pad_id=tok.pad_id)
+            with bf16:
+                out = generate(model, prompts, cfg, eos_id=-1, pad_id=tok.pad_id)
             assert int(out.response_mask.sum()) == len(prompts) * spec["new_tokens"]
             return time.perf_counter() - t
         return dict(seconds=min(call() for _ in range(spec["repeats"] + 1)))
@@ -93,12 +102,13 @@ def run_engine(spec: dict) -> dict:
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
-        if head == "score":
-            scores = net(tokens, torch.ones_like(tokens))
-            n = len(tokens) // 2
-            loss = pairwise_loss(scores[:n], scores[n:])[0]
-        else:
-            loss = net(tokens[:, :-1], tokens[:, 1:]) / tokens[:, 1:].numel()
+        with bf16:
+            if head == "score":
+                scores = net(tokens, torch.ones_like(tokens))
+                n = len(tokens) // 2
+                loss = pairwise_loss(scores[:n].float(), scores[n:].float())[0]
+            else:
+                loss = net(tokens[:, :-1], tokens[:, 1:]) / tokens[:, 1:].numel()
         loss.backward()
         optimizer.step()
     return dict(step_seconds=time_steps(step, batches(spec, model.cfg.vocab_size)))
@@ -111,14 +121,18 @@ def run_peer(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(spec["model"])
     part = spec["part"]
+    bf16 = spec["dtype"] == "bf16"
+    # the frozen base in bf16 where it is frozen; full fine-tuning keeps float32 masters (autocast computes in bf16)
+    dtype = torch.bfloat16 if bf16 and part != "sft-full" else torch.float32
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", target_modules=["q_proj", "v_proj"],
                       task_type="SEQ_CLS" if part == "rm-lora" else "CAUSAL_LM")
     if part == "rm-lora":
         model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1,
-                                                                   torch_dtype=torch.float32)
+                                                                   torch_dtype=dtype)
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model.score.float()  # the head trains: float32, as the engine keeps it
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=dtype)
     vocab = model.config.vocab_size
     if part == "decode":
         model.eval()
@@ -144,12 +158,13 @@ def run_peer(spec: dict) -> dict:
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
-        if part == "rm-lora":
-            scores = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
-            n = len(tokens) // 2
-            loss = -F.logsigmoid(scores[:n] - scores[n:]).mean()
-        else:
-            loss = model(input_ids=tokens, labels=tokens).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if part == "rm-lora":
+                scores = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0].float()
+                n = len(tokens) // 2
+                loss = -F.logsigmoid(scores[:n] - scores[n:]).mean()
+            else:
+                loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
     return dict(step_seconds=time_steps(step, batches(spec, vocab)))
@@ -179,6 +194,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="decode: timed calls after a warm-up call")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="both sides' compute dtype (bf16: a bf16 frozen base and autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides' training steps")
     ap.add_argument("--venv", default=os.path.join(ROOT, ".peer-venv"), help="the peer's virtual environment")
@@ -201,7 +218,7 @@ def main():
         for side in ("engine", "peer"):
             spec = dict(model=os.path.abspath(args.model), part=part, seq_len=args.seq_len, batch_size=args.batch_size,
                         steps=args.steps, decode_batch=args.decode_batch, prompt_len=args.prompt_len,
-                        new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                        new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, dtype=args.dtype,
                         compile=args.compile and part != "decode",
                         result=os.path.join(work, f"{part}-{side}.json"))
             with open(os.path.join(work, f"{part}-{side}.spec.json"), "w") as f:
@@ -222,7 +239,7 @@ def main():
             rows.append(dict(bench="hf_peer", part=part, side=side, model=spec["model"], seconds=seconds,
                              tokens_per_s=tokens / seconds, seq_len=args.seq_len, batch_size=args.batch_size,
                              decode_batch=args.decode_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                             compiled=spec["compile"], **result))
+                             compiled=spec["compile"], dtype=args.dtype, **result))
     print("part | engine tok/s | peer tok/s | engine / peer | engine peak RSS | peer peak RSS")
     print(" | ".join(["---"] * 6))
     for part in args.parts:
@@ -231,7 +248,7 @@ def main():
             print(f"{part} | failed: {got}")
             continue
         e, p = got["engine"], got["peer"]
-        label = part + (" (compiled)" if e["compiled"] else "")
+        label = part + (" (compiled)" if e["compiled"] else "") + (f" {args.dtype}" if args.dtype != "fp32" else "")
         print(" | ".join([label, f"{e['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
                           f"{e['tokens_per_s'] / p['tokens_per_s']:.2f}x", f"{e['peak_rss_gb']:.2f} GB",
                           f"{p['peak_rss_gb']:.2f} GB"]))

@@ -24,6 +24,10 @@ own layout: the reward model is a separate network (--reward-model: a merged RM 
 row's last real token), where the engine's RM is an adapter on the policy's base; and TRL computes the
 policy and reference forwards together (its "forward" column covers both).
 
+--dtype bf16 loads both of the peer's networks in bfloat16 (`torch_dtype=torch.bfloat16`; peft keeps the
+adapters in float32), the way one would run it where bf16 is fast (a CPU with AVX-512 BF16); compare it
+with `bench/ppo_step.py --dtypes bf16`, which keeps a bf16 base, float32 adapters and autocast.
+
 Phases per step: generate, reward, forward (TRL's time/ppo/forward_pass: policy + reference + values),
 update (time/ppo/optimize_step) and the rest of `step` (advantages, statistics). The first step is a
 warm-up and is left out. Prints a table and one JSON line (also appended to --json FILE).
@@ -67,14 +71,14 @@ def run_peer(plan_path: str) -> None:
         tok.pad_token = tok.eos_token
     lora = LoraConfig(r=plan["lora_r"], lora_alpha=2 * plan["lora_r"], lora_dropout=0.05, bias="none",
                       task_type="CAUSAL_LM")
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(plan["model"], peft_config=lora,
-                                                              torch_dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan["dtype"]]
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(plan["model"], peft_config=lora, torch_dtype=dtype)
     config = PPOConfig(batch_size=plan["batch_size"], mini_batch_size=plan["mini_batch_size"],
                        ppo_epochs=plan["ppo_epochs"], gradient_accumulation_steps=1, learning_rate=1.41e-5,
                        adap_kl_ctrl=True, init_kl_coef=0.2, target=6, horizon=10000, seed=0, log_with=None)
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)
     reward_model = AutoModelForSequenceClassification.from_pretrained(
-        plan["reward_model"], num_labels=1, torch_dtype=torch.float32).eval()
+        plan["reward_model"], num_labels=1, torch_dtype=dtype).eval()
 
     @torch.no_grad()
     def score(queries, responses):  # each row's query + response, right-padded, read at its last real token
@@ -161,6 +165,7 @@ def main():
     ap.add_argument("--response-length", default="32-64", help="N, or MIN-MAX for a cap drawn per step")
     ap.add_argument("--max-prompt-length", type=int, default=256, help="queries this long or longer are left out")
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the peer's networks' dtype")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--venv", default=os.path.join(ROOT, ".peer-venv"), help="the peer's virtual environment")
     ap.add_argument("--json", help="append the JSON line to this file")
@@ -185,7 +190,7 @@ def main():
     work = tempfile.mkdtemp(prefix="trl_peer_")
     plan = dict(model=os.path.abspath(args.model), reward_model=os.path.abspath(args.reward_model),
                 batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                lora_r=args.lora_r, threads=args.threads, steps=make_plan(args),
+                lora_r=args.lora_r, dtype=args.dtype, threads=args.threads, steps=make_plan(args),
                 result=os.path.join(work, "result.json"))
     with open(os.path.join(work, "plan.json"), "w") as f:
         json.dump(plan, f)
@@ -202,14 +207,14 @@ def main():
     tokens = sum(s["prompt_tokens"] + s["response_tokens"] for s in measured)
     row = dict(bench="trl_peer", model=plan["model"], reward_model=plan["reward_model"], data=args.data,
                batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-               response_length=args.response_length, lora_r=args.lora_r, dtype="fp32", s_per_step=s_per_step,
+               response_length=args.response_length, lora_r=args.lora_r, dtype=args.dtype, s_per_step=s_per_step,
                phase_s=phases, tokens_per_s=tokens / (s_per_step * n),
                prompt_tokens_mean=sum(s["prompt_tokens"] for s in measured) / n / args.batch_size,
                response_tokens_mean=sum(s["response_tokens"] for s in measured) / n / args.batch_size,
                measured_steps=n, **{k: result[k] for k in ("peak_rss_gb", "threads", "torch", "trl", "transformers")})
     print("peer | s/step | generate | reward | forward (policy + ref) | update | rest of step | prompt/resp | peak RSS")
     print(" | ".join(["---"] * 9))
-    print(" | ".join([f"TRL {result['trl']} fp32", f"{s_per_step:.2f}",
+    print(" | ".join([f"TRL {result['trl']} {args.dtype}", f"{s_per_step:.2f}",
                       *(f"{phases[p]:.1f}" for p in ("generate", "reward", "forward", "update", "step_rest")),
                       f"{row['prompt_tokens_mean']:.0f}/{row['response_tokens_mean']:.0f}",
                       f"{result['peak_rss_gb']:.2f} GB"]))
