@@ -1,6 +1,10 @@
 """Peak memory and time of kernels/logprobs.py against the plain log_softmax reference, forward + backward.
 
     python bench/logprobs.py [--batch 2 --seq 1024 --vocab 32000 --dim 512 --dtype float32]
+    python bench/logprobs.py --batch 4 --seq 511 --vocab 49152 --dim 576 --dtype autocast-bf16
+
+--dtype autocast-bf16: float32 inputs (a float32 master head, as full fine-tuning keeps it) under
+torch.autocast(bf16), as `train.py sft --dtype bf16` runs the loss.
 
 Memory method: each variant runs in its own fresh subprocess. It builds its inputs, reads the process's
 peak resident set size (getrusage ru_maxrss, the kernel's high-water mark of real pages, so nothing
@@ -41,7 +45,8 @@ def run_variant(name: str, args) -> dict:
         clock = time.thread_time
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.float32 if args.dtype == "autocast-bf16" else getattr(torch, args.dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "autocast-bf16")
     B, T, V, D = args.batch, args.seq, args.vocab, args.dim
     tokens = torch.randint(0, V, (B, T))
     weights = torch.randn(B, T)  # stands in for advantages / mask weights
@@ -52,12 +57,17 @@ def run_variant(name: str, args) -> dict:
         inputs = [torch.randn(B, T, D, dtype=dtype, requires_grad=True),
                   (torch.randn(V, D, dtype=dtype) / D**0.5).requires_grad_(source == "hidden")]
 
-    def step():
+    def step():  # the forward under autocast (a no-op unless --dtype autocast-bf16), backward outside it
+        with autocast:
+            loss, wrt = forward()
+        return torch.autograd.grad(loss, wrt)
+
+    def forward():
         if source == "frozen-head":
             fn = lp_kernel.hidden_reference if impl == "reference" else lp_kernel.hidden_token_logprobs
             logprobs = fn(*inputs, tokens)
             logprobs = logprobs[0] if impl == "reference" else logprobs
-            return torch.autograd.grad((logprobs * weights).sum(), inputs[0])
+            return (logprobs * weights).sum(), inputs[0]
         if impl == "reference":
             fn = lp_kernel.reference if source == "logits" else lp_kernel.hidden_reference
             logprobs, entropy = fn(*inputs, tokens)
@@ -65,9 +75,7 @@ def run_variant(name: str, args) -> dict:
             logprobs, entropy = lp_kernel.token_logprobs_and_entropy(*inputs, tokens)
         else:
             logprobs, entropy = lp_kernel.hidden_token_logprobs(*inputs, tokens, with_entropy=True)
-        loss = (logprobs * weights).sum() + 0.01 * entropy.sum()
-        grads = torch.autograd.grad(loss, inputs)
-        return grads
+        return (logprobs * weights).sum() + 0.01 * entropy.sum(), inputs
 
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()
@@ -87,7 +95,7 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "autocast-bf16"))
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()

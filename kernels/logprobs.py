@@ -100,11 +100,12 @@ def hidden_logprobs_with_reference(hidden, lm_head_weight, ref_hidden, ref_lm_he
     out = TokenStatsWithReference(*(torch.empty(B, T, dtype=_compute_dtype(hidden), device=hidden.device)
                                     for _ in range(4)))
     mm_dtype, ref_mm_dtype = _matmul_dtype(hidden, lm_head_weight), _matmul_dtype(ref_hidden, ref_lm_head_weight)
+    head, ref_head = lm_head_weight.to(mm_dtype), ref_lm_head_weight.to(ref_mm_dtype)  # cast once, not per block
     for bs, ts in _blocks(B, T, chunk):
         tok = tokens[bs, ts].reshape(-1, 1)  # [n, 1]
         shape = out.logprobs[bs, ts].shape
-        _, logp = _block_log_softmax(hidden[bs, ts], lm_head_weight, temperature, mm_dtype)  # [n, V]
-        _, ref_logp = _block_log_softmax(ref_hidden[bs, ts], ref_lm_head_weight, temperature, ref_mm_dtype)
+        _, logp = _block_log_softmax(hidden[bs, ts], head, temperature, mm_dtype)  # [n, V]
+        _, ref_logp = _block_log_softmax(ref_hidden[bs, ts], ref_head, temperature, ref_mm_dtype)
         out.logprobs[bs, ts] = logp.gather(1, tok).view(shape)
         out.ref_logprobs[bs, ts] = ref_logp.gather(1, tok).view(shape)
         out.entropy[bs, ts] = _row_entropy(logp).view(shape)
@@ -230,11 +231,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
         want_x, want_w = (grad_enabled and wants for wants in ctx.needs_input_grad[:2])
         precompute = weight is not None and want_x and not want_w and not with_entropy
         grad_unit = torch.empty_like(x) if precompute else None  # [B, T, D]
-        head = weight.to(mm_dtype) if precompute else None
+        # The head in the matmul dtype once per call: a float32 master under bf16 autocast (full fine-tuning)
+        # was cast per block, 8 casts of 28M weights a forward at SmolLM2's 4 x 512 (a no-op otherwise).
+        head = None if weight is None else weight.to(mm_dtype)
         keep = not precompute and (want_x or want_w) and B * T * vocab * 4 <= SAVE_BYTES
         ctx.kept = [] if keep else None
         for bs, ts in _blocks(B, T, chunk):
-            row_lse, logp = _block_log_softmax(x[bs, ts], weight, temperature, mm_dtype)  # [n, 1], [n, V]
+            row_lse, logp = _block_log_softmax(x[bs, ts], head, temperature, mm_dtype)  # [n, 1], [n, V]
             if keep:
                 ctx.kept.append(logp)
             shape = logprobs[bs, ts].shape
@@ -263,9 +266,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_x = torch.empty_like(x) if want_x else None  # every block writes its rows
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # accumulated over blocks
         kept, ctx.kept = ctx.kept, None  # used once: a second backward (retain_graph) recomputes
+        md = ctx.mm_dtype
+        head = None if weight is None else weight.to(md)  # once, as in forward
         for i, (bs, ts) in enumerate(_blocks(B, T, ctx.chunk)):
             x_block = x[bs, ts].reshape(-1, x.shape[-1])  # [n, V] or [n, D]
-            logp = kept[i] if kept else _block_logits(x_block, weight, ctx.temperature, ctx.mm_dtype).sub_(
+            logp = kept[i] if kept else _block_logits(x_block, head, ctx.temperature, md).sub_(
                 lse[bs, ts].reshape(-1, 1))  # [n, V]
             grad_z = _grad_logits(logp, tokens[bs, ts].reshape(-1, 1),
                                   None if grad_logprobs is None else grad_logprobs[bs, ts].reshape(-1, 1),
@@ -276,10 +281,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_x[bs, ts] = grad_z.view(grad_x[bs, ts].shape)
                 continue
             if want_x:
-                md = ctx.mm_dtype
-                grad_x[bs, ts] = (grad_z.to(md) @ weight.to(md)).view(grad_x[bs, ts].shape)  # [n, D]
-            if want_w:
-                grad_w += (grad_z.t() @ x_block).float()  # [V, D]
+                grad_x[bs, ts] = (grad_z.to(md) @ head).view(grad_x[bs, ts].shape)  # [n, D]
+            if want_w:  # in the matmul dtype too, as autocast's lm_head(hidden) would form it
+                grad_w += (grad_z.to(md).t() @ x_block.to(md)).float()  # [V, D]
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
