@@ -282,8 +282,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 continue
             if want_x:
                 grad_x[bs, ts] = (grad_z.to(md) @ head).view(grad_x[bs, ts].shape)  # [n, D]
-            if want_w:  # in the matmul dtype too, as autocast's lm_head(hidden) would form it
-                grad_w += (grad_z.to(md).t() @ x_block.to(md)).float()  # [V, D]
+            if want_w:  # in x's dtype: a bf16 product here costs two more [n, V] / [V, D] casts a block
+                grad_w += (grad_z.t() @ x_block).float()  # [V, D]
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
