@@ -5,7 +5,7 @@ so the dequantised weight is q * scale and |w - q * scale| <= scale / 2 elementw
 Three implementations of the same op, chosen per device by `default_impl`:
   reference     dequantise, then F.linear in the activation dtype. Plain torch, any device.
   int_mm        CPU LLM.int8: activations quantised per row (absmax) to int8, torch._int_mm with int32
-                accumulation, rescaled by (row scale x weight scale). Input columns holding any
+                accumulation, rescaled by (row scale x weight scale). Input entries with
                 |x| >= threshold (outlier features) skip quantisation and are multiplied in float
                 against the dequantised weight columns. The input gradient is formed the same way from
                 grad_out * scale (no outlier split: gradients have no fixed magnitude to threshold).
@@ -14,7 +14,8 @@ Three implementations of the same op, chosen per device by `default_impl`:
                 as bitsandbytes does it.
 Whichever runs, only q and scale are saved for backward: no float copy of the weight outlives a call.
 Threshold 6.0 is bitsandbytes' and StackLLaMA's default. Outlier columns are chosen per call from the
-whole batch (as in bitsandbytes), so a row's output can depend slightly on the other rows beside it.
+whole batch (as in bitsandbytes), but each row moves only its own |x| >= threshold entries to the float
+part, so a row's output does not depend on the rows beside it (bitsandbytes moves whole columns).
 
 Measured with bench/int8.py on 2 threads of an AMD EPYC (AVX-512 VNNI), torch 2.13, bitsandbytes 0.50.2:
 fastest of repeated calls over 2 sweeps (the cores are shared; a one-thread CPU-time sweep, immune to
@@ -159,12 +160,18 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor, threshold: float, a_col_scale
         a.mul_(a_col_scale)
     outlier_cols = None
     if threshold > 0:
-        outlier_cols = (_absmax(a, 0) >= threshold).nonzero().squeeze(1)  # [n_outliers]
+        outlier_cols = (_absmax(a, 0) >= threshold).nonzero().squeeze(1)  # [n_outliers], any row's
         if outlier_cols.numel() == 0:
             outlier_cols = None
         else:
-            a_outliers = a[:, outlier_cols]  # [N, n_outliers], kept in float
-            a.index_fill_(1, outlier_cols, 0.0)
+            # Each row splits off only its own outliers: a column flagged by another row stays in the int8 part
+            # for this one. bitsandbytes moves whole columns, so a row's output depended on the rows beside it
+            # (SmolLM2, 8 rows scored together or as 2 x 4: log-probs apart by up to 1.45 nats, 0.21 on
+            # average), and PPO's minibatches then scored rows differently from the rollout.
+            a_cols = a[:, outlier_cols]  # [N, n_outliers]
+            own = a_cols.abs() >= threshold
+            a_outliers = a_cols * own  # kept in float
+            a.index_copy_(1, outlier_cols, a_cols.masked_fill_(own, 0.0))
     a_scale = _absmax(a, 1).unsqueeze(1).clamp_(min=1e-30) / 127  # [N, 1]
     aq = a.div_(a_scale).round_().to(torch.int8)  # [N, K]
     out = torch._int_mm(aq, b).float().mul_(a_scale)  # int32 [N, M] -> float32

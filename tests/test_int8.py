@@ -155,6 +155,24 @@ def test_outlier_columns_are_kept_in_float(impl):
     assert split < 1e-2 < plain and split < plain / 3
 
 
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
+    """The outlier split is per row: a column another row flags stays quantised for this one, so a row scored
+    alone or in any batch gives the same output (PPO's minibatches re-score the rollout's rows in other
+    company; moving whole columns, as bitsandbytes does, put SmolLM2's log-probs up to 1.45 nats apart).
+    Called directly: torch._int_mm runs on every CPU, only slowly without AVX-512."""
+    torch.manual_seed(4)
+    w = torch.randn(64, 128) * 0.05
+    q, scale = quantize_int8(w)
+    x = torch.randn(8, 128)
+    x[0, [3, 70]] = 40.0  # row 0 alone carries outliers
+    together = int8_matmul.fast_int_mm(x, q, scale, 6.0)
+    for r in range(8):
+        alone = int8_matmul.fast_int_mm(x[r:r + 1], q, scale, 6.0)
+        torch.testing.assert_close(together[r:r + 1], alone, rtol=0, atol=1e-6 * together.abs().max().item())
+    exact = x @ dequantize_int8(q, scale).t()  # row 0's outliers are still multiplied in float
+    assert rel_err(together[:1], exact[:1]) < 1e-2 < rel_err(int8_matmul.fast_int_mm(x[:1], q, scale, 0.0), exact[:1])
+
+
 @pytest.mark.skipif("int_mm" not in IMPLS, reason="torch._int_mm CPU fast path not used on this machine")
 def test_cpu_int_mm_accumulates_exactly():
     # CPU _int_mm once overflowed its accumulator on extreme values (pytorch#136942); this guards the machine.
