@@ -226,8 +226,9 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
             continue
         # A finished row lingers (its tokens are not recorded) until a quarter of the batch has finished:
         # dropping rows copies the whole KV cache, which pays only when it removes enough rows. Not under
-        # an 8-bit base: it picks outlier columns from the whole batch, so a lingering row would move the
-        # live rows' quantisation away from what the trainer computes.
+        # an 8-bit base on bitsandbytes: it moves outlier columns chosen from the whole batch, so a lingering
+        # row would move the live rows' quantisation away from what the trainer computes (the CPU int_mm path
+        # splits each row's own outliers and would not need this).
         if n_alive <= len(rows) * 3 // 4 or (int8 and n_alive < len(rows)):
             keep = alive.nonzero().squeeze(1)
             rows, tokens, attn, alive = rows[keep], tokens[keep], attn[keep], alive[keep]
