@@ -7,11 +7,8 @@ same normed hidden state, when it needs no cast to the adapters' dtype), and a o
 SFT shape on CPU (4 × 512 tokens, dim 576, q and v adapted) that is 6.8 MB a layer instead of 18, 340 MB less
 over 30 layers; on CUDA one float copy a layer less. The keep-scale 1/(1-p) moves from the [tokens, dim]
 input to the [tokens, r] product (the same value, rounded at another place: equal to the reference within
-fp32 round-off, tested with the same mask). Dropout off (eval, p = 0) or no gradient wanted: the reference.
-Under autocast (bf16 training) autocast does not reach into a Function, so x and the adapters are cast to its
-dtype first, as its linears would cast them (the casts are differentiable: the float32 masters get float32
-gradients), and the Function runs in that dtype; until this, autocast took the reference, whose Bernoulli draw
-and two copies cost a bf16 SFT LoRA step on CPU ~5% (bench/hf_peer.py --dtype bf16).
+fp32 round-off, tested with the same mask). Dropout off (eval, p = 0), no gradient wanted, or autocast (bf16
+training on a GPU, where the matmuls pick their dtypes): the reference.
 """
 from __future__ import annotations
 
@@ -59,17 +56,11 @@ class _LoRAUpdate(torch.autograd.Function):
 def lora_update(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float,
                 training: bool) -> torch.Tensor:
     """(α/r)·B·A·dropout(x); with dropout on and a gradient wanted, through the Function that keeps x and a
-    bool mask (under autocast, in autocast's dtype)."""
+    bool mask. Under autocast the reference runs (its matmuls pick their dtypes there)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {p!r}")
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
-    if not (training and p > 0 and wants_grad):
+    if not (training and p > 0 and wants_grad) or torch.is_autocast_enabled(x.device.type):
         return reference(x, lora_a, lora_b, scaling, p, training)
     keep_mask = torch.rand(x.shape, device=x.device) >= p  # faster on CPU than a bool bernoulli_
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return _LoRAUpdate.apply(x, lora_a, lora_b, keep_mask, scaling, 1.0 - p)
-    # A bf16 x (a bf16 base's normed hidden state) casts to itself, so q's and v's adapters still share it.
-    dtype = torch.get_autocast_dtype(device)
-    with torch.autocast(device, enabled=False):
-        return _LoRAUpdate.apply(x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), keep_mask, scaling, 1.0 - p)
+    return _LoRAUpdate.apply(x, lora_a, lora_b, keep_mask, scaling, 1.0 - p)
