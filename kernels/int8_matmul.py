@@ -123,7 +123,7 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, thres
 
 
 def fast_int_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, threshold: float = 6.0):
-    """LLM.int8 with torch._int_mm; outlier input columns (any |x| >= threshold) multiplied in float."""
+    """LLM.int8 with torch._int_mm; each row's outlier inputs (|x| >= threshold) multiplied in float."""
     return _int8_matmul(x, qweight.t(), threshold).mul_(scale)  # [N, in] @ [in, out] -> [N, out]
 
 
@@ -151,7 +151,7 @@ def _absmax(a: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor, threshold: float, a_col_scale: torch.Tensor | None = None):
     """(a * a_col_scale) @ b for a float [N, K], b int8 [K, M] -> float32 [N, M]: a quantised per row to int8,
-    its outlier columns (any |a| >= threshold) kept in float. One float32 working copy of a is made and then
+    each row's outlier entries (|a| >= threshold) kept in float. One float32 working copy of a is made and then
     modified in place: on CPU each fresh [N, K] buffer costs page faults comparable to a full pass."""
     if a.shape[0] == 0:  # no rows (e.g. every sequence finished): the absmax reductions have no identity
         return a.new_zeros(0, b.shape[1], dtype=torch.float32)

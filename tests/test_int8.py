@@ -137,8 +137,8 @@ def test_int_mm_is_the_same_algorithm_as_bitsandbytes():
     x[:, 5] *= 20  # an outlier column, split off by both
     ours = int8_matmul.int8_linear(x, q, scale, impl="int_mm")
     theirs = int8_matmul.int8_linear(x, q, scale, impl="bitsandbytes")
-    # Not bit-equal: bitsandbytes rounds x to fp16 first, and takes each row's absmax before zeroing the
-    # outlier columns' small entries (we drop whole outlier columns first, as the paper writes X = X_O + X_rest).
+    # Not bit-equal: bitsandbytes rounds x to fp16 first, moves whole outlier columns to float (every row's
+    # entries in them) and takes each row's absmax before zeroing them; we move each row's own outliers only.
     assert rel_err(ours, theirs) < 5e-3
 
 

@@ -42,11 +42,12 @@ from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 # forward round at different places: real bf16 PPO runs measured a worst token of 0.163-0.179 nats over a
 # whole run (docs/BENCHMARKS.md), so 0.25. docs/ON_POLICY.md explains each figure.
 LOGPROB_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cpu", "bf16"): 0.25, ("cuda", "bf16"): 0.25}
-# Added with an 8-bit base: its activations round to 8 bits per call, so decode vs prefill move a row, and on
-# bitsandbytes (outlier columns, |x| >= 6, moved whole for the batch) padding and neighbours too: measured 2.5e-2
-# on the demo model, 8e-2 and 0.13 on a random tiny one (init std 0.15: many activations past the threshold),
-# before the CPU path split each row's own outliers (16bf28a). A pad leak still shows
-# (> 1 nat); a stale cache (> 0.1) shows in the fp32 check, not reliably in the 8-bit one.
+# Added with an 8-bit base: its activations round to 8 bits per token, so the small float differences between
+# decode and prefill can cross a rounding step and move a row; on bitsandbytes (outlier columns, |x| >= 6, moved
+# whole for the batch) padding and neighbours too: measured 2.5e-2 on the demo model, 8e-2 and 0.13 on a random
+# tiny one (init std 0.15: many activations past the threshold), before the CPU path split each row's own
+# outliers (16bf28a). A pad leak still shows (> 1 nat); a stale cache (> 0.1) shows in the fp32 check, not
+# reliably in the 8-bit one.
 INT8_LOGPROB = 0.2
 # An 8-bit linear against its dequantised float reference (relative): the kernel also rounds each
 # activation row to 8 bits (LLM.int8; kernels/int8_matmul.py measures 1.2-1.6e-2 against the float weight).
