@@ -267,7 +267,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # accumulated over blocks
         kept, ctx.kept = ctx.kept, None  # used once: a second backward (retain_graph) recomputes
         md = ctx.mm_dtype
-        head = None if weight is None else weight.to(md)  # once, as in forward
+        # once, as in forward; only where a block is recomputed or grad_x wanted (a cast a float32 master pays)
+        head = weight.to(md) if weight is not None and (want_x or not kept) else None
         for i, (bs, ts) in enumerate(_blocks(B, T, ctx.chunk)):
             x_block = x[bs, ts].reshape(-1, x.shape[-1])  # [n, V] or [n, D]
             logp = kept[i] if kept else _block_logits(x_block, head, ctx.temperature, md).sub_(
