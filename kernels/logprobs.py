@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rlhf_engine.kernels.linear import input_grad, linear
+
 CHUNK_BYTES = 64 * 2**20  # default chunk: this many bytes of float32 [chunk, V] buffer (512 rows at V = 32000)
 # Up to this many bytes of float32 log-softmax blocks are kept from forward for backward, which then
 # skips recomputing them (from hidden states, the LM-head matmul again). Larger inputs recompute: memory
@@ -173,7 +175,7 @@ def _block_logits(x, weight, temperature, mm_dtype=None):
         z = x.to(dtype, copy=True)
     else:
         md = mm_dtype or x.dtype
-        z = F.linear(x.to(md), weight.to(md)).to(dtype)  # [n, V], a fresh buffer
+        z = linear(x.to(md), weight.to(md)).to(dtype)  # [n, V], a fresh buffer; float32 through oneDNN
     return z.div_(temperature)  # in place: one [n, V] buffer, which callers may modify in place too
 
 
@@ -282,7 +284,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_x[bs, ts] = grad_z.view(grad_x[bs, ts].shape)
                 continue
             if want_x:
-                grad_x[bs, ts] = (grad_z.to(md) @ head).view(grad_x[bs, ts].shape)  # [n, D]
+                grad_x[bs, ts] = input_grad(grad_z.to(md), head).view(grad_x[bs, ts].shape)  # [n, D]
             if want_w:  # in x's dtype: a bf16 product here costs two more [n, V] / [V, D] casts a block
                 grad_w += (grad_z.t() @ x_block).float()  # [V, D]
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
@@ -293,7 +295,7 @@ def _logprob_grad_factor(logp, tok, temperature, head, dtype):
     the softmax math in float32, the matmul in the head's dtype, as backward would do it. (_grad_logits with a
     unit upstream gradient gives the same block but multiplies it by 1: +8% on this kernel, measured.)"""
     grad_z = logp.exp_().neg_().scatter_add_(1, tok, torch.ones_like(tok, dtype=logp.dtype))
-    return grad_z.div_(temperature).to(dtype).to(head.dtype) @ head
+    return input_grad(grad_z.div_(temperature).to(dtype).to(head.dtype), head)
 
 
 def _grad_logits(logp, tok, g_lp, g_h, entropy):

@@ -274,7 +274,9 @@ def test_a_merged_checkpoint_the_engine_writes_loads_in_transformers(smollm_pair
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.tie_word_embeddings
     with torch.no_grad():
-        assert (hf(ids).logits - adapted).abs().max() < 1e-4
+        # float32 on both sides, but ours multiplies through oneDNN (kernels/linear.py), transformers through
+        # MKL: the sums' order differs, ~1e-4 on logits up to ~18 after 30 layers (6e-6 relative)
+        assert (hf(ids).logits - adapted).abs().max() < 3e-4
         assert (hf(ids).logits - ours(ids)).abs().max() > 1e-3  # the adapters changed something
         reloaded = load_checkpoint(out).eval()
         assert torch.equal(reloaded(ids), model(ids))

@@ -25,6 +25,7 @@ import functools
 import torch
 from torch import nn
 
+from rlhf_engine.engine.model.llama import Linear
 from rlhf_engine.kernels.int8_matmul import dequantize_int8, int8_linear, quantize_int8
 
 __all__ = ["Int8Linear", "quantize_int8", "dequantize_int8", "quantize_model", "quantize_on_load",
@@ -100,16 +101,17 @@ def quantize_linear_state(weight: torch.Tensor, prefix: str = "") -> dict[str, t
 
 
 def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "score"), threshold: float = 6.0) -> nn.Module:
-    """Replace, in place, every plain nn.Linear whose dotted name contains no `skip` entry by an Int8Linear.
+    """Replace, in place, every plain linear (nn.Linear or the model's llama.Linear) whose dotted name contains
+    no `skip` entry by an Int8Linear.
 
     The heads stay in full precision by default: lm_head (bitsandbytes and StackLLaMA skip it too) and the
-    reward/value model's `score` head, which trains. Subclasses of nn.Linear (e.g. a LoRA layer) are left
-    alone: quantise first, then add adapters. On the meta device this only changes module types.
+    reward/value model's `score` head, which trains. LoRA layers are left alone: quantise first, then add
+    adapters. On the meta device this only changes module types.
     """
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and not any(s in name for s in skip):
+            if type(child) in (nn.Linear, Linear) and not any(s in name for s in skip):
                 setattr(parent, child_name, Int8Linear.from_linear(child, threshold))
     return model
 

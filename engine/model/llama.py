@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.varlen import RowGroups, plan_rows
+from rlhf_engine.kernels.linear import linear
 from rlhf_engine.kernels.swiglu import swiglu
 
 
@@ -97,14 +98,24 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same tensors, same keys) whose product runs through kernels.linear: float32 on CPU through
+    oneDNN, and, while `packed` holds the weight in oneDNN's layout (generate's decode), by that copy."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.packed)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, unpadded: Unpadded | None = None):
         if unpadded is not None:
@@ -185,9 +196,9 @@ def decode_attention(q, k, v, mask):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up, two tensors kept

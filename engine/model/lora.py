@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from rlhf_engine.engine.model.llama import Linear
 from rlhf_engine.kernels.int8_matmul import dequantize_int8
+from rlhf_engine.kernels.linear import linear
 from rlhf_engine.kernels.lora import lora_update
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # StackLLaMA's choice
@@ -88,6 +89,7 @@ class LoRALinear(nn.Module):
         self.active: str | None = DEFAULT  # a layer without the active adapter behaves as its base
         self.merged = False  # weight already holds W + the default adapter's update
         self.disabled = False  # inside disable_lora: behave exactly as the base layer
+        self.packed = None  # the base weight in oneDNN's layout while generate decodes (llama.Linear's)
         self.add_adapter(name, r, alpha, dropout)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0) -> Adapter:
@@ -113,7 +115,7 @@ class LoRALinear(nn.Module):
         if self.base_forward is not None:
             y = self.base_forward(self, x)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias, self.packed)
         if self.disabled or self.active not in self.adapters or (self.merged and self.active == DEFAULT):
             return y
         return y + self.adapters[self.active](x).to(y.dtype)
@@ -241,11 +243,11 @@ def disable_lora(model: nn.Module):
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """merge_lora, then put plain nn.Linear layers back: the model's keys are the base model's again."""
+    """merge_lora, then put the model's plain linear layers back: its keys are the base model's again."""
     merge_lora(model)
     for name, m in lora_layers(model):
         parent_name, _, leaf = name.rpartition(".")
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(m.weight.detach(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)

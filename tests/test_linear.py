@@ -1,0 +1,149 @@
+"""kernels/linear.py: float32 linears through oneDNN, and packed weights for decode, against F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.engine.model.generate import SamplingConfig, generate, packed_weights
+from rlhf_engine.engine.model.llama import LLaMA, Linear
+from rlhf_engine.engine.model.lora import LoRAConfig, LoRALinear, apply_lora
+from rlhf_engine.kernels import linear as kl
+
+needs_onednn = pytest.mark.skipif(not kl.available(), reason="torch built without oneDNN")
+
+
+def _float64_grads(x, w, b, upstream):
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    b = None if b is None else b.double().requires_grad_()
+    y = F.linear(x, w, b)
+    y.backward(upstream.double())
+    return y, x.grad, w.grad, None if b is None else b.grad
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["3d", "2d", "transposed"])
+def test_value_and_every_gradient_match_float64(bias, layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=g)
+    x = {"3d": x, "2d": x[0], "transposed": x.transpose(0, 1)}[layout]  # transposed: a strided input
+    w, b = torch.randn(40, 48, generator=g), (torch.randn(40, generator=g) if bias else None)
+    upstream = torch.randn(*x.shape[:-1], 40, generator=g)
+    ref, ref_gx, ref_gw, ref_gb = _float64_grads(x, w, b, upstream)
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    assert kl.uses_onednn(x, w)
+    y = kl.linear(x, w, b)
+    y.backward(upstream)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=0, atol=2e-5)  # g W, not g Wᵀ (shapes differ anyway)
+    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=0, atol=2e-5)
+    if b is not None:
+        torch.testing.assert_close(b.grad.double(), ref_gb, rtol=0, atol=2e-5)
+
+
+@needs_onednn
+def test_a_broadcast_upstream_gradient_and_an_empty_batch_work():
+    x, w = torch.randn(4, 6, 8, requires_grad=True), torch.randn(5, 8)
+    kl.linear(x, w).sum().backward()  # .sum()'s gradient is a zero-stride expand
+    torch.testing.assert_close(x.grad, w.sum(0).expand(4, 6, 8))
+    assert kl.linear(torch.randn(0, 8), w).shape == (0, 5)
+
+
+def _saved_bytes(fn, *args):
+    sizes = []
+
+    def pack_hook(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        fn(*args)
+    return sum(sizes)
+
+
+@needs_onednn
+@pytest.mark.parametrize("trains", ["input", "weight", "both"])
+def test_it_keeps_for_backward_what_f_linear_keeps(trains):
+    """A frozen base (LoRA) keeps only its weight, not each layer's input: the memory LoRA training saves."""
+    x = torch.randn(64, 96, requires_grad=trains in ("input", "both"))
+    w = torch.randn(128, 96, requires_grad=trains in ("weight", "both"))
+    assert _saved_bytes(kl.linear, x, w) == _saved_bytes(F.linear, x, w)
+
+
+def test_off_the_fast_path_it_is_f_linear_bit_for_bit():
+    x, w = torch.randn(7, 16), torch.randn(9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the dtype: F.linear's business
+        assert not kl.uses_onednn(x, w)
+        assert torch.equal(kl.linear(x, w), F.linear(x, w))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert not kl.uses_onednn(xb, wb)
+    assert torch.equal(kl.linear(xb, wb), F.linear(xb, wb))
+    assert torch.equal(kl.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_f_linears_values_at_any_row_count(dtype):
+    w = torch.randn(96, 64).to(dtype)
+    packed = kl.pack(w, 16)
+    for rows in (1, 5, 16, 40):
+        x = torch.randn(rows, 64).to(dtype)
+        with torch.no_grad():
+            y = kl.linear(x, w, packed=packed)
+        atol = 1e-4 if dtype == torch.float32 else 0  # bf16: the same oneDNN kernel, bit for bit
+        torch.testing.assert_close(y.float(), F.linear(x, w).float(), rtol=0, atol=atol)
+
+
+@needs_onednn
+def test_packed_weights_follow_autocast_and_step_aside_for_gradients():
+    w = torch.randn(24, 32).bfloat16()
+    packed = kl.pack(w, 16)
+    x = torch.randn(6, 32)  # float32 activations, bf16 weight: autocast casts x
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(kl.linear(x, w, packed=packed), F.linear(x, w))
+    wf = torch.randn(24, 32, requires_grad=True)
+    xf = torch.randn(6, 32)
+    stale = kl.pack(torch.zeros(24, 32), 16)  # were it used, the output would be zero
+    y = kl.linear(xf, wf, packed=stale)
+    y.sum().backward()
+    torch.testing.assert_close(y, F.linear(xf, wf))
+    assert wf.grad is not None
+
+
+def _tiny(seed=0, lora=False):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+    model = LLaMA(cfg).eval()
+    if lora:
+        apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj")))
+        for _, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_b, std=0.1)  # a live adapter: its update is not zero
+    return model
+
+
+@needs_onednn
+def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_error():
+    model = _tiny(lora=True)
+    slots = [m for m in model.modules() if isinstance(m, (Linear, LoRALinear))]
+    assert len(slots) == 14  # 2 layers x 7 projections, q and v adapted
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_weights(model, 4):
+            assert all(m.packed is not None and m.packed.shape == m.weight.shape for m in slots)
+            raise RuntimeError("inside")
+    assert all(m.packed is None for m in slots)
+
+
+@needs_onednn
+@pytest.mark.parametrize("lora", [False, True])
+def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora, monkeypatch):
+    model = _tiny(lora=lora)
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 4, 4, 6]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    packed = generate(model, prompts, cfg, eos_id=0, pad_id=63)
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", lambda weight, rows: None)
+    plain = generate(model, prompts, cfg, eos_id=0, pad_id=63)
+    assert torch.equal(packed.response_tokens, plain.response_tokens)
+    torch.testing.assert_close(packed.response_logprobs, plain.response_logprobs, rtol=0, atol=1e-5)
