@@ -90,7 +90,10 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """weight [out, in] in oneDNN's layout for multiplying about `rows` rows at a time (an opaque tensor, the
-    weight's size again), or None where there is no oneDNN or the dtype has no fast packed path."""
+    weight's size again), or None where there is no oneDNN or the dtype has no fast packed path (bf16 without
+    the CPU's bf16 instructions, which torch emulates)."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not available():
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)

@@ -1,6 +1,7 @@
 """How far from this machine's limit a step runs: measured peaks, the model's FLOPs and bytes, and the ratio.
 
-Peaks are measured, not assumed: the best of a few large matmuls per dtype (fp32, bf16, and int8 through
+Peaks are measured, not assumed: the best of a few large matmuls per dtype (fp32 and bf16 through the
+engine's own kernels.linear, which takes oneDNN for float32 on CPU where torch's `@` takes MKL, and int8 through
 torch._int_mm where it is fast) and a large copy for memory bandwidth, once per process and device
 (about 0.5 s on a 2-core CPU). Vendor datasheet peaks are far from what a given CPU, thread count or
 GPU clock delivers; the measured ones make "fraction of peak" mean "room left on this machine".
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_engine.engine.model.config import ModelConfig
+from rlhf_engine.kernels.linear import linear
 
 
 class Peaks(NamedTuple):
@@ -60,11 +62,11 @@ def measured_peaks(device_type: str) -> Peaks:
         # matrix: at full size eleven runs would take twenty seconds of every run's start.
         small = n // 4
         a, b = (torch.randn(small, small, device=device).to(dtype) for _ in range(2))
-        rate = 2 * small**3 / best_seconds(lambda: a @ b, repeat=3)
+        rate = 2 * small**3 / best_seconds(lambda: linear(a, b), repeat=3)  # a bᵀ: the same FLOPs as a b
         if 2 * n**3 / rate > 0.1:
             return rate
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        return 2 * n**3 / best_seconds(lambda: a @ b)
+        return 2 * n**3 / best_seconds(lambda: linear(a, b))
 
     int8 = float("nan")
     if device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512":
