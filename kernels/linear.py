@@ -2,24 +2,35 @@
 
 torch's F.linear on float32 CPU tensors calls MKL's sgemm (bf16 already goes to oneDNN). On AMD CPUs MKL
 does not run its AVX-512 code, and on the AMD EPYC (AVX-512) these figures come from, oneDNN's float32
-GEMM, the kernel torch's own inductor backend emits for CPU linears, ran SmolLM2's layer shapes 1.15-1.35x
-faster than F.linear at 256-2048 rows (215-225 GFLOP/s against 170-194) and its weight gradient at the same
-speed (bench/linear.py; docs/BENCHMARKS.md "float32 linears through oneDNN").
+GEMM, the kernel torch's own inductor backend emits for CPU linears, ran all 210 products of SmolLM2's 30
+layers at 2048 rows 1.11x (forward) and 1.16x (input gradient) faster than F.linear, shape by shape with the
+weight in cache 1.15-1.35x, and its weight gradient no faster (bench/linear.py; docs/BENCHMARKS.md "Float32
+linears through oneDNN").
   reference  F.linear, any device and dtype.
   onednn     torch.ops.mkldnn._linear_pointwise for y and for the input's gradient (g W, as a linear whose
              weight is the strided view Wᵀ: no copy); the weight's gradient stays gᵀ x (oneDNN measured no
              faster there). Float32 CPU tensors with autocast off; everything else runs the reference.
 A frozen weight saves only the weight for backward and a frozen input only the input, as F.linear does.
+A oneDNN call costs ~12 µs more than MKL's (15 against 3 µs for a 128 x 128 weight and one row), and the
+autograd Function ~100 µs more a forward + backward than F.linear's C++ one, so small products stay on
+F.linear: below MIN_MACS multiply-adds (rows x in x out) the gain does not pay for it (forward + backward
+break-even measured at 20-50M at the demo's and SmolLM2's widths; with 8M as the bar the demo's PPO stage took
+114 s against 84).
 
 Decode steps multiply 16 or so rows by every weight of the model once a token, where the weight's layout,
 not the arithmetic, sets the speed: `pack` reorders a weight into oneDNN's blocked layout for a given row
 count once, and `linear(..., packed=...)` multiplies by it without gradient. At 16 rows over SmolLM2's 30
-layers of linears, weights streaming from memory: float32 52 -> 30 ms a token, bf16 29 -> 18 ms.
+layers of linears, weights streaming from memory: float32 1.5x, bf16 1.44x faster than F.linear. A packed
+float32 weight under PACK_MIN_WEIGHTS elements is not worth it (the call overhead again: 128 x 352 at 16 rows
+0.8x F.linear's speed, 192 x 576 level, 576 x 576 1.4x); bf16 already runs through oneDNN, so packing only helps.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+MIN_MACS = 2**26  # rows x in x out from which float32 takes oneDNN (67M: SmolLM2's 576 x 576 from 202 rows)
+PACK_MIN_WEIGHTS = 2**16  # float32 weights with fewer elements are not packed (the demo's 128 x 352: 45K)
 
 
 def available() -> bool:
@@ -37,9 +48,12 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) takes the oneDNN path: float32 CPU tensors, autocast off (autocast would
-    run the matmul in its own dtype), at least a matrix of rows."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() >= 2 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu") and available())
+    run the matmul in its own dtype), at least a matrix of rows, and at least MIN_MACS multiply-adds."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] > 0):
+        return False
+    macs = x.numel() // x.shape[-1] * weight.numel()  # rows x in x out (x's last dimension is in, or out for g W)
+    return macs >= MIN_MACS and not torch.is_autocast_enabled("cpu") and available()
 
 
 class _Linear(torch.autograd.Function):
@@ -95,5 +109,7 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not available():
         return None
     if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if weight.dtype == torch.float32 and weight.numel() < PACK_MIN_WEIGHTS:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)

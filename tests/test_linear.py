@@ -12,6 +12,13 @@ from rlhf_engine.kernels import linear as kl
 needs_onednn = pytest.mark.skipif(not kl.available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture
+def small_products_too(monkeypatch):
+    """Test-sized products take the fast paths (the thresholds keep them on F.linear for speed alone)."""
+    monkeypatch.setattr(kl, "MIN_MACS", 0)
+    monkeypatch.setattr(kl, "PACK_MIN_WEIGHTS", 0)
+
+
 def _float64_grads(x, w, b, upstream):
     x, w = x.double().requires_grad_(), w.double().requires_grad_()
     b = None if b is None else b.double().requires_grad_()
@@ -23,7 +30,7 @@ def _float64_grads(x, w, b, upstream):
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("layout", ["3d", "2d", "transposed"])
-def test_value_and_every_gradient_match_float64(bias, layout):
+def test_value_and_every_gradient_match_float64(bias, layout, small_products_too):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 48, generator=g)
     x = {"3d": x, "2d": x[0], "transposed": x.transpose(0, 1)}[layout]  # transposed: a strided input
@@ -44,7 +51,7 @@ def test_value_and_every_gradient_match_float64(bias, layout):
 
 
 @needs_onednn
-def test_a_broadcast_upstream_gradient_and_an_empty_batch_work():
+def test_a_broadcast_upstream_gradient_and_an_empty_batch_work(small_products_too):
     x, w = torch.randn(4, 6, 8, requires_grad=True), torch.randn(5, 8)
     kl.linear(x, w).sum().backward()  # .sum()'s gradient is a zero-stride expand
     torch.testing.assert_close(x.grad, w.sum(0).expand(4, 6, 8))
@@ -65,11 +72,24 @@ def _saved_bytes(fn, *args):
 
 @needs_onednn
 @pytest.mark.parametrize("trains", ["input", "weight", "both"])
-def test_it_keeps_for_backward_what_f_linear_keeps(trains):
+def test_it_keeps_for_backward_what_f_linear_keeps(trains, small_products_too):
     """A frozen base (LoRA) keeps only its weight, not each layer's input: the memory LoRA training saves."""
     x = torch.randn(64, 96, requires_grad=trains in ("input", "both"))
     w = torch.randn(128, 96, requires_grad=trains in ("weight", "both"))
     assert _saved_bytes(kl.linear, x, w) == _saved_bytes(F.linear, x, w)
+
+
+@needs_onednn
+def test_only_products_worth_a_onednn_call_take_it():
+    """A oneDNN call costs more than MKL's: the demo's and the tests' small products stay on F.linear,
+    SmolLM2's training products (and the input gradient's g W, counted the same) take oneDNN."""
+    assert not kl.uses_onednn(torch.randn(512, 128), torch.randn(352, 128))  # the demo's MLP at 512 rows: 23M
+    assert kl.uses_onednn(torch.randn(2048, 576), torch.randn(192, 576))  # SmolLM2's k_proj at SFT's rows
+    assert kl.uses_onednn(torch.randn(2048, 192), torch.randn(192, 576))  # its input gradient, g W
+    assert kl.uses_onednn(torch.randn(256, 576), torch.randn(576, 576))  # o_proj at 256 rows: 85M
+    assert not kl.uses_onednn(torch.randn(16, 1536), torch.randn(576, 1536))  # down_proj at a decode step: 14M
+    assert kl.pack(torch.randn(128, 352), 16) is None and kl.pack(torch.randn(192, 576), 16) is not None
+    assert kl.pack(torch.randn(128, 352).bfloat16(), 16) is not None or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_off_the_fast_path_it_is_f_linear_bit_for_bit():
@@ -85,7 +105,7 @@ def test_off_the_fast_path_it_is_f_linear_bit_for_bit():
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_give_f_linears_values_at_any_row_count(dtype):
+def test_packed_weights_give_f_linears_values_at_any_row_count(dtype, small_products_too):
     w = torch.randn(96, 64).to(dtype)
     packed = kl.pack(w, 16)
     for rows in (1, 5, 16, 40):
@@ -97,7 +117,7 @@ def test_packed_weights_give_f_linears_values_at_any_row_count(dtype):
 
 
 @needs_onednn
-def test_packed_weights_follow_autocast_and_step_aside_for_gradients():
+def test_packed_weights_follow_autocast_and_step_aside_for_gradients(small_products_too):
     w = torch.randn(24, 32).bfloat16()
     packed = kl.pack(w, 16)
     x = torch.randn(6, 32)  # float32 activations, bf16 weight: autocast casts x
@@ -125,7 +145,7 @@ def _tiny(seed=0, lora=False):
 
 
 @needs_onednn
-def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_error():
+def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_error(small_products_too):
     model = _tiny(lora=True)
     slots = [m for m in model.modules() if isinstance(m, (Linear, LoRALinear))]
     assert len(slots) == 14  # 2 layers x 7 projections, q and v adapted
@@ -138,7 +158,7 @@ def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_
 
 @needs_onednn
 @pytest.mark.parametrize("lora", [False, True])
-def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora, monkeypatch):
+def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora, monkeypatch, small_products_too):
     model = _tiny(lora=lora)
     prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 4, 4, 6]]
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
