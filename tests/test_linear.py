@@ -157,6 +157,18 @@ def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_
 
 
 @needs_onednn
+def test_nothing_is_packed_where_the_copies_would_crowd_memory(small_products_too, monkeypatch):
+    model = _tiny()
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.available_memory", lambda: 4 * weights - 4)
+    with packed_weights(model, 4):
+        assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.available_memory", lambda: 4 * weights)
+    with packed_weights(model, 4):
+        assert all(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+
+
+@needs_onednn
 @pytest.mark.parametrize("lora", [False, True])
 def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora, monkeypatch, small_products_too):
     model = _tiny(lora=lora)
