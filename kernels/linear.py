@@ -9,7 +9,8 @@ linears through oneDNN").
   reference  F.linear, any device and dtype.
   onednn     torch.ops.mkldnn._linear_pointwise for y and for the input's gradient (g W, as a linear whose
              weight is the strided view Wᵀ: no copy); the weight's gradient stays gᵀ x (oneDNN measured no
-             faster there). Float32 CPU tensors with autocast off; everything else runs the reference.
+             faster there). Float32 CPU tensors with autocast off, outside torch.compile; everything else
+             runs the reference.
 A frozen weight saves only the weight for backward and a frozen input only the input, as F.linear does.
 A oneDNN call costs ~12 µs more than MKL's (15 against 3 µs for a 128 x 128 weight and one row), and the
 autograd Function ~100 µs more a forward + backward than F.linear's C++ one, so small products stay on
@@ -50,8 +51,8 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) takes the oneDNN path: float32 CPU tensors, autocast off (autocast would
     run the matmul in its own dtype), at least a matrix of rows, and at least MIN_MACS multiply-adds."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] > 0):
-        return False
+            and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] > 0) or torch.compiler.is_compiling():
+        return False  # under torch.compile inductor lowers F.linear itself (it cannot lower this op unfrozen)
     macs = x.numel() // x.shape[-1] * weight.numel()  # rows x in x out (x's last dimension is in, or out for g W)
     return macs >= MIN_MACS and not torch.is_autocast_enabled("cpu") and available()
 
@@ -83,7 +84,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     used when no gradient is wanted, in either float dtype; with a gradient wanted it is ignored."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if packed is not None and not wants_grad and x.device.type == "cpu":
+    if packed is not None and not wants_grad and x.device.type == "cpu" and not torch.compiler.is_compiling():
         # the dtype F.linear would multiply in: autocast's where it is on (it casts x, weight and bias)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if packed.dtype == dtype:

@@ -174,8 +174,48 @@ def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora,
     model = _tiny(lora=lora)
     prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 4, 4, 6]]
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    packs = []
+    counting = lambda w, rows: packs.append(w.dtype) or kl.pack(w, rows)  # noqa: E731
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", counting)
     packed = generate(model, prompts, cfg, eos_id=0, pad_id=63)
+    assert packs == [torch.float32] * 14  # every projection of both layers, once a call
     monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", lambda weight, rows: None)
     plain = generate(model, prompts, cfg, eos_id=0, pad_id=63)
     assert torch.equal(packed.response_tokens, plain.response_tokens)
     torch.testing.assert_close(packed.response_logprobs, plain.response_logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not (kl.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()), reason="no CPU bf16")
+def test_float32_masters_under_autocast_are_packed_in_bf16_and_decode_the_same(monkeypatch, small_products_too):
+    """bf16 training of a float32 model (full fine-tuning): F.linear multiplies by the weight cast to bf16, so
+    that cast is what gets packed; a float32 copy would never be used."""
+    model = _tiny()
+    prompts = [[1, 5, 9, 3], [2, 7]]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=1)
+    packs = []
+    counting = lambda w, rows: packs.append(w.dtype) or kl.pack(w, rows)  # noqa: E731
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", counting)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = generate(model, prompts, cfg, eos_id=0, pad_id=63)
+        monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", lambda weight, rows: None)
+        plain = generate(model, prompts, cfg, eos_id=0, pad_id=63)
+    assert packs == [torch.bfloat16] * 14
+    assert torch.equal(packed.response_tokens, plain.response_tokens)
+    assert torch.equal(packed.response_logprobs, plain.response_logprobs)
+
+
+@needs_onednn
+def test_under_torch_compile_it_leaves_the_product_to_inductor(small_products_too):
+    """Inductor cannot lower the oneDNN op with the weight as an input (only frozen, as a constant): compiled
+    code must see F.linear. Forward and gradient equal the eager kernel's."""
+    w = torch.randn(24, 16, requires_grad=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    compiled = torch.compile(lambda a, b: kl.linear(a, b).square().sum(), backend="inductor", fullgraph=True)
+    loss = compiled(x, w)
+    loss.backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    eager = kl.linear(x, w).square().sum()
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grads, (x.grad, w.grad))

@@ -148,11 +148,13 @@ def packed_weights(model: LLaMA, rows: int):
     quarter of the memory free now (a 7B model's second copy would not fit beside it)."""
     slots = [m for m in model.modules() if hasattr(m, "packed") and m.weight.is_floating_point()
              and m.weight.device.type == "cpu"]
-    if sum(m.weight.numel() * m.weight.element_size() for m in slots) > available_memory() // 4:
+    # Under autocast (float32 masters, bf16 compute) F.linear multiplies by the weight cast to bf16: pack that.
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if sum(m.weight.numel() * (dtype or m.weight.dtype).itemsize for m in slots) > available_memory() // 4:
         slots = []
     try:
         for m in slots:
-            m.packed = pack(m.weight, rows)
+            m.packed = pack(m.weight if dtype is None else m.weight.to(dtype), rows)
         yield
     finally:
         for m in slots:
