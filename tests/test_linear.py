@@ -148,7 +148,7 @@ def _tiny(seed=0, lora=False):
 def test_packed_weights_context_fills_every_float_linear_and_empties_it_even_on_error(small_products_too):
     model = _tiny(lora=True)
     slots = [m for m in model.modules() if isinstance(m, (Linear, LoRALinear))]
-    assert len(slots) == 14  # 2 layers x 7 projections, q and v adapted
+    assert len(slots) == 15  # 2 layers x 7 projections, q and v adapted, and the LM head
     with pytest.raises(RuntimeError, match="inside"):
         with packed_weights(model, 4):
             assert all(m.packed is not None and m.packed.shape == m.weight.shape for m in slots)
@@ -178,7 +178,7 @@ def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora,
     counting = lambda w, rows: packs.append(w.dtype) or kl.pack(w, rows)  # noqa: E731
     monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", counting)
     packed = generate(model, prompts, cfg, eos_id=0, pad_id=63)
-    assert packs == [torch.float32] * 14  # every projection of both layers, once a call
+    assert packs == [torch.float32] * 15  # every projection of both layers and the LM head, once a call
     monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", lambda weight, rows: None)
     plain = generate(model, prompts, cfg, eos_id=0, pad_id=63)
     assert torch.equal(packed.response_tokens, plain.response_tokens)
@@ -199,7 +199,7 @@ def test_float32_masters_under_autocast_are_packed_in_bf16_and_decode_the_same(m
         packed = generate(model, prompts, cfg, eos_id=0, pad_id=63)
         monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", lambda weight, rows: None)
         plain = generate(model, prompts, cfg, eos_id=0, pad_id=63)
-    assert packs == [torch.bfloat16] * 14
+    assert packs == [torch.bfloat16] * 15
     assert torch.equal(packed.response_tokens, plain.response_tokens)
     assert torch.equal(packed.response_logprobs, plain.response_logprobs)
 

@@ -6,7 +6,7 @@ from rlhf_engine.engine.weights.adapters import load_adapter, save_adapter, writ
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.lora import (LoRAConfig, apply_lora, disable_lora, lora_state_dict,
                                            mark_only_lora_trainable, merge_lora, use_adapter)
-from rlhf_engine.engine.model.llama import LLaMA
+from rlhf_engine.engine.model.llama import LLaMA, Linear
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=64)
 TOKENS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -56,7 +56,7 @@ def test_all_linear_skips_the_heads():
     assert len(adapted) == 7 * model.cfg.n_layers  # every block's seven linears, once
     assert {k.split(".")[-4] for k in lora_state_dict(model)} == set(adapted)
     assert not any(n.startswith(("lm_head", "model.embed_tokens")) and "lora" in n for n, _ in model.named_parameters())
-    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.lm_head) is Linear  # the plain head (llama.Linear), no adapter
 
 
 def test_merge_equals_unmerged_and_is_idempotent():

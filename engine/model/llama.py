@@ -128,7 +128,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, d] with S = cached + T
-        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        if T == 1 and q.device.type == "cpu":  # a decode step (float32 and bf16 alike)
             return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         out = attend(q, k, v, mask).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, d] -> [B, T, H*d]
@@ -364,7 +364,7 @@ class LLaMA(nn.Module):
         self.cfg, self.head = cfg, head
         self.model = Transformer(cfg)
         if head == "lm":
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)  # (its `packed` slot: decode packs it too)
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         else:
