@@ -185,6 +185,19 @@ def test_decoding_with_packed_weights_samples_what_unpacked_weights_sample(lora,
     torch.testing.assert_close(packed.response_logprobs, plain.response_logprobs, rtol=0, atol=1e-5)
 
 
+@needs_onednn
+def test_one_token_to_draw_packs_nothing(monkeypatch, small_products_too):
+    """With max_new_tokens 1 there is no decode step, so packing would be pure cost."""
+    model = _tiny()
+    packs = []
+    counting = lambda w, rows: packs.append(w.dtype) or kl.pack(w, rows)  # noqa: E731
+    monkeypatch.setattr("rlhf_engine.engine.model.generate.pack", counting)
+    generate(model, [[1, 5, 9], [2, 7]], SamplingConfig(max_new_tokens=1, seed=0), eos_id=0, pad_id=63)
+    assert packs == []
+    generate(model, [[1, 5, 9], [2, 7]], SamplingConfig(max_new_tokens=2, seed=0), eos_id=-1, pad_id=63)
+    assert len(packs) == 15
+
+
 @pytest.mark.skipif(not (kl.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()), reason="no CPU bf16")
 def test_float32_masters_under_autocast_are_packed_in_bf16_and_decode_the_same(monkeypatch, small_products_too):
     """bf16 training of a float32 model (full fine-tuning): F.linear multiplies by the weight cast to bf16, so

@@ -246,8 +246,9 @@ def generate(model: LLaMA, prompts: list[list[int]], cfg: SamplingConfig, eos_id
     rows = torch.arange(B, device=device)  # original index of each row in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating (finished ones may linger)
     attn = prompt_mask
-    # Decode steps multiply a few rows by every weight: by copies in oneDNN's layout (packed_weights)
-    with packed_weights(model, B):
+    # Decode steps multiply a few rows by every weight: by copies in oneDNN's layout (packed_weights; with one
+    # token to draw there is no decode step to pay for the packing)
+    with packed_weights(model, B) if R > 1 else contextlib.nullcontext():
         for step in range(R):
             tokens, logprobs = sample_next(logits, cfg, None if uniforms is None else uniforms[rows, step])
             response_tokens[rows, step] = torch.where(alive, tokens, pad_id)
