@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from rlhf_engine.engine.model.config import ModelConfig
 from rlhf_engine.engine.model.varlen import RowGroups, plan_rows
+from rlhf_engine.kernels.attention import causal_attention
 from rlhf_engine.kernels.linear import linear
 from rlhf_engine.kernels.swiglu import swiglu
 
@@ -159,6 +160,8 @@ def attend(q, k, v, mask):
     with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
         if fp32:
             q, k, v = q.float(), k.float(), v.float()
+        if mask is None and T > 1 and k.shape[2] == T:  # causal self-attention (blocked matmuls where faster)
+            return causal_attention(q, k, v)
         if mask is None:  # causal (T == 1 against a cache needs no mask at all)
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
