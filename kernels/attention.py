@@ -14,9 +14,9 @@ GFLOP/s. So:
              a block, no [T, T] tensor kept. 4 x 512: 57 -> 43 ms forward + backward (1.32x), 1 x 512 1.33x.
 A key/value head serves its g = H / KV query heads in the same matmul (grouped-query attention): queries are
 laid out [B, KV, T, g, d] so one block's rows of every head of a group are one contiguous matrix.
-Float32 CPU tensors from MIN_LENGTH positions take `blocked` (below it the dozen ops a block cost more than
-flash's fused loop: 1 x 256 0.81x forward); everything else, and everything under torch.compile, the
-reference. bench/causal_attention.py has the table.
+Float32 CPU tensors from MIN_LENGTH positions with autocast off take `blocked` (below it the dozen ops a block
+cost more than flash's fused loop: 1 x 256 0.81x forward); everything else, and everything under torch.compile,
+the reference. (llama.attend runs CPU attention under autocast in float32, autocast off, so bf16 runs take it.) bench/causal_attention.py has the table.
 """
 from __future__ import annotations
 
@@ -79,11 +79,14 @@ class _BlockedCausal(torch.autograd.Function):
         for start, end in _blocks(T):
             rows = slice(start * g, end * g)
             torch.bmm(_probabilities(qg[:, rows], kf, start, end, g), vf[:, :end], out=out[:, rows])
+        result = out.view(B, KV, T, g, d).transpose(2, 3).reshape(B, H, T, d)  # a copy unless g == 1
         if any(ctx.needs_input_grad):
             # Backward recomputes each block's probabilities: only q, k, v and the output are kept.
             ctx.save_for_backward(qg, kf, vf, out)
             ctx.shape = (B, H, KV, T, d)
-        return out.view(B, KV, T, g, d).transpose(2, 3).reshape(B, H, T, d)
+            if g == 1:  # the caller may edit its output in place, as SDPA's allows: not the saved one
+                result = result.clone()
+        return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable

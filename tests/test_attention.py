@@ -58,12 +58,41 @@ def test_only_long_float32_cpu_sequences_take_the_blocked_path():
         assert not ka.uses_blocked(q, k)
 
 
-def test_no_gradient_wanted_keeps_nothing(short_rows_too):
+def test_without_gradients_it_builds_no_graph_and_equals_sdpa(short_rows_too):
     (q, k, v), _ = _qkv(1, 4, 2, 20, 8)
+    q.requires_grad_()
     with torch.no_grad():
         out = ka.causal_attention(q, k, v)
     assert out.grad_fn is None
-    torch.testing.assert_close(out, ka.reference(q, k, v), rtol=0, atol=2e-6)
+    torch.testing.assert_close(out, ka.reference(q, k, v).detach(), rtol=0, atol=2e-6)
+
+
+def test_the_output_may_be_edited_in_place_with_one_query_head_per_kv_head(short_rows_too):
+    """With g = 1 the kernel's result would be a view of the output it keeps for backward; SDPA's caller may edit
+    its output in place, so the blocked one must allow it too, and the gradient must not see the edit."""
+    (q, k, v), upstream = _qkv(1, 2, 2, 20, 8)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ka.causal_attention(q, k, v)
+    out.mul_(2.0)
+    out.backward(upstream)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (ka.reference(*ref) * 2.0).backward(upstream.double())
+    for mine, theirs in zip((q, k, v), ref):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0, atol=1e-5)
+
+
+def test_float32_masters_under_bf16_autocast_attend_in_float32(monkeypatch, short_rows_too):
+    """Full fine-tuning in bf16 keeps float32 weights under autocast: q arrives in float32 (rotary's float32
+    cos/sin), and attention must run in float32 (blocked), not be cast down to bf16 SDPA."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=64)
+    model = LLaMA(cfg).init_weights(std=0.1)
+    calls = []
+    real = ka._BlockedCausal.apply
+    monkeypatch.setattr(ka._BlockedCausal, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 24)))
+    assert calls == [torch.float32] * cfg.n_layers
 
 
 @pytest.mark.parametrize("padded", [False, True])

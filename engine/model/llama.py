@@ -155,8 +155,9 @@ def attend(q, k, v, mask):
     gqa = k.shape[1] != q.shape[1]
     T = q.shape[2]
     # CPU's bf16 flash attention runs at half the speed of its fp32 one, forward and backward (torch 2.13,
-    # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back).
-    fp32 = T > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    # 4 x 8 heads x 112 x 64: 13 vs 7 ms): attend in fp32, autocast off (it would cast back). Float32 masters
+    # under bf16 autocast reach here with float32 q (rotary's cos/sin are float32), which SDPA would cast down.
+    fp32 = T > 1 and q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"))
     with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
         if fp32:
             q, k, v = q.float(), k.float(), v.float()
