@@ -38,6 +38,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def uses_blocked(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether causal_attention(q, k, v) takes the blocked path: float32 CPU self-attention (as many keys as
+    queries) of at least MIN_LENGTH positions, autocast off, outside torch.compile."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32 and q.dim() == 4
             and q.shape[2] == k.shape[2] >= MIN_LENGTH and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())

@@ -161,10 +161,10 @@ def attend(q, k, v, mask):
     with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
         if fp32:
             q, k, v = q.float(), k.float(), v.float()
-        if mask is None and T > 1 and k.shape[2] == T:  # causal self-attention (blocked matmuls where faster)
+        if mask is None and T > 1:  # causal (kernels/attention.py: blocked matmuls where faster, else SDPA)
             return causal_attention(q, k, v)
-        if mask is None:  # causal (T == 1 against a cache needs no mask at all)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if mask is None:  # T == 1 against a cache needs no mask at all
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
