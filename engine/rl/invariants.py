@@ -39,9 +39,12 @@ from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 # padded batch. The same sums reduced in another order and shape: ~1e-6 in fp32 on CPU, so 1e-4 leaves
 # room and still catches a pad leak (> 1 nat) or a stale cache (> 0.1). On CUDA, fp32 matmuls may run in
 # TF32 and kernels are picked per shape: 1e-2. bf16 keeps 8 mantissa bits, and the decode and the full
-# forward round at different places: real bf16 PPO runs measured a worst token of 0.163-0.179 nats over a
-# whole run (docs/BENCHMARKS.md), so 0.25. docs/ON_POLICY.md explains each figure.
-LOGPROB_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cpu", "bf16"): 0.25, ("cuda", "bf16"): 0.25}
+# forward round at different places, each rounding logits of 20-30 to steps of 1/8: on SmolLM2-135M's real
+# questions (~2,300 sampled tokens a run) the gap averaged 0.043-0.045 nats, its 99.9th percentile 0.28-0.37 and
+# its worst token 0.36-0.55, growing ~0.1-0.15 nats per tenfold more tokens. A worst-token bar must hold for the
+# largest batch, so 1.0 (the demo's model, with smaller logits: 0.16-0.18); a bf16 run is no probe for a stale
+# cache, only for gross disagreement; the fp32 check is. docs/ON_POLICY.md explains each figure.
+LOGPROB_TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cpu", "bf16"): 1.0, ("cuda", "bf16"): 1.0}
 # Added with an 8-bit base: its activations round to 8 bits per token, so the small float differences between
 # decode and prefill can cross a rounding step and move a row; on bitsandbytes (outlier columns, |x| >= 6, moved
 # whole for the batch) padding and neighbours too: measured 2.5e-2 on the demo model, 8e-2 and 0.13 on a random
