@@ -177,7 +177,8 @@ def train(cfg: PPOConfig, dist: Dist, reward_fn: RewardFn | None = None) -> dict
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], len(prompt_lists) * dist.world_size,
                                        cfg.kl_target, cfg.kl_horizon)
         failure_warnings(log, step, metrics, history)
-        onpolicy_warning(log, step, metrics, history, logprob_tolerance(dist.device, cfg.dtype, cfg.load_in_8bit),
+        onpolicy_warning(log, step, metrics, history,
+                         logprob_tolerance(dist.device, cfg.dtype, cfg.load_in_8bit, decode=True),
                          cfg.onpolicy_warn_every)
         history.append({key: v for key, v in metrics.items() if not isinstance(v, torch.Tensor)})
         due = step % cfg.log_every == 0 or step == cfg.max_steps - 1
