@@ -113,6 +113,16 @@ def test_bf16_check_holds_the_sampler_to_ppos_bar(run_dir, capsys):
     assert logprob_tolerance(torch.device("cpu"), "bf16") == 0.25  # one forward computed two ways
 
 
+def real_check_rows(capsys, *flags):
+    """(exit code, mode line, {invariant: (measured, PASS/FAIL)}) of `train.py check` on SmolLM2's GGUF."""
+    model = shared_file("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    code = train.main(["check", "--model", model, "--device", "cpu", "--prompts", "64", *flags])
+    out = capsys.readouterr().out.splitlines()
+    rows = {c[0]: (float(c[1]), c[3]) for c in ([cell.strip() for cell in line.split("|")] for line in out[3:])
+            if len(c) == 4}
+    return code, out[0], rows
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bf16 is emulated on this CPU (hours)")
 def test_bf16_check_passes_on_a_real_model(capsys):
@@ -121,15 +131,24 @@ def test_bf16_check_passes_on_a_real_model(capsys):
     (0.26 over 32 rows; 0.36-0.55 on real questions), which a 0.25 bar failed (check exit 1, and a warning on
     PPO's first step). A healthy checkpoint must pass in bf16 as in fp32 (a minute or two; skipped without
     ../shared/data)."""
-    model = shared_file("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    code = train.main(["check", "--model", model, "--dtype", "bf16", "--device", "cpu", "--prompts", "64",
-                       "--max-new-tokens", "64"])
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("check: device cpu, dtype bf16, 8-bit off; 64 built-in prompts")
-    rows = {c[0]: (float(c[1]), c[3]) for c in ([cell.strip() for cell in line.split("|")] for line in out[3:])
-            if len(c) == 4}
+    code, mode, rows = real_check_rows(capsys, "--dtype", "bf16", "--max-new-tokens", "64")
+    assert mode.startswith("check: device cpu, dtype bf16, 8-bit off; 64 built-in prompts")
     assert code == 0 and all(result == "PASS" for _, result in rows.values()), rows
     assert rows["sampler log-probs = trainer's"][0] > 0.25  # bf16's real rounding: above one forward's bar
+
+
+@pytest.mark.slow
+def test_fp32_check_passes_on_a_real_model_with_real_questions(capsys, tmp_path):
+    """In fp32 a real question alone multiplies its few rows through MKL and the padded batch of 64 through
+    oneDNN, and SmolLM2's logits of 15-36 carry that rounding through 30 layers: the padding row measured
+    1.1e-4 on se-coffee's questions (1.7e-4 on every dump's), which the old 1e-4 bar failed."""
+    coffee = shared_file("se-coffee", "Posts.xml")
+    assert train.main(["prepare", "--posts", coffee, "--out", str(tmp_path / "pairs"), "--splits", "rl=1.0"]) == 0
+    capsys.readouterr()  # prepare's own table
+    code, mode, rows = real_check_rows(capsys, "--data", str(tmp_path / "pairs"), "--max-new-tokens", "16")
+    assert mode.startswith("check: device cpu, dtype fp32, 8-bit off; 64 prompts from ")
+    assert code == 0 and all(result == "PASS" for _, result in rows.values()), rows
+    assert 1e-5 < rows["left padding changes no log-prob"][0] < 1e-3  # real round-off, far below a leak
 
 
 def test_an_8bit_base_passes_and_reports_its_kernel(run_dir, capsys):
