@@ -141,7 +141,8 @@ def test_bf16_check_passes_on_a_real_model(capsys):
 def test_fp32_check_passes_on_a_real_model_with_real_questions(capsys, tmp_path):
     """In fp32 a real question alone multiplies its few rows through MKL and the padded batch of 64 through
     oneDNN, and SmolLM2's logits of 15-36 carry that rounding through 30 layers: the padding row measured
-    1.1e-4 on se-coffee's questions (1.7e-4 on every dump's), which the old 1e-4 bar failed."""
+    1.1e-4 on se-coffee's questions (1.7e-4 on every dump's; 5.7e-4 with an SFT adapter, on a token of log p -13),
+    which the old 1e-4 bar failed."""
     coffee = shared_file("se-coffee", "Posts.xml")
     assert train.main(["prepare", "--posts", coffee, "--out", str(tmp_path / "pairs"), "--splits", "rl=1.0"]) == 0
     capsys.readouterr()  # prepare's own table
