@@ -68,10 +68,9 @@ def run_dir(tiny_tokenizer_path, tmp_path_factory):
     return dict(base=base, adapter=str(folder / "adapter"), rm_adapter=str(folder / "rm"), rm=merged, data=data)
 
 
-def check_table(capsys, run_dir, *extra, rm="rm"):
-    """(exit code, {invariant: (measured, PASS/FAIL)}, first line) of `train.py check` on run_dir."""
-    code = train.main(["check", "--model", run_dir["base"], "--adapter", run_dir["adapter"], "--reward-model",
-                       run_dir[rm], "--data", run_dir["data"], "--device", "cpu", "--prompts", "3", *extra])
+def run_check(capsys, *args):
+    """(exit code, {invariant: (measured, PASS/FAIL)}, first line) of `train.py check *args`."""
+    code = train.main(["check", "--device", "cpu", *args])
     lines = capsys.readouterr().out.splitlines()
     rows = {}
     for line in lines[3:]:
@@ -79,6 +78,12 @@ def check_table(capsys, run_dir, *extra, rm="rm"):
         if len(cells) == 4:
             rows[cells[0]] = (float(cells[1]), cells[3])
     return code, rows, lines[0]
+
+
+def check_table(capsys, run_dir, *extra, rm="rm"):
+    """run_check on run_dir: the base, its adapter, an RM and the splits, 3 prompts."""
+    return run_check(capsys, "--model", run_dir["base"], "--adapter", run_dir["adapter"], "--reward-model",
+                     run_dir[rm], "--data", run_dir["data"], "--prompts", "3", *extra)
 
 
 SPLITS_ROW = "splits share no question id (evaluation, finetune, reward, rl)"
@@ -113,14 +118,10 @@ def test_bf16_check_holds_the_sampler_to_ppos_bar(run_dir, capsys):
     assert logprob_tolerance(torch.device("cpu"), "bf16") == 0.25  # one forward computed two ways
 
 
-def real_check_rows(capsys, *flags):
-    """(exit code, mode line, {invariant: (measured, PASS/FAIL)}) of `train.py check` on SmolLM2's GGUF."""
+def real_check(capsys, *flags):
+    """run_check on SmolLM2's GGUF with 64 prompts (skipped without ../shared/data)."""
     model = shared_file("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    code = train.main(["check", "--model", model, "--device", "cpu", "--prompts", "64", *flags])
-    out = capsys.readouterr().out.splitlines()
-    rows = {c[0]: (float(c[1]), c[3]) for c in ([cell.strip() for cell in line.split("|")] for line in out[3:])
-            if len(c) == 4}
-    return code, out[0], rows
+    return run_check(capsys, "--model", model, "--prompts", "64", *flags)
 
 
 @pytest.mark.slow
@@ -131,7 +132,7 @@ def test_bf16_check_passes_on_a_real_model(capsys):
     (0.26 over 32 rows; 0.36-0.55 on real questions), which a 0.25 bar failed (check exit 1, and a warning on
     PPO's first step). A healthy checkpoint must pass in bf16 as in fp32 (a minute or two; skipped without
     ../shared/data)."""
-    code, mode, rows = real_check_rows(capsys, "--dtype", "bf16", "--max-new-tokens", "64")
+    code, rows, mode = real_check(capsys, "--dtype", "bf16", "--max-new-tokens", "64")
     assert mode.startswith("check: device cpu, dtype bf16, 8-bit off; 64 built-in prompts")
     assert code == 0 and all(result == "PASS" for _, result in rows.values()), rows
     assert rows["sampler log-probs = trainer's"][0] > 0.25  # bf16's real rounding: above one forward's bar
@@ -146,7 +147,7 @@ def test_fp32_check_passes_on_a_real_model_with_real_questions(capsys, tmp_path)
     coffee = shared_file("se-coffee", "Posts.xml")
     assert train.main(["prepare", "--posts", coffee, "--out", str(tmp_path / "pairs"), "--splits", "rl=1.0"]) == 0
     capsys.readouterr()  # prepare's own table
-    code, mode, rows = real_check_rows(capsys, "--data", str(tmp_path / "pairs"), "--max-new-tokens", "16")
+    code, rows, mode = real_check(capsys, "--data", str(tmp_path / "pairs"), "--max-new-tokens", "16")
     assert mode.startswith("check: device cpu, dtype fp32, 8-bit off; 64 prompts from ")
     assert code == 0 and all(result == "PASS" for _, result in rows.values()), rows
     assert 1e-5 < rows["left padding changes no log-prob"][0] < 1e-3  # real round-off, far below a leak

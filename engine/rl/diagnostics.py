@@ -127,11 +127,11 @@ def onpolicy_warning(log, step: int, metrics: dict, history: list[dict], toleran
         return
     earlier = sum(h.get("onpolicy/logprob_diff_max", 0.0) > tolerance for h in history)
     if earlier % every == 0:
-        fp32 = " in fp32 (a bar this coarse sees only gross gaps)" if tolerance >= 1.0 else ""  # bf16's
+        coarse = " in fp32 (a bar this coarse sees only gross gaps)" if tolerance >= 1.0 else ""  # bf16's bar
         log.warn(f"ppo: step {step}: the sampler's log-probs differ from the trainer's by up to "
                  f"{metrics['onpolicy/logprob_diff_max']:.2e} (tolerance {tolerance:g}): the samples may come from "
                  "another policy than the one being trained (stale adapter? different dtype?); see "
-                 f"docs/ON_POLICY.md and run train.py check{fp32}")
+                 f"docs/ON_POLICY.md and run train.py check{coarse}")
 
 
 def failure_warnings(log, step: int, metrics: dict, history: list[dict], window: int = 5, tolerance: float = 1e-2,

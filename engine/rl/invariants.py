@@ -34,11 +34,11 @@ from rlhf_engine.engine.rl.rollout import PolicyAndValue, sample_rows, score_rol
 from rlhf_engine.kernels.int8_matmul import reference as int8_reference
 
 
-# How far two computations of one log-prob (or RM score) may sit apart before check fails: a row alone against
-# the row in a padded batch, the adapter switched off against the base checkpoint, a reward read two ways. The
-# same sums reduced in another order and shape: ~1e-6 in fp32 on CPU on the tiny test model, but on SmolLM2-135M
-# a real question alone against the same row in a padded batch of 64 measured 1.1-1.7e-4, and 5.7e-4 with an SFT
-# adapter, on a far-tail token (log p -13; tokens above -10 stay under 4e-5): alone, a row's few rows multiply
+# How far two computations of one log-prob (or RM score) may sit apart before check fails: a row alone against the
+# row in a padded batch, the adapter switched off against the base checkpoint, a reward read two ways. The same
+# sums reduced in another order and shape: ~1e-6 in fp32 on CPU on the tiny test model, but on SmolLM2-135M a real
+# question alone against the same row in a padded batch of 64 measured 1.1-1.7e-4, and 5.7e-4 with an SFT adapter,
+# on a far-tail token (log p -13; tokens above -10 stay under 4e-5): alone, a question's few tokens multiply
 # through MKL, the batch's through oneDNN (kernels/linear.py's MIN_MACS), and logits of 15-36 carry 30 layers of
 # that rounding. Kernels picked per shape, as on CUDA (whose fp32 may also run in TF32): 1e-2 on both, which still
 # catches a pad leak (> 1 nat; the stale cache is the decode table's row). bf16 keeps 8 mantissa bits: 0.25
